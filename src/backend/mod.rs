@@ -1,0 +1,215 @@
+//! The op set the model is written against, and its implementations.
+//!
+//! # Design note
+//!
+//! [`Backend`] is deliberately small: upload/allocate, about a dozen ops, and a way to read
+//! results back. The LLaMA forward ([`crate::model::llama`]) calls nothing else, so a backend
+//! is exactly this trait. Buffers are associated types, so the CPU backend holds `Vec<f32>`
+//! and a CUDA backend device pointers, without a common "tensor" abstraction in between.
+//!
+//! * Activations are 2-D `[rows, cols]`: one row per token of the step's batch.
+//!   CPU: f32. CUDA (later): f16 activations with f32 accumulation, f32 logits.
+//! * Linear weights are uploaded from the host forms of [`crate::quant`]; a backend repacks
+//!   them as its kernels like. `upload_linear` takes several parts and stacks their rows, so
+//!   Q|K|V and gate|up are one matmul each (parts may even differ in format).
+//! * K/V live in a paged store `[layer][block][slot in block][kv head][head_dim]`; every
+//!   read and write goes through the per-step [`StepInput`] (slots and block tables).
+//!
+//! Every op checks the shapes it is given and returns a typed error, never panics.
+
+pub mod cpu;
+
+use crate::error::Result;
+use crate::quant::WeightMatrix;
+
+/// Shape of the paged K/V store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvShape {
+    pub n_layers: usize,
+    pub n_blocks: usize,
+    /// Tokens per block.
+    pub block_size: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl KvShape {
+    /// f32 elements of K (or V) for one layer.
+    pub fn layer_elems(&self) -> usize {
+        self.n_blocks * self.block_size * self.n_kv_heads * self.head_dim
+    }
+
+    pub fn n_slots(&self) -> usize {
+        self.n_blocks * self.block_size
+    }
+}
+
+/// Column layout of the fused Q|K|V activation: `[rows, (n_heads + 2·n_kv_heads)·head_dim]`,
+/// Q heads first, then K heads, then V heads, each head `head_dim` contiguous values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QkvLayout {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl QkvLayout {
+    pub fn width(&self) -> usize {
+        (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+    }
+    pub fn k_offset(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+    pub fn v_offset(&self) -> usize {
+        (self.n_heads + self.n_kv_heads) * self.head_dim
+    }
+}
+
+/// Host description of one forward step: `T` rows, each one token of some sequence.
+///
+/// Invariants (checked by [`StepInput::validate`]): all per-row vectors have length `T`;
+/// row `r` belongs to sequence `row_seq[r]`, sits at `positions[r]` and writes its K/V to
+/// `slots[r]` (= block · block_size + offset) which must be the slot that sequence's block
+/// table maps `positions[r]` to; attention of row `r` reads positions `0..=positions[r]` of
+/// its sequence, so those must be written by this or an earlier step.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StepInput {
+    /// `[T]` token ids.
+    pub tokens: Vec<u32>,
+    /// `[T]` absolute positions.
+    pub positions: Vec<u32>,
+    /// `[T]` K/V destination slots.
+    pub slots: Vec<u32>,
+    /// `[T]` index into `block_tables`.
+    pub row_seq: Vec<u32>,
+    /// Per sequence: physical block ids covering its positions in order.
+    pub block_tables: Vec<Vec<u32>>,
+    /// Rows whose logits the step returns, in this order.
+    pub logit_rows: Vec<u32>,
+}
+
+impl StepInput {
+    pub fn rows(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Checks the invariants above against the model and cache shapes.
+    pub fn validate(&self, vocab: usize, context: usize, kv: &KvShape) -> Result<()> {
+        use crate::error::Error;
+        let t = self.tokens.len();
+        let bad = |m: String| Err(Error::InvalidArgument(format!("step: {m}")));
+        if t == 0 {
+            return bad("no rows".into());
+        }
+        if self.positions.len() != t || self.slots.len() != t || self.row_seq.len() != t {
+            return bad(format!(
+                "{} tokens, {} positions, {} slots, {} row_seq",
+                t,
+                self.positions.len(),
+                self.slots.len(),
+                self.row_seq.len()
+            ));
+        }
+        for r in 0..t {
+            let id = self.tokens[r];
+            if id as usize >= vocab {
+                return Err(Error::TokenOutOfRange { id, vocab });
+            }
+            let pos = self.positions[r] as usize;
+            if pos >= context {
+                return Err(Error::PromptTooLong {
+                    tokens: pos + 1,
+                    max_new: 0,
+                    context,
+                });
+            }
+            let Some(table) = self.block_tables.get(self.row_seq[r] as usize) else {
+                return bad(format!("row {r} names sequence {} of {}", self.row_seq[r], self.block_tables.len()));
+            };
+            let Some(&block) = table.get(pos / kv.block_size) else {
+                return bad(format!("row {r}: position {pos} beyond its block table of {} blocks", table.len()));
+            };
+            if block as usize >= kv.n_blocks {
+                return bad(format!("block {block} outside the pool of {}", kv.n_blocks));
+            }
+            let want = block as usize * kv.block_size + pos % kv.block_size;
+            if self.slots[r] as usize != want {
+                return bad(format!("row {r}: slot {} but its table maps position {pos} to {want}", self.slots[r]));
+            }
+        }
+        if let Some(&r) = self.logit_rows.iter().find(|&&r| r as usize >= t) {
+            return bad(format!("logit row {r} of {t}"));
+        }
+        Ok(())
+    }
+}
+
+/// The ops a model runs on. See the module doc.
+pub trait Backend: Send + Sync {
+    /// Activations `[rows, cols]`.
+    type Activations: Send;
+    /// A linear weight `W[out, in]` (possibly several stacked parts) as the kernels read it.
+    type Linear: Send + Sync;
+    /// A vector of f32 (norm weights, RoPE tables).
+    type Vector: Send + Sync;
+    /// Paged K and V for all layers.
+    type KvStore: Send;
+    /// A step's index data ([`StepInput`]) as the kernels read it.
+    type Step;
+
+    /// Human-readable name, e.g. `cpu (2 threads, avx2+fma)`.
+    fn name(&self) -> String;
+
+    // ---- upload and allocation ----------------------------------------------------------
+
+    /// Uploads `parts` stacked along the output dimension (all must share `cols`).
+    fn upload_linear(&self, parts: &[&WeightMatrix]) -> Result<Self::Linear>;
+    fn upload_vector(&self, v: &[f32]) -> Result<Self::Vector>;
+    fn alloc_activations(&self, rows: usize, cols: usize) -> Result<Self::Activations>;
+    /// A K/V store of `shape`; unwritten slots hold NaN so a kernel that reads one fails loudly.
+    fn alloc_kv(&self, shape: KvShape) -> Result<Self::KvStore>;
+    fn upload_step(&self, step: &StepInput) -> Result<Self::Step>;
+
+    // ---- ops ------------------------------------------------------------------------------
+
+    /// `out[r] = table[tokens[r]]` (dequantized row): `[T, d]`.
+    fn embed(&self, table: &Self::Linear, step: &Self::Step, out: &mut Self::Activations) -> Result<()>;
+    /// `out[r] = x[r] / sqrt(mean(x[r]²) + eps) ⊙ w`.
+    fn rmsnorm(&self, x: &Self::Activations, w: &Self::Vector, eps: f32, out: &mut Self::Activations) -> Result<()>;
+    /// `out = x · Wᵀ`: x `[T, in]`, W `[out, in]`, out `[T, out]`.
+    fn matmul(&self, x: &Self::Activations, w: &Self::Linear, out: &mut Self::Activations) -> Result<()>;
+    /// Rotates the Q and K heads of `qkv` by each row's position. `cos`/`sin` are
+    /// `[max_pos, head_dim/2]`; `half_split` selects the pairing ([`crate::config::RopeStyle`]).
+    fn rope(
+        &self,
+        qkv: &mut Self::Activations,
+        layout: QkvLayout,
+        cos: &Self::Vector,
+        sin: &Self::Vector,
+        half_split: bool,
+        step: &Self::Step,
+    ) -> Result<()>;
+    /// Writes the K and V heads of each row of `qkv` into its slot of layer `layer`.
+    fn kv_write(&self, kv: &mut Self::KvStore, layer: usize, qkv: &Self::Activations, layout: QkvLayout, step: &Self::Step) -> Result<()>;
+    /// Causal GQA attention of each row's Q heads over its sequence's cached positions
+    /// `0..=pos`: out `[T, n_heads·head_dim]`.
+    fn attention(
+        &self,
+        qkv: &Self::Activations,
+        kv: &Self::KvStore,
+        layer: usize,
+        layout: QkvLayout,
+        step: &Self::Step,
+        out: &mut Self::Activations,
+    ) -> Result<()>;
+    /// `out = silu(gate) ⊙ up` where `gate_up = [gate | up]`, `[T, 2·f]` → `[T, f]`.
+    fn silu_mul(&self, gate_up: &Self::Activations, out: &mut Self::Activations) -> Result<()>;
+    /// `x += y`.
+    fn add_assign(&self, x: &mut Self::Activations, y: &Self::Activations) -> Result<()>;
+    /// `out[i] = x[step.logit_rows[i]]`.
+    fn gather_logit_rows(&self, x: &Self::Activations, step: &Self::Step, out: &mut Self::Activations) -> Result<()>;
+    /// Copies whole blocks (all layers, K and V) `src → dst`, as one batch: copy-on-write.
+    fn copy_blocks(&self, kv: &mut Self::KvStore, copies: &[(u32, u32)]) -> Result<()>;
+    /// Reads activations back as f32 `[rows · cols]`.
+    fn to_host(&self, x: &Self::Activations, out: &mut Vec<f32>) -> Result<()>;
+}

@@ -1,0 +1,4 @@
+//! `qmtot bench …`: throughput measurements that print what they saw. GPU kernel and tree
+//! benchmarks join these with the CUDA backend.
+
+pub mod decode;

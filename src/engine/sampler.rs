@@ -1,0 +1,289 @@
+//! Token sampling: greedy, temperature, top-k, top-p, min-p, from a seeded generator so runs
+//! are reproducible; log-probabilities of the sampled token and of given candidates.
+//!
+//! Reported log-probabilities are those of the model's own distribution (log-softmax of the
+//! raw logits, temperature 1, no filtering), as OpenAI-style APIs report them; the filters
+//! only decide which token is drawn.
+
+use crate::error::{Error, Result};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplingParams {
+    /// 0 = greedy (argmax; ties go to the lowest id).
+    pub temperature: f32,
+    /// Keep only the `top_k` most likely tokens; 0 = off.
+    pub top_k: usize,
+    /// Keep the smallest set of most likely tokens whose probability reaches `top_p`; 1 = off.
+    pub top_p: f32,
+    /// Drop tokens less likely than `min_p` × the most likely one; 0 = off.
+    pub min_p: f32,
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed: 0,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidArgument(m));
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return bad(format!("temperature {} must be ≥ 0", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad(format!("top_p {} must be in (0, 1]", self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad(format!("min_p {} must be in [0, 1]", self.min_p));
+        }
+        Ok(())
+    }
+}
+
+/// xoshiro256** seeded through splitmix64: small, fast, and stable across versions of qmtot
+/// and its dependencies (so a seed means the same stream forever).
+#[derive(Clone, Debug)]
+pub struct Rng {
+    s: [u64; 4],
+}
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        let mut x = seed;
+        let mut next = || {
+            x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        };
+        Self {
+            s: [next(), next(), next(), next()],
+        }
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let s = &mut self.s;
+        let result = s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
+        let t = s[1] << 17;
+        s[2] ^= s[0];
+        s[3] ^= s[1];
+        s[1] ^= s[2];
+        s[0] ^= s[3];
+        s[2] ^= t;
+        s[3] = s[3].rotate_left(45);
+        result
+    }
+
+    /// Uniform in [0, 1) with 53 random bits.
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+}
+
+/// One sampled token.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sampled {
+    pub token: u32,
+    /// log p(token) under the model's distribution.
+    pub logprob: f32,
+}
+
+/// `log_softmax(logits)` computed stably in f64 accumulation.
+pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let lse = log_sum_exp(logits);
+    logits.iter().map(|&l| (l as f64 - lse) as f32).collect()
+}
+
+fn log_sum_exp(logits: &[f32]) -> f64 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    max + logits.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln()
+}
+
+/// log p(c) for each candidate token `c` (for evaluators and letter-likelihood baselines).
+pub fn candidate_logprobs(logits: &[f32], candidates: &[u32]) -> Result<Vec<f32>> {
+    let lse = log_sum_exp(logits);
+    candidates
+        .iter()
+        .map(|&c| {
+            logits
+                .get(c as usize)
+                .map(|&l| (l as f64 - lse) as f32)
+                .ok_or(Error::TokenOutOfRange {
+                    id: c,
+                    vocab: logits.len(),
+                })
+        })
+        .collect()
+}
+
+/// Index of the largest logit (lowest index among ties; NaN never wins).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] || logits[best].is_nan() {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// A sampler for one sequence: its parameters and its own random stream.
+#[derive(Clone, Debug)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: Rng,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Result<Self> {
+        params.validate()?;
+        let rng = Rng::new(params.seed);
+        Ok(Self { params, rng })
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Draws the next token from one row of logits.
+    pub fn sample(&mut self, logits: &[f32]) -> Sampled {
+        let token = if self.params.temperature == 0.0 {
+            argmax(logits)
+        } else {
+            self.draw(logits)
+        };
+        let logprob = (logits[token as usize] as f64 - log_sum_exp(logits)) as f32;
+        Sampled { token, logprob }
+    }
+
+    fn draw(&mut self, logits: &[f32]) -> u32 {
+        let p = &self.params;
+        let inv_t = 1.0 / p.temperature as f64;
+        // Candidates sorted by logit, most likely first (ties: lower id first).
+        let mut idx: Vec<u32> = (0..logits.len() as u32).filter(|&i| !logits[i as usize].is_nan()).collect();
+        if idx.is_empty() {
+            return 0;
+        }
+        let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+        if p.top_k > 0 && p.top_k < idx.len() {
+            idx.select_nth_unstable_by(p.top_k - 1, by_logit);
+            idx.truncate(p.top_k);
+        }
+        idx.sort_unstable_by(by_logit);
+        let max = logits[idx[0] as usize] as f64;
+        let mut probs: Vec<f64> = idx
+            .iter()
+            .map(|&i| ((logits[i as usize] as f64 - max) * inv_t).exp())
+            .collect();
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|q| *q /= total);
+        // min-p: relative to the most likely token (probs[0]).
+        let keep_min_p = probs.iter().take_while(|&&q| q >= p.min_p as f64 * probs[0]).count().max(1);
+        // top-p: the shortest prefix whose mass reaches top_p.
+        let mut mass = 0.0;
+        let mut keep_top_p = probs.len();
+        for (i, q) in probs.iter().enumerate() {
+            mass += q;
+            if mass >= p.top_p as f64 {
+                keep_top_p = i + 1;
+                break;
+            }
+        }
+        let keep = keep_min_p.min(keep_top_p);
+        let kept_mass: f64 = probs[..keep].iter().sum();
+        let mut u = self.rng.next_f64() * kept_mass;
+        for (i, q) in probs[..keep].iter().enumerate() {
+            if u < *q {
+                return idx[i];
+            }
+            u -= q;
+        }
+        idx[keep - 1]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(temperature: f32, top_k: usize, top_p: f32, min_p: f32, seed: u64) -> SamplingParams {
+        SamplingParams { temperature, top_k, top_p, min_p, seed }
+    }
+
+    #[test]
+    fn greedy_takes_the_argmax_and_reports_its_logprob() {
+        let logits = [1.0, 3.0, 2.0, 3.0];
+        let mut s = Sampler::new(SamplingParams::default()).unwrap();
+        let out = s.sample(&logits);
+        assert_eq!(out.token, 1);
+        let lp = log_softmax(&logits);
+        assert!((out.logprob - lp[1]).abs() < 1e-6);
+    }
+
+    #[test]
+    fn same_seed_same_stream_different_seed_different_stream() {
+        let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.3).collect();
+        let run = |seed| {
+            let mut s = Sampler::new(params(1.0, 0, 1.0, 0.0, seed)).unwrap();
+            (0..64).map(|_| s.sample(&logits).token).collect::<Vec<_>>()
+        };
+        assert_eq!(run(7), run(7));
+        assert_ne!(run(7), run(8));
+    }
+
+    #[test]
+    fn top_k_top_p_and_min_p_restrict_the_support() {
+        // Probabilities ≈ [0.64, 0.24, 0.09, 0.03] at temperature 1.
+        let logits = [3.0f32, 2.0, 1.0, 0.0];
+        let support = |p: SamplingParams| {
+            let mut s = Sampler::new(p).unwrap();
+            let mut seen = [false; 4];
+            for _ in 0..4000 {
+                seen[s.sample(&logits).token as usize] = true;
+            }
+            seen
+        };
+        assert_eq!(support(params(1.0, 0, 1.0, 0.0, 1)), [true; 4]);
+        assert_eq!(support(params(1.0, 2, 1.0, 0.0, 1)), [true, true, false, false]);
+        assert_eq!(support(params(1.0, 0, 0.8, 0.0, 1)), [true, true, false, false]);
+        assert_eq!(support(params(1.0, 0, 1.0, 0.3, 1)), [true, true, false, false]);
+        assert_eq!(support(params(1.0, 1, 1.0, 0.0, 1)), [true, false, false, false]);
+    }
+
+    #[test]
+    fn sampling_frequencies_follow_the_tempered_distribution() {
+        let logits = [1.0f32, 0.0];
+        let mut s = Sampler::new(params(0.5, 0, 1.0, 0.0, 3)).unwrap();
+        let n = 20000;
+        let ones = (0..n).filter(|_| s.sample(&logits).token == 0).count() as f64 / n as f64;
+        let want = 1.0 / (1.0 + (-2.0f64).exp()); // softmax([2, 0])[0]
+        assert!((ones - want).abs() < 0.015, "{ones} vs {want}");
+    }
+
+    #[test]
+    fn candidate_logprobs_match_log_softmax_and_reject_bad_ids() {
+        let logits = [0.5f32, -1.0, 2.0];
+        let lp = log_softmax(&logits);
+        let c = candidate_logprobs(&logits, &[2, 0]).unwrap();
+        assert!((c[0] - lp[2]).abs() < 1e-6 && (c[1] - lp[0]).abs() < 1e-6);
+        assert!(matches!(candidate_logprobs(&logits, &[3]), Err(Error::TokenOutOfRange { id: 3, vocab: 3 })));
+    }
+
+    #[test]
+    fn invalid_parameters_are_errors() {
+        assert!(Sampler::new(params(-1.0, 0, 1.0, 0.0, 0)).is_err());
+        assert!(Sampler::new(params(f32::NAN, 0, 1.0, 0.0, 0)).is_err());
+        assert!(Sampler::new(params(1.0, 0, 0.0, 0.0, 0)).is_err());
+        assert!(Sampler::new(params(1.0, 0, 1.5, 0.0, 0)).is_err());
+        assert!(Sampler::new(params(1.0, 0, 1.0, 1.5, 0)).is_err());
+    }
+}

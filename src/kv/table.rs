@@ -1,0 +1,124 @@
+//! A sequence's block table: position `p` lives in block `blocks[p / block_size]` at offset
+//! `p % block_size`.
+
+use super::pool::{BlockPool, BlockRef};
+use crate::error::Result;
+
+/// What [`BlockTable::append`] reserved.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Appended {
+    /// Slots (`block · block_size + offset`) for the new positions, in order.
+    pub slots: Vec<u32>,
+    /// Block copies `(src, dst)` the backend must apply before the forward that writes these
+    /// slots: a shared, partly filled last block was replaced by a private copy.
+    pub copies: Vec<(u32, u32)>,
+}
+
+#[derive(Clone, Debug)]
+pub struct BlockTable {
+    blocks: Vec<BlockRef>,
+    /// Tokens stored (positions `0..len`).
+    len: usize,
+    block_size: usize,
+}
+
+impl BlockTable {
+    pub fn new(block_size: usize) -> Self {
+        Self {
+            blocks: Vec::new(),
+            len: 0,
+            block_size,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Physical block ids in position order.
+    pub fn block_ids(&self) -> Vec<u32> {
+        self.blocks.iter().map(BlockRef::id).collect()
+    }
+
+    pub fn blocks(&self) -> &[BlockRef] {
+        &self.blocks
+    }
+
+    /// Slot of position `p` (which must be `< len`).
+    pub fn slot(&self, p: usize) -> u32 {
+        self.blocks[p / self.block_size].id() * self.block_size as u32 + (p % self.block_size) as u32
+    }
+
+    /// A second table sharing every block of this one (no K/V is copied).
+    pub fn fork(&self) -> Self {
+        self.clone()
+    }
+
+    /// Reserves positions `len .. len + n`, allocating blocks as needed (all or nothing). If
+    /// the last block is shared with another table and not full, it is first replaced by a
+    /// private copy, reported in `copies`.
+    pub fn append(&mut self, pool: &BlockPool, n: usize) -> Result<Appended> {
+        let bs = self.block_size;
+        let in_last = self.len % bs;
+        let cow = in_last != 0 && n > 0 && self.blocks.last().is_some_and(BlockRef::is_shared);
+        let new_blocks = (self.len + n).div_ceil(bs) - self.blocks.len();
+        let mut fresh = pool.alloc_n(new_blocks + cow as usize)?;
+        let mut copies = Vec::new();
+        if cow {
+            let private = fresh.pop().expect("allocated above");
+            let last = self.blocks.last_mut().expect("cow implies a last block");
+            copies.push((last.id(), private.id()));
+            *last = private; // drops our share of the old block
+        }
+        self.blocks.extend(fresh);
+        let start = self.len;
+        self.len += n;
+        Ok(Appended {
+            slots: (start..self.len).map(|p| self.slot(p)).collect(),
+            copies,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn append_allocates_blocks_and_maps_slots() {
+        let pool = BlockPool::new(8, 4).unwrap();
+        let mut t = BlockTable::new(4);
+        let a = t.append(&pool, 6).unwrap();
+        assert_eq!(a.slots, vec![0, 1, 2, 3, 4, 5]);
+        assert!(a.copies.is_empty());
+        assert_eq!(t.block_ids(), vec![0, 1]);
+        let b = t.append(&pool, 3).unwrap();
+        assert_eq!(b.slots, vec![6, 7, 8]);
+        assert_eq!(t.block_ids(), vec![0, 1, 2]);
+        drop(t);
+        assert_eq!(pool.stats().free, 8);
+    }
+
+    #[test]
+    fn fork_shares_and_append_copies_a_shared_partial_block() {
+        let pool = BlockPool::new(8, 4).unwrap();
+        let mut parent = BlockTable::new(4);
+        parent.append(&pool, 6).unwrap(); // blocks 0 (full), 1 (2 of 4)
+        let mut child = parent.fork();
+        assert_eq!(pool.stats().shared, 2);
+        let a = child.append(&pool, 1).unwrap();
+        assert_eq!(a.copies, vec![(1, 2)]);
+        assert_eq!(child.block_ids(), vec![0, 2]);
+        assert_eq!(a.slots, vec![2 * 4 + 2]);
+        // The full block stays shared; the partial one is now private to each.
+        assert_eq!(pool.stats().shared, 1);
+        // The parent owns block 1 alone now, so it appends in place.
+        let b = parent.append(&pool, 1).unwrap();
+        assert!(b.copies.is_empty());
+        assert_eq!(b.slots, vec![4 + 2]);
+    }
+}

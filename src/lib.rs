@@ -1,0 +1,40 @@
+//! # qmtot
+//!
+//! A GPU-native inference engine for LLaMA-family models with 4-bit weights, built for
+//! tree-shaped generation (Tree-of-Thought). Sibling thoughts share their parent's KV cache
+//! through copy-on-write blocks and decode as one batch.
+//!
+//! ```text
+//!  CLI (clap)                 src/main.rs
+//!    │
+//!  engine   generation loop, sampler, stop conditions        src/engine/
+//!    │
+//!  kv       block pool (refcounted handles) · block tables    src/kv/
+//!    │      pure host code
+//!  model    Llama<B: Backend>: weights + batched forward      src/model/
+//!    │
+//!  backend  trait Backend ── cpu (f32 reference, rayon, AVX2/FMA where present)
+//!                        └── cuda (later)
+//!  weights: formats (gguf) → quant (canonical INT4 / grouped INT8 / dense) → backend upload
+//! ```
+//!
+//! Module map: [`error`] (one error enum), [`config`] (validated model hyper-parameters),
+//! [`formats`] (checkpoint readers and the GGUF writer), [`quant`] (host weight forms and the
+//! dequant oracle), [`tokenizer`] (BPE from GGUF or `tokenizer.json`, chat templates),
+//! [`backend`] (the op trait and its CPU implementation), [`kv`] (paged KV bookkeeping),
+//! [`model`] (the LLaMA forward), [`engine`] (sampling and generation), [`fetch`] (the default
+//! model), [`bench`] (`qmtot bench …`).
+
+pub mod backend;
+pub mod bench;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod fetch;
+pub mod formats;
+pub mod kv;
+pub mod model;
+pub mod quant;
+pub mod tokenizer;
+
+pub use error::{Error, Result};

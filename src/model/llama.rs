@@ -1,0 +1,249 @@
+//! The LLaMA forward pass, written once for every backend and batch shape.
+//!
+//! One call of [`Llama::forward`] runs `T` rows (tokens) that may belong to different
+//! sequences: prefill chunks and single-token decodes alike. Shapes, with `d` the model width,
+//! `h·hd` the query width, `kv·hd` the K/V width and `f` the MLP width:
+//!
+//! ```text
+//! x        [T, d]                 residual stream
+//! qkv      [T, (h + 2·kv)·hd]     fused projection, Q heads | K heads | V heads
+//! attn     [T, h·hd]
+//! gate_up  [T, 2f]                fused gate | up
+//! logits   [R, vocab]             R = rows that asked for logits
+//! ```
+
+use crate::backend::{Backend, KvShape, QkvLayout, StepInput};
+use crate::config::{ModelConfig, RopeStyle};
+use crate::error::{Error, Result};
+use crate::model::WeightSource;
+
+/// One transformer block's weights on the backend.
+pub struct LayerWeights<B: Backend> {
+    /// `[d]`
+    pub attn_norm: B::Vector,
+    /// `[(h + 2·kv)·hd, d]`: W_q, W_k, W_v stacked.
+    pub wqkv: B::Linear,
+    /// `[d, h·hd]`
+    pub wo: B::Linear,
+    /// `[d]`
+    pub ffn_norm: B::Vector,
+    /// `[2f, d]`: W_gate, W_up stacked.
+    pub w_gate_up: B::Linear,
+    /// `[d, f]`
+    pub w_down: B::Linear,
+}
+
+/// A paged K/V store with its shape.
+pub struct KvCache<B: Backend> {
+    pub shape: KvShape,
+    pub store: B::KvStore,
+}
+
+pub struct Llama<B: Backend> {
+    pub config: ModelConfig,
+    backend: B,
+    /// `[vocab, d]`, also the output projection when `config.tied_output`.
+    embed: B::Linear,
+    layers: Vec<LayerWeights<B>>,
+    /// `[d]`
+    out_norm: B::Vector,
+    /// `[vocab, d]` when not tied.
+    lm_head: Option<B::Linear>,
+    /// `[context, hd/2]`: cos and sin of `pos · θ^(−2i/hd)`.
+    rope_cos: B::Vector,
+    rope_sin: B::Vector,
+}
+
+impl<B: Backend> Llama<B> {
+    /// Loads and uploads every weight from `src`, checking each shape against `config`.
+    /// `progress(done, total)` is called after each tensor.
+    pub fn load(backend: B, config: ModelConfig, src: &impl WeightSource, mut progress: impl FnMut(usize, usize)) -> Result<Self> {
+        config.validate()?;
+        let c = &config;
+        let (d, f, hd) = (c.d_model, c.d_ff, c.head_dim);
+        let total = 2 + 9 * c.n_layers + usize::from(!c.tied_output);
+        let mut done = 0;
+        let mut tick = || {
+            done += 1;
+            progress(done, total);
+        };
+
+        let check_shape = |name: &str, expected: Vec<usize>| -> Result<()> {
+            match src.shape(name) {
+                None => Err(Error::MissingTensor(name.to_string())),
+                Some(found) if found != expected => Err(Error::ShapeMismatch {
+                    tensor: name.to_string(),
+                    expected,
+                    found,
+                }),
+                Some(_) => Ok(()),
+            }
+        };
+        let matrix = |name: &str, rows: usize, cols: usize| {
+            check_shape(name, vec![rows, cols])?;
+            src.matrix(name)
+        };
+        let vector = |name: &str, n: usize| -> Result<B::Vector> {
+            check_shape(name, vec![n])?;
+            backend.upload_vector(&src.vector(name)?)
+        };
+
+        let embed = backend.upload_linear(&[&matrix("token_embd.weight", c.vocab_size, d)?])?;
+        tick();
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for l in 0..c.n_layers {
+            let name = |t: &str| format!("blk.{l}.{t}.weight");
+            let attn_norm = vector(&name("attn_norm"), d)?;
+            let wq = matrix(&name("attn_q"), c.q_dim(), d)?;
+            let wk = matrix(&name("attn_k"), c.kv_dim(), d)?;
+            let wv = matrix(&name("attn_v"), c.kv_dim(), d)?;
+            let wqkv = backend.upload_linear(&[&wq, &wk, &wv])?;
+            drop((wq, wk, wv));
+            let wo = backend.upload_linear(&[&matrix(&name("attn_output"), d, c.q_dim())?])?;
+            let ffn_norm = vector(&name("ffn_norm"), d)?;
+            let gate = matrix(&name("ffn_gate"), f, d)?;
+            let up = matrix(&name("ffn_up"), f, d)?;
+            let w_gate_up = backend.upload_linear(&[&gate, &up])?;
+            drop((gate, up));
+            let w_down = backend.upload_linear(&[&matrix(&name("ffn_down"), d, f)?])?;
+            for _ in 0..9 {
+                tick();
+            }
+            layers.push(LayerWeights {
+                attn_norm,
+                wqkv,
+                wo,
+                ffn_norm,
+                w_gate_up,
+                w_down,
+            });
+        }
+        let out_norm = vector("output_norm.weight", d)?;
+        tick();
+        let lm_head = if c.tied_output {
+            None
+        } else {
+            let w = backend.upload_linear(&[&matrix("output.weight", c.vocab_size, d)?])?;
+            tick();
+            Some(w)
+        };
+
+        // RoPE tables in f64, rounded once to f32: θ_i = theta^(−2i/hd).
+        let half = hd / 2;
+        let mut cos = Vec::with_capacity(c.context_length * half);
+        let mut sin = Vec::with_capacity(c.context_length * half);
+        for pos in 0..c.context_length {
+            for i in 0..half {
+                let inv_freq = (c.rope_theta as f64).powf(-((2 * i) as f64) / hd as f64);
+                let angle = pos as f64 * inv_freq;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        let rope_cos = backend.upload_vector(&cos)?;
+        let rope_sin = backend.upload_vector(&sin)?;
+
+        Ok(Self {
+            config,
+            backend,
+            embed,
+            layers,
+            out_norm,
+            lm_head,
+            rope_cos,
+            rope_sin,
+        })
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    pub fn backend_name(&self) -> String {
+        self.backend.name()
+    }
+
+    /// A K/V cache of `n_blocks` blocks of `block_size` tokens for this model.
+    pub fn new_kv_cache(&self, n_blocks: usize, block_size: usize) -> Result<KvCache<B>> {
+        let shape = KvShape {
+            n_layers: self.config.n_layers,
+            n_blocks,
+            block_size,
+            n_kv_heads: self.config.n_kv_heads,
+            head_dim: self.config.head_dim,
+        };
+        Ok(KvCache {
+            shape,
+            store: self.backend.alloc_kv(shape)?,
+        })
+    }
+
+    fn qkv_layout(&self) -> QkvLayout {
+        QkvLayout {
+            n_heads: self.config.n_heads,
+            n_kv_heads: self.config.n_kv_heads,
+            head_dim: self.config.head_dim,
+        }
+    }
+
+    /// Applies pending copy-on-write block copies (one batch per step).
+    pub fn copy_blocks(&self, kv: &mut KvCache<B>, copies: &[(u32, u32)]) -> Result<()> {
+        if copies.is_empty() {
+            return Ok(());
+        }
+        self.backend.copy_blocks(&mut kv.store, copies)
+    }
+
+    /// Runs one batched step: writes every row's K/V into its slot and returns the logits of
+    /// `input.logit_rows`, `[R, vocab]` row-major f32.
+    pub fn forward(&self, kv: &mut KvCache<B>, input: &StepInput) -> Result<Vec<f32>> {
+        let c = &self.config;
+        input.validate(c.vocab_size, c.context_length, &kv.shape)?;
+        let b = &self.backend;
+        let t = input.rows();
+        let layout = self.qkv_layout();
+        let half_split = c.rope_style == RopeStyle::HalfSplit;
+        let step = b.upload_step(input)?;
+
+        let mut x = b.alloc_activations(t, c.d_model)?;
+        let mut h = b.alloc_activations(t, c.d_model)?;
+        let mut qkv = b.alloc_activations(t, c.qkv_dim())?;
+        let mut attn = b.alloc_activations(t, c.q_dim())?;
+        let mut proj = b.alloc_activations(t, c.d_model)?;
+        let mut gate_up = b.alloc_activations(t, 2 * c.d_ff)?;
+        let mut act = b.alloc_activations(t, c.d_ff)?;
+
+        b.embed(&self.embed, &step, &mut x)?; //                         x = E[tokens]
+        for (l, w) in self.layers.iter().enumerate() {
+            // Attention block.
+            b.rmsnorm(&x, &w.attn_norm, c.rms_eps, &mut h)?; //           h = rmsnorm(x) ⊙ g_attn
+            b.matmul(&h, &w.wqkv, &mut qkv)?; //                          [q|k|v] = h · W_qkvᵀ
+            b.rope(&mut qkv, layout, &self.rope_cos, &self.rope_sin, half_split, &step)?; // q, k rotated by position
+            b.kv_write(&mut kv.store, l, &qkv, layout, &step)?; //        K[slot], V[slot] = k, v
+            b.attention(&qkv, &kv.store, l, layout, &step, &mut attn)?; // a = softmax(q·Kᵀ/√hd)·V (causal, GQA)
+            b.matmul(&attn, &w.wo, &mut proj)?; //                        o = a · W_oᵀ
+            b.add_assign(&mut x, &proj)?; //                              x = x + o
+            // MLP block.
+            b.rmsnorm(&x, &w.ffn_norm, c.rms_eps, &mut h)?; //            h = rmsnorm(x) ⊙ g_ffn
+            b.matmul(&h, &w.w_gate_up, &mut gate_up)?; //                 [g|u] = h · W_gate_upᵀ
+            b.silu_mul(&gate_up, &mut act)?; //                           m = silu(g) ⊙ u
+            b.matmul(&act, &w.w_down, &mut proj)?; //                     y = m · W_downᵀ
+            b.add_assign(&mut x, &proj)?; //                              x = x + y
+        }
+
+        let r = input.logit_rows.len();
+        let mut logits_host = Vec::new();
+        if r == 0 {
+            return Ok(logits_host);
+        }
+        let mut last = b.alloc_activations(r, c.d_model)?;
+        b.gather_logit_rows(&x, &step, &mut last)?; //                    rows that want logits
+        let mut normed = b.alloc_activations(r, c.d_model)?;
+        b.rmsnorm(&last, &self.out_norm, c.rms_eps, &mut normed)?; //    h = rmsnorm(x) ⊙ g_out
+        let mut logits = b.alloc_activations(r, c.vocab_size)?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        b.matmul(&normed, head, &mut logits)?; //                         logits = h · W_outᵀ
+        b.to_host(&logits, &mut logits_host)?;
+        Ok(logits_host)
+    }
+}
