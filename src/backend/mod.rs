@@ -160,6 +160,11 @@ pub trait Backend: Send + Sync {
     /// Human-readable name, e.g. `cpu (2 threads, avx2+fma)`.
     fn name(&self) -> String;
 
+    /// Runs `f` (a whole forward step) in the backend's execution context. The CPU backend
+    /// enters its thread pool once here, so the ops inside run their parallel loops without a
+    /// cross-thread hand-off each (hundreds per decode step otherwise).
+    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R;
+
     // ---- upload and allocation ----------------------------------------------------------
 
     /// Uploads `parts` stacked along the output dimension (all must share `cols`).

@@ -197,6 +197,10 @@ impl<B: Backend> Llama<B> {
     /// Runs one batched step: writes every row's K/V into its slot and returns the logits of
     /// `input.logit_rows`, `[R, vocab]` row-major f32.
     pub fn forward(&self, kv: &mut KvCache<B>, input: &StepInput) -> Result<Vec<f32>> {
+        self.backend.run(|| self.forward_in_context(kv, input))
+    }
+
+    fn forward_in_context(&self, kv: &mut KvCache<B>, input: &StepInput) -> Result<Vec<f32>> {
         let c = &self.config;
         input.validate(c.vocab_size, c.context_length, &kv.shape)?;
         let b = &self.backend;

@@ -8,67 +8,237 @@
 //!     out      = Σ_i softmax(score)[i] · v[i]
 //! ```
 //!
-//! One parallel task per (row, KV head): the K/V of that head are read once for all `G` query
-//! heads. Scores are exact two-pass softmax in f32 (max first), the oracle's precision.
+//! Work is split into tasks of (row, KV head, chunk of [`CHUNK`] positions), so one decode row
+//! over a long context still spreads over every thread (split-K, as flash-decoding does on
+//! GPUs). Each task reads its K/V once for all `G` query heads and leaves a partial result
+//! `(max score m, Σ exp(score − m), Σ exp(score − m)·v)` per query head; a merge pass
+//! rescales the chunks of a (row, head) to a common max and normalizes. Within a chunk the
+//! softmax is exact two-pass in f32.
 
 use rayon::prelude::*;
 
-use super::matmul::portable_dot;
+use super::matmul::Isa;
 use super::{CpuKv, CpuStep};
 use crate::backend::QkvLayout;
 
-/// `out[T, n_heads·head_dim]`; `qkv[T, layout.width()]`.
-pub(crate) fn attention(qkv: &[f32], kv: &CpuKv, layer: usize, layout: QkvLayout, step: &CpuStep, out: &mut [f32]) {
-    let hd = layout.head_dim;
-    let group = layout.n_heads / layout.n_kv_heads;
-    let width = layout.width();
-    let bs = kv.shape.block_size;
-    let scale = 1.0 / (hd as f32).sqrt();
-    let k_layer = kv.layer_k(layer);
-    let v_layer = kv.layer_v(layer);
-    // Offset of (slot, kv head) in a layer: [block][slot][head][dim] flattened.
-    let at = |slot: usize, h: usize| (slot * layout.n_kv_heads + h) * hd;
+/// Positions per task.
+const CHUNK: usize = 256;
 
-    // Each task owns the `group` query heads of one KV head in one row: a contiguous
-    // `group·hd` span of that row of `out`.
-    out.par_chunks_mut(group * hd).enumerate().for_each(|(task, o)| {
-        let (r, h) = (task / layout.n_kv_heads, task % layout.n_kv_heads);
-        let pos = step.positions[r] as usize;
-        let table = &step.block_tables[step.row_seq[r] as usize];
-        let n_ctx = pos + 1;
-        let mut scores = vec![0f32; group * n_ctx];
-        for i in 0..n_ctx {
-            let slot = table[i / bs] as usize * bs + i % bs;
-            let k = &k_layer[at(slot, h)..at(slot, h) + hd];
-            for g in 0..group {
-                let qh = h * group + g;
-                let q = &qkv[r * width + qh * hd..r * width + (qh + 1) * hd];
-                scores[g * n_ctx + i] = portable_dot(q, k) * scale;
+/// Vector primitives the attention body is written with.
+trait Lanes {
+    /// `Σ a[i]·b[i]` over `n` elements.
+    unsafe fn dot(a: *const f32, b: *const f32, n: usize) -> f32;
+    /// `y[i] += s·x[i]` over `n` elements.
+    unsafe fn axpy(y: *mut f32, s: f32, x: *const f32, n: usize);
+}
+
+struct Portable;
+
+impl Lanes for Portable {
+    #[inline(always)]
+    unsafe fn dot(a: *const f32, b: *const f32, n: usize) -> f32 {
+        let (a, b) = (std::slice::from_raw_parts(a, n), std::slice::from_raw_parts(b, n));
+        super::matmul::portable_dot(a, b)
+    }
+
+    #[inline(always)]
+    unsafe fn axpy(y: *mut f32, s: f32, x: *const f32, n: usize) {
+        let (y, x) = (std::slice::from_raw_parts_mut(y, n), std::slice::from_raw_parts(x, n));
+        for (yv, &xv) in y.iter_mut().zip(x) {
+            *yv += s * xv;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+struct Avx2;
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes for Avx2 {
+    #[inline(always)]
+    unsafe fn dot(a: *const f32, b: *const f32, n: usize) -> f32 {
+        use std::arch::x86_64::*;
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 16 <= n {
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i)), _mm256_loadu_ps(b.add(i)), acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i + 8)), _mm256_loadu_ps(b.add(i + 8)), acc1);
+            i += 16;
+        }
+        let v = _mm256_add_ps(acc0, acc1);
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let mut total = _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+        while i < n {
+            total += *a.add(i) * *b.add(i);
+            i += 1;
+        }
+        total
+    }
+
+    #[inline(always)]
+    unsafe fn axpy(y: *mut f32, s: f32, x: *const f32, n: usize) {
+        use std::arch::x86_64::*;
+        let sv = _mm256_set1_ps(s);
+        let mut i = 0;
+        while i + 8 <= n {
+            _mm256_storeu_ps(y.add(i), _mm256_fmadd_ps(sv, _mm256_loadu_ps(x.add(i)), _mm256_loadu_ps(y.add(i))));
+            i += 8;
+        }
+        while i < n {
+            *y.add(i) += s * *x.add(i);
+            i += 1;
+        }
+    }
+}
+
+/// Shapes shared by every task of one call.
+struct Geometry<'a> {
+    qkv: &'a [f32],
+    k_layer: &'a [f32],
+    v_layer: &'a [f32],
+    width: usize,
+    hd: usize,
+    group: usize,
+    n_kv_heads: usize,
+    block_size: usize,
+    scale: f32,
+}
+
+/// One task: rows `r`, KV head `h`, positions `start..end`.
+#[derive(Clone, Copy)]
+struct Task {
+    r: usize,
+    h: usize,
+    start: usize,
+    end: usize,
+}
+
+/// Partial result layout per query head: `[m, l, o[0..hd]]`.
+fn partial_len(hd: usize) -> usize {
+    hd + 2
+}
+
+#[inline(always)]
+unsafe fn attend_chunk<L: Lanes>(g: &Geometry, table: &[u32], t: Task, scores: &mut [f32], partial: &mut [f32]) {
+    let (hd, group) = (g.hd, g.group);
+    let n = t.end - t.start;
+    let slot_offset = |i: usize| {
+        let slot = table[i / g.block_size] as usize * g.block_size + i % g.block_size;
+        (slot * g.n_kv_heads + t.h) * hd
+    };
+    let q0 = t.r * g.width + t.h * group * hd;
+    for i in 0..n {
+        let k = g.k_layer.as_ptr().add(slot_offset(t.start + i));
+        for qh in 0..group {
+            scores[qh * n + i] = L::dot(g.qkv.as_ptr().add(q0 + qh * hd), k, hd) * g.scale;
+        }
+    }
+    let pl = partial_len(hd);
+    for qh in 0..group {
+        let s = &mut scores[qh * n..(qh + 1) * n];
+        let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut l = 0f32;
+        for v in s.iter_mut() {
+            *v = (*v - m).exp();
+            l += *v;
+        }
+        let p = &mut partial[qh * pl..(qh + 1) * pl];
+        p[0] = m;
+        p[1] = l;
+        p[2..].fill(0.0);
+    }
+    for i in 0..n {
+        let v = g.v_layer.as_ptr().add(slot_offset(t.start + i));
+        for qh in 0..group {
+            let o = partial.as_mut_ptr().add(qh * pl + 2);
+            L::axpy(o, scores[qh * n + i], v, hd);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_chunk_avx2(g: &Geometry, table: &[u32], t: Task, scores: &mut [f32], partial: &mut [f32]) {
+    attend_chunk::<Avx2>(g, table, t, scores, partial)
+}
+
+/// `out[T, n_heads·head_dim]`; `qkv[T, layout.width()]`.
+pub(crate) fn attention(isa: Isa, qkv: &[f32], kv: &CpuKv, layer: usize, layout: QkvLayout, step: &CpuStep, out: &mut [f32]) {
+    let hd = layout.head_dim;
+    let g = Geometry {
+        qkv,
+        k_layer: kv.layer_k(layer),
+        v_layer: kv.layer_v(layer),
+        width: layout.width(),
+        hd,
+        group: layout.n_heads / layout.n_kv_heads,
+        n_kv_heads: layout.n_kv_heads,
+        block_size: kv.shape.block_size,
+        scale: 1.0 / (hd as f32).sqrt(),
+    };
+    // Tasks grouped by (row, head): `first[j]` is the first task of pair j.
+    let mut tasks = Vec::new();
+    let mut first = Vec::new();
+    for r in 0..step.rows() {
+        let n_ctx = step.positions[r] as usize + 1;
+        for h in 0..layout.n_kv_heads {
+            first.push(tasks.len());
+            for start in (0..n_ctx).step_by(CHUNK) {
+                tasks.push(Task {
+                    r,
+                    h,
+                    start,
+                    end: (start + CHUNK).min(n_ctx),
+                });
             }
         }
-        for g in 0..group {
-            let s = &mut scores[g * n_ctx..(g + 1) * n_ctx];
-            let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for v in s.iter_mut() {
-                *v = (*v - max).exp();
-                sum += *v;
-            }
-            let inv = 1.0 / sum;
-            for v in s.iter_mut() {
-                *v *= inv;
-            }
-        }
-        o.fill(0.0);
-        for i in 0..n_ctx {
-            let slot = table[i / bs] as usize * bs + i % bs;
-            let v = &v_layer[at(slot, h)..at(slot, h) + hd];
-            for g in 0..group {
-                let p = scores[g * n_ctx + i];
-                for (acc, &vv) in o[g * hd..(g + 1) * hd].iter_mut().zip(v) {
-                    *acc += p * vv;
+    }
+    first.push(tasks.len());
+
+    let pl = partial_len(hd);
+    let per_task = g.group * pl;
+    let mut partials = vec![0f32; tasks.len() * per_task];
+    partials
+        .par_chunks_mut(per_task)
+        .zip(tasks.par_iter())
+        .for_each_init(
+            || vec![0f32; g.group * CHUNK],
+            |scores, (partial, &t)| {
+                let table = &step.block_tables[step.row_seq[t.r] as usize];
+                // SAFETY: shapes and block tables were checked by the caller; AVX2/FMA only
+                // when detected.
+                unsafe {
+                    match isa {
+                        #[cfg(target_arch = "x86_64")]
+                        Isa::Avx2Fma => attend_chunk_avx2(&g, table, t, scores, partial),
+                        _ => attend_chunk::<Portable>(&g, table, t, scores, partial),
+                    }
+                }
+            },
+        );
+
+    // Merge the chunks of each (row, KV head): rescale to the largest max, then normalize.
+    out.par_chunks_mut(g.group * hd).enumerate().for_each(|(pair, o)| {
+        let chunks = &partials[first[pair] * per_task..first[pair + 1] * per_task];
+        for qh in 0..g.group {
+            let part = |c: usize| &chunks[c * per_task + qh * pl..c * per_task + (qh + 1) * pl];
+            let n_chunks = first[pair + 1] - first[pair];
+            let m = (0..n_chunks).map(|c| part(c)[0]).fold(f32::NEG_INFINITY, f32::max);
+            let dst = &mut o[qh * hd..(qh + 1) * hd];
+            dst.fill(0.0);
+            let mut l = 0f32;
+            for c in 0..n_chunks {
+                let p = part(c);
+                let w = (p[0] - m).exp();
+                l += p[1] * w;
+                for (d, &v) in dst.iter_mut().zip(&p[2..]) {
+                    *d += w * v;
                 }
             }
+            let inv = 1.0 / l;
+            dst.iter_mut().for_each(|d| *d *= inv);
         }
     });
 }

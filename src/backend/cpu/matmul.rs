@@ -1,41 +1,64 @@
 //! CPU matmul `out[T, N] = x[T, K] · W[N, K]ᵀ` over INT4, INT8 and dense f32 weights, f32
 //! activations and accumulation.
 //!
-//! # INT4 kernel
+//! # One arithmetic, two schedules (batch invariance)
 //!
-//! Reads the canonical groups directly (packed nibbles, never a dequantized copy). Per group
-//! `g` of row `n`, with `q` the nibbles and `x` one activation row:
+//! Every output is computed the same way whatever the number of rows `T`:
 //!
 //! ```text
-//!     Σ_c w[n,c]·x[c] = Σ_g ( s[n,g] · Σ_{c∈g} q[n,c]·x[c]  +  m[n,g] · Σ_{c∈g} x[c] )
+//!     w      = s·q + m                     (INT4; q·s for INT8; w for dense), in f32
+//!     lanes  = Σ_c x[c..c+8] · w[c..c+8]   8-lane f32 accumulation, in input order, per
+//!                                          block of TILE_K inputs (FMA on AVX2)
+//!     out    = Σ_blocks hsum(lanes)        blocks added in order
 //! ```
 //!
-//! so the inner loop is an integer-valued dot product scaled once per group, and the min term
-//! uses per-group sums of `x` computed once per call. The canonical layout puts element 2i in
-//! the low nibble of byte i; to keep nibble unpacking to a mask and a shift, each 32-element
-//! chunk of `x` is de-interleaved once per call into `[x0 x2 … x30 | x1 x3 … x31]` (`xd`), so
-//! low nibbles meet the first half and high nibbles the second.
+//! So a row's result does not depend on what else is in the batch, on whether a prompt is
+//! prefilled at once or token by token, or on the thread count: the CPU forward is
+//! batch-invariant, bit for bit, within one instruction set. (Tree search relies on this:
+//! a thought decoded among siblings equals the same thought decoded alone.)
 //!
-//! Tiling: the parallel loop runs over tiles of [`ROWS_PER_TASK`] weight rows × [`T_PER_TASK`]
-//! activation rows; inside a tile a micro-kernel computes `MR × NR` outputs at once, unpacking
-//! each weight chunk once for `MR` activation rows and reusing each activation chunk for `NR`
-//! weight rows. Decode (`T = 1`) runs `1 × 4`, prefill `4 × 2`.
+//! The canonical INT4 layout puts element 2i in the low nibble of byte i. To keep nibble
+//! unpacking to a mask and a shift, each 32-element chunk of `x` is de-interleaved once per
+//! call into `[x0 x2 … x30 | x1 x3 … x31]` (`xd`): a chunk's 16 bytes then yield, as four 8-lane
+//! vectors, exactly the weights that meet `xd[0..8]`, `xd[8..16]`, `xd[16..24]`, `xd[24..32]`.
+//! "Input order" above is this de-interleaved order for INT4 parts.
+//!
+//! # Two schedules
+//!
+//! * **GEMV** (`T < GEMM_MIN_ROWS`, decode): a fused kernel streams four weight rows at a
+//!   time, dequantizing each chunk in registers and FMA-ing it straight into that row's
+//!   accumulator; each weight byte is read once and nothing is written back.
+//! * **GEMM** (`T ≥ GEMM_MIN_ROWS`, prefill and sibling batches): a task dequantizes a tile of
+//!   [`TILE_ROWS`] weight rows × [`TILE_K`] inputs into an f32 buffer in L1 (same formula),
+//!   then a register-blocked micro-kernel computes 3 activation rows × 4 weight rows at a time
+//!   (12 accumulators, 7 loads per 12 FMAs). The dequantization is amortized over up to
+//!   [`T_PER_TASK`] activation rows.
+//!
+//! Parallel tasks are (weight-row range × activation-row range); every task writes a disjoint
+//! block of `out`.
 //!
 //! # Instruction sets
 //!
 //! [`Isa::Avx2Fma`] (x86-64 with AVX2 and FMA, detected at run time) uses intrinsics;
-//! [`Isa::Portable`] is plain Rust with the same arithmetic structure, for any target. Tests run
-//! both against the dequant oracle.
+//! [`Isa::Portable`] is plain Rust with the same structure, for any target. Tests run both
+//! against the dequant oracle.
 
 use half::f16;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::quant::{Int4Matrix, WeightMatrix, INT8_GROUP};
+use crate::quant::{WeightMatrix, INT8_GROUP};
 
-/// Weight rows per parallel task.
-const ROWS_PER_TASK: usize = 16;
-/// Activation rows per parallel task (keeps a task's slice of `x` in L2 during prefill).
+/// Activation rows from which the GEMM path is used.
+const GEMM_MIN_ROWS: usize = 4;
+/// Weight rows per GEMV task.
+const GEMV_ROWS_PER_TASK: usize = 16;
+/// Weight rows per dequantized GEMM tile (4 quads of the 3×4 micro-kernel).
+const TILE_ROWS: usize = 16;
+/// Inputs per dequantized GEMM tile: 16 × 512 f32 = 32 KiB, an L1's worth. A multiple of
+/// every group size.
+const TILE_K: usize = 512;
+/// Activation rows per GEMM task (a task's slice of `x` stays in L2).
 const T_PER_TASK: usize = 64;
 
 /// Which kernel family runs.
@@ -206,25 +229,15 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
-/// Activations prepared once per call for the INT4 kernels: de-interleaved chunks and group sums.
-struct Int4Activations {
-    /// `[T, K]`, each 32-chunk as `[even elements | odd elements]`.
-    xd: Vec<f32>,
-    /// `[T, K/group]`.
-    xsum: Vec<f32>,
-    group: usize,
-}
-
-fn prepare_int4(x: &[f32], t: usize, k: usize, group: usize) -> Int4Activations {
-    let mut xd = vec![0f32; t * k];
+fn deinterleave(x: &[f32]) -> Vec<f32> {
+    let mut xd = vec![0f32; x.len()];
     for (src, dst) in x.chunks_exact(32).zip(xd.chunks_exact_mut(32)) {
         for i in 0..16 {
             dst[i] = src[2 * i];
             dst[16 + i] = src[2 * i + 1];
         }
     }
-    let xsum = x.chunks_exact(group).map(|g| g.iter().sum()).collect();
-    Int4Activations { xd, xsum, group }
+    xd
 }
 
 /// `out[T, N] = x[T, K] · Wᵀ`. Shapes are checked by the caller.
@@ -232,26 +245,22 @@ pub(crate) fn matmul(isa: Isa, x: &[f32], t: usize, w: &CpuLinear, out: &mut [f3
     let (k, n_total) = (w.cols, w.rows);
     debug_assert_eq!(x.len(), t * k);
     debug_assert_eq!(out.len(), t * n_total);
-    // One preparation per distinct INT4 group size among the parts.
-    let mut preps: Vec<Int4Activations> = Vec::new();
-    for (_, p) in &w.parts {
-        if let CpuWeight::Int4(q) = p {
-            if !preps.iter().any(|a| a.group == q.group) {
-                preps.push(prepare_int4(x, t, k, q.group));
-            }
-        }
-    }
+    let gemm = t >= GEMM_MIN_ROWS;
+    // De-interleaved activations, shared by every INT4 part.
+    let has_int4 = w.parts.iter().any(|(_, p)| matches!(p, CpuWeight::Int4(_)));
+    let xd = if has_int4 { deinterleave(x) } else { Vec::new() };
     // Task list: (part, first row in part, rows, first activation row, activation rows).
+    let (rows_per_task, t_per_task) = if gemm { (TILE_ROWS, T_PER_TASK) } else { (GEMV_ROWS_PER_TASK, t) };
     let mut tasks = Vec::new();
     for (pi, (_, p)) in w.parts.iter().enumerate() {
-        for r0 in (0..p.rows()).step_by(ROWS_PER_TASK) {
-            for m0 in (0..t).step_by(T_PER_TASK) {
-                tasks.push((pi, r0, ROWS_PER_TASK.min(p.rows() - r0), m0, T_PER_TASK.min(t - m0)));
+        for r0 in (0..p.rows()).step_by(rows_per_task) {
+            for m0 in (0..t).step_by(t_per_task) {
+                tasks.push((pi, r0, rows_per_task.min(p.rows() - r0), m0, t_per_task.min(t - m0)));
             }
         }
     }
     let out_ptr = OutPtr(out.as_mut_ptr());
-    tasks.par_iter().for_each(|&(pi, r0, nr, m0, mr)| {
+    let run = |tile_buf: &mut Vec<f32>, &(pi, r0, nr, m0, mr): &(usize, usize, usize, usize, usize)| {
         let out_ptr = out_ptr;
         let (row_base, part) = &w.parts[pi];
         let tile = Tile {
@@ -261,15 +270,16 @@ pub(crate) fn matmul(isa: Isa, x: &[f32], t: usize, w: &CpuLinear, out: &mut [f3
             m0,
             mr,
         };
-        match part {
-            CpuWeight::Int4(q) => {
-                let prep = preps.iter().find(|a| a.group == q.group).expect("prepared above");
-                int4_tile(isa, q, r0, nr, prep, k, &tile);
-            }
-            CpuWeight::Int8(q) => int8_tile(isa, q, r0, nr, x, k, &tile),
-            CpuWeight::Dense(d) => dense_tile(isa, d, r0, nr, x, k, &tile),
+        let xsrc = if matches!(part, CpuWeight::Int4(_)) { &xd } else { x };
+        if gemm {
+            gemm_task(isa, part, r0, nr, xsrc, k, &tile, tile_buf);
+        } else {
+            gemv_task(isa, part, r0, nr, xsrc, k, &tile);
         }
-    });
+    };
+    tasks
+        .par_iter()
+        .for_each_init(|| if gemm { vec![0f32; TILE_ROWS * TILE_K] } else { Vec::new() }, run);
 }
 
 /// Where a task writes: `out[(m0 + i) · ldo + col0 + j]` for `i < mr`, `j <` its rows.
@@ -288,126 +298,164 @@ impl Tile {
     unsafe fn store(&self, m: usize, j: usize, v: f32) {
         *self.out.add((self.m0 + m) * self.ldo + self.col0 + j) = v;
     }
+
+    /// # Safety
+    /// `(m, j)` must lie inside this task's tile.
+    #[inline(always)]
+    unsafe fn add(&self, m: usize, j: usize, v: f32) {
+        *self.out.add((self.m0 + m) * self.ldo + self.col0 + j) += v;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
-// INT4
+// GEMV path
 
-fn int4_tile(isa: Isa, w: &CpuInt4, r0: usize, nr: usize, a: &Int4Activations, k: usize, tile: &Tile) {
-    let gpr = k / w.group;
-    // Strips of weight rows: 4 wide for decode (one activation row), 2 wide otherwise (so
-    // four activation rows × two weight rows fit the 16 vector registers); 1 for leftovers.
-    let strip = if tile.mr == 1 { 4 } else { 2 };
-    let mut j = 0;
-    while j < nr {
-        let sn = if nr - j >= strip { strip } else if nr - j >= 2 { 2 } else { 1 };
-        let n = r0 + j;
+/// One GEMV task: weight rows `r0 .. r0+nr` of `part` against each of the task's activation
+/// rows (`xsrc` is `xd` for INT4 parts, `x` otherwise).
+fn gemv_task(isa: Isa, part: &CpuWeight, r0: usize, nr: usize, xsrc: &[f32], k: usize, tile: &Tile) {
+    for m in 0..tile.mr {
+        let xrow = &xsrc[(tile.m0 + m) * k..(tile.m0 + m + 1) * k];
+        let mut j = 0;
+        while j < nr {
+            let sn = if nr - j >= 4 { 4 } else { 1 };
+            let mut res = [0f32; 4];
+            match (isa, sn) {
+                #[cfg(target_arch = "x86_64")]
+                (Isa::Avx2Fma, 4) => unsafe { avx2::gemv::<4>(part, r0 + j, xrow, &mut res) },
+                #[cfg(target_arch = "x86_64")]
+                (Isa::Avx2Fma, 1) => unsafe { avx2::gemv::<1>(part, r0 + j, xrow, &mut res) },
+                _ => portable_gemv(part, r0 + j, sn, xrow, &mut res),
+            }
+            for (ni, &v) in res.iter().enumerate().take(sn) {
+                // SAFETY: m < mr and j + ni < nr: inside this task's tile.
+                unsafe { tile.store(m, j + ni, v) };
+            }
+            j += sn;
+        }
+    }
+}
+
+/// Portable GEMV: for each of `nr` rows, dequantize a block into a stack buffer and take the
+/// same 8-lane dot product as the GEMM micro-kernel.
+fn portable_gemv(part: &CpuWeight, n: usize, nr: usize, x: &[f32], res: &mut [f32; 4]) {
+    let k = x.len();
+    let mut wbuf = [0f32; TILE_K];
+    for (j, r) in res.iter_mut().enumerate().take(nr) {
+        let mut total = 0f32;
+        for kb in (0..k).step_by(TILE_K) {
+            let kl = TILE_K.min(k - kb);
+            dequant_row(Isa::Portable, part, n + j, kb, kl, &mut wbuf[..kl]);
+            let block = portable_dot(&x[kb..kb + kl], &wbuf[..kl]);
+            total = if kb == 0 { block } else { total + block };
+        }
+        *r = total;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GEMM path
+
+/// One GEMM task: weight rows `r0 .. r0+nr` (≤ TILE_ROWS) of `part` against the task's
+/// activation rows. `xsrc` is `xd` for INT4 parts and `x` otherwise (the dequantized tile is in
+/// the matching order). `buf` is a `[TILE_ROWS, TILE_K]` scratch tile.
+#[allow(clippy::too_many_arguments)]
+fn gemm_task(isa: Isa, part: &CpuWeight, r0: usize, nr: usize, xsrc: &[f32], k: usize, tile: &Tile, buf: &mut [f32]) {
+    for kb in (0..k).step_by(TILE_K) {
+        let kl = TILE_K.min(k - kb);
+        dequant_tile(isa, part, r0, nr, kb, kl, buf);
         let mut m = 0;
         while m < tile.mr {
-            let sm = if sn == 2 && tile.mr - m >= 4 { 4 } else { 1 };
-            let xm = tile.m0 + m;
-            let xd = &a.xd[xm * k..(xm + sm) * k];
-            let mut res = [[0f32; 4]; 4];
-            match (isa, sm, sn) {
-                #[cfg(target_arch = "x86_64")]
-                (Isa::Avx2Fma, 4, 2) => unsafe { avx2::int4_block::<4, 2>(w, n, xd, k, &mut res) },
-                #[cfg(target_arch = "x86_64")]
-                (Isa::Avx2Fma, 1, 4) => unsafe { avx2::int4_block::<1, 4>(w, n, xd, k, &mut res) },
-                #[cfg(target_arch = "x86_64")]
-                (Isa::Avx2Fma, 1, 2) => unsafe { avx2::int4_block::<1, 2>(w, n, xd, k, &mut res) },
-                #[cfg(target_arch = "x86_64")]
-                (Isa::Avx2Fma, 1, 1) => unsafe { avx2::int4_block::<1, 1>(w, n, xd, k, &mut res) },
-                _ => portable_int4_block(w, n, sm, sn, xd, k, &mut res),
-            }
-            for (mi, row) in res.iter().enumerate().take(sm) {
-                let sums = &a.xsum[(xm + mi) * gpr..(xm + mi + 1) * gpr];
-                for (ni, &v) in row.iter().enumerate().take(sn) {
-                    // Min term: Σ_g m[n, g] · Σ_{c∈g} x[c].
-                    let mins = &w.mins[(n + ni) * gpr..(n + ni + 1) * gpr];
-                    let min_term: f32 = mins.iter().zip(sums).map(|(a, b)| a * b).sum();
-                    // SAFETY: m + mi < mr and j + ni < nr: inside this task's tile.
-                    unsafe { tile.store(m + mi, j + ni, v + min_term) };
+            let sm = (tile.mr - m).min(3);
+            let xrow0 = (tile.m0 + m) * k + kb;
+            for quad in 0..TILE_ROWS / 4 {
+                if quad * 4 >= nr {
+                    break;
+                }
+                let wq = &buf[quad * 4 * TILE_K..];
+                let mut res = [[0f32; 4]; 3];
+                match (isa, sm) {
+                    #[cfg(target_arch = "x86_64")]
+                    (Isa::Avx2Fma, 3) => unsafe { avx2::micro::<3>(xsrc, xrow0, k, wq, kl, &mut res) },
+                    #[cfg(target_arch = "x86_64")]
+                    (Isa::Avx2Fma, 2) => unsafe { avx2::micro::<2>(xsrc, xrow0, k, wq, kl, &mut res) },
+                    #[cfg(target_arch = "x86_64")]
+                    (Isa::Avx2Fma, 1) => unsafe { avx2::micro::<1>(xsrc, xrow0, k, wq, kl, &mut res) },
+                    _ => portable_micro(sm, xsrc, xrow0, k, wq, kl, &mut res),
+                }
+                for (mi, row) in res.iter().enumerate().take(sm) {
+                    for (ni, &v) in row.iter().enumerate() {
+                        let j = quad * 4 + ni;
+                        if j < nr {
+                            // SAFETY: m + mi < mr and j < nr: inside this task's tile.
+                            unsafe {
+                                if kb == 0 {
+                                    tile.store(m + mi, j, v)
+                                } else {
+                                    tile.add(m + mi, j, v)
+                                }
+                            }
+                        }
+                    }
                 }
             }
             m += sm;
         }
-        j += sn;
     }
 }
 
-/// Portable micro-kernel: `res[m][j] = Σ_g s[n+j, g] · Σ_{c∈g} q[n+j, c] · x[m, c]` (no min term).
-fn portable_int4_block(w: &CpuInt4, n: usize, mr: usize, nr: usize, xd: &[f32], k: usize, res: &mut [[f32; 4]; 4]) {
-    let gpr = k / w.group;
-    for j in 0..nr {
-        let row = &w.packed[(n + j) * k / 2..(n + j + 1) * k / 2];
-        for m in 0..mr {
-            let x = &xd[m * k..(m + 1) * k];
-            let mut acc = 0f32;
-            for g in 0..gpr {
-                let mut lanes = [0f32; 16];
-                for c in (g * w.group..(g + 1) * w.group).step_by(32) {
-                    let bytes = &row[c / 2..c / 2 + 16];
-                    let (xe, xo) = x[c..c + 32].split_at(16);
-                    for i in 0..16 {
-                        lanes[i] += (bytes[i] & 0x0f) as f32 * xe[i] + (bytes[i] >> 4) as f32 * xo[i];
-                    }
-                }
-                acc += w.scales[(n + j) * gpr + g] * lanes.iter().sum::<f32>();
-            }
-            res[m][j] = acc;
+/// Dequantizes rows `r0 .. r0+nr`, inputs `kb .. kb+kl` of `part` into `buf[j · TILE_K + i]`
+/// (INT4 in `xd` order, others in natural order); rows `nr..TILE_ROWS` are zeroed.
+fn dequant_tile(isa: Isa, part: &CpuWeight, r0: usize, nr: usize, kb: usize, kl: usize, buf: &mut [f32]) {
+    for j in 0..TILE_ROWS {
+        let dst = &mut buf[j * TILE_K..j * TILE_K + kl];
+        if j < nr {
+            dequant_row(isa, part, r0 + j, kb, kl, dst);
+        } else {
+            dst.fill(0.0);
         }
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// INT8 and dense: one output per (activation row, weight row); rows are long enough that
-// the inner loop vectorizes on its own and the loads dominate.
-
-fn int8_tile(isa: Isa, w: &CpuInt8, r0: usize, nr: usize, x: &[f32], k: usize, tile: &Tile) {
-    for j in 0..nr {
-        let n = r0 + j;
-        for m in 0..tile.mr {
-            let xr = &x[(tile.m0 + m) * k..(tile.m0 + m + 1) * k];
-            let v = match isa {
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx2Fma => unsafe { avx2::int8_dot(w, n, xr) },
-                _ => portable_int8_dot(w, n, xr),
-            };
-            // SAFETY: inside this task's tile.
-            unsafe { tile.store(m, j, v) };
-        }
-    }
-}
-
-fn portable_int8_dot(w: &CpuInt8, n: usize, x: &[f32]) -> f32 {
-    let k = w.cols;
-    let gpr = k / INT8_GROUP;
-    let q = &w.q[n * k..(n + 1) * k];
-    let mut acc = 0f32;
-    for g in 0..gpr {
-        let mut lanes = [0f32; 8];
-        for c in (g * INT8_GROUP..(g + 1) * INT8_GROUP).step_by(8) {
-            for i in 0..8 {
-                lanes[i] += q[c + i] as f32 * x[c + i];
+/// Row `n`, inputs `kb .. kb+kl`, dequantized into `dst` (INT4: `s·q + m` in `xd` order;
+/// INT8: `s·q`, exact; dense: copied).
+fn dequant_row(isa: Isa, part: &CpuWeight, n: usize, kb: usize, kl: usize, dst: &mut [f32]) {
+    match part {
+        CpuWeight::Int4(w) => match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Fma => unsafe { avx2::dequant_int4_row(w, n, kb, kl, dst) },
+            _ => portable_dequant_int4_row(w, n, kb, kl, dst),
+        },
+        CpuWeight::Int8(w) => {
+            let gpr = w.cols / INT8_GROUP;
+            let q = &w.q[n * w.cols + kb..n * w.cols + kb + kl];
+            for (c, (d, &qv)) in dst.iter_mut().zip(q).enumerate() {
+                *d = w.scales[n * gpr + (kb + c) / INT8_GROUP] * qv as f32;
             }
         }
-        acc += w.scales[n * gpr + g] * lanes.iter().sum::<f32>();
+        CpuWeight::Dense(w) => dst.copy_from_slice(&w.data[n * w.cols + kb..n * w.cols + kb + kl]),
     }
-    acc
 }
 
-fn dense_tile(isa: Isa, w: &CpuDense, r0: usize, nr: usize, x: &[f32], k: usize, tile: &Tile) {
-    for j in 0..nr {
-        let wr = &w.data[(r0 + j) * k..(r0 + j + 1) * k];
-        for m in 0..tile.mr {
-            let xr = &x[(tile.m0 + m) * k..(tile.m0 + m + 1) * k];
-            let v = match isa {
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx2Fma => unsafe { avx2::dense_dot(wr, xr) },
-                _ => portable_dot(wr, xr),
-            };
-            // SAFETY: inside this task's tile.
-            unsafe { tile.store(m, j, v) };
+/// INT4 row `n`, inputs `kb..kb+kl`, as `s·q + m` in `xd` order.
+fn portable_dequant_int4_row(w: &CpuInt4, n: usize, kb: usize, kl: usize, dst: &mut [f32]) {
+    let gpr = w.cols / w.group;
+    for c in (0..kl).step_by(32) {
+        let e = kb + c;
+        let gi = n * gpr + e / w.group;
+        let (s, m) = (w.scales[gi], w.mins[gi]);
+        let bytes = &w.packed[(n * w.cols + e) / 2..(n * w.cols + e) / 2 + 16];
+        for i in 0..16 {
+            dst[c + i] = s * (bytes[i] & 0x0f) as f32 + m;
+            dst[c + 16 + i] = s * (bytes[i] >> 4) as f32 + m;
+        }
+    }
+}
+
+/// Portable micro-kernel: `res[i][j] = Σ_c x[row0 + i·ld + c] · wq[j · TILE_K + c]`.
+fn portable_micro(mr: usize, x: &[f32], row0: usize, ld: usize, wq: &[f32], kl: usize, res: &mut [[f32; 4]; 3]) {
+    for (i, r) in res.iter_mut().enumerate().take(mr) {
+        for (j, v) in r.iter_mut().enumerate() {
+            *v = portable_dot(&x[row0 + i * ld..row0 + i * ld + kl], &wq[j * TILE_K..j * TILE_K + kl]);
         }
     }
 }
@@ -434,7 +482,7 @@ mod avx2 {
 
     use std::arch::x86_64::*;
 
-    use super::{CpuInt4, CpuInt8};
+    use super::{CpuInt4, CpuWeight};
     use crate::quant::INT8_GROUP;
 
     #[inline(always)]
@@ -447,124 +495,145 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
-    /// `res[m][j] = Σ_g s[n+j, g] · Σ_{c∈g} q[n+j, c] · x[m, c]` for `m < MR`, `j < NR`.
-    ///
-    /// Per 32-element chunk and weight row: one 16-byte load of nibbles, mask/shift into low
-    /// and high halves, widen to 4 × 8 f32 lanes (`w0` = elements 0,2,…,14, `w1` = 16,…,30,
-    /// `w2` = 1,…,15, `w3` = 17,…,31) matching the de-interleaved `xd` chunk
-    /// `[x0 x2 … x30 | x1 x3 … x31]`, then 4 FMAs per activation row into a per-group partial
-    /// `t`, folded into `acc` with the group's scale.
+    /// Unpacks one 32-element chunk of nibbles (16 bytes at `p`) into four 8-lane f32 vectors
+    /// in `xd` order: elements (0,2,…,14), (16,…,30), (1,…,15), (17,…,31).
+    #[inline(always)]
+    unsafe fn unpack_chunk(p: *const u8) -> [__m256; 4] {
+        let mask = _mm_set1_epi8(0x0f);
+        let bytes = _mm_loadu_si128(p as *const __m128i);
+        let lo = _mm_and_si128(bytes, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+        [
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)),
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))),
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)),
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))),
+        ]
+    }
+
+    /// GEMV block: `res[j] = Σ_blocks hsum(Σ_c x[c..c+8] · w[n+j, c..c+8])` for `j < NR`,
+    /// dequantizing in registers (INT4: `fma(q, s, m)`, as the GEMM tile fill does; INT8:
+    /// `q·s`, exact), one 8-lane accumulator per row FMA-ed in input order.
     ///
     /// # Safety
-    /// AVX2 and FMA present; rows `n..n+NR` exist in `w`; `xd` holds `MR` rows of `k`.
+    /// AVX2 and FMA present; rows `n..n+NR` exist in `part`; `x.len()` equals its columns.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn int4_block<const MR: usize, const NR: usize>(
-        w: &CpuInt4,
-        n: usize,
-        xd: &[f32],
-        k: usize,
-        res: &mut [[f32; 4]; 4],
-    ) {
-        let gpr = k / w.group;
-        let chunks = w.group / 32;
-        let mask = _mm_set1_epi8(0x0f);
-        let mut acc = [[_mm256_setzero_ps(); NR]; MR];
-        let packed = w.packed.as_ptr();
-        let x = xd.as_ptr();
-        for g in 0..gpr {
-            let mut t = [[_mm256_setzero_ps(); NR]; MR];
-            for c in 0..chunks {
-                let e = g * w.group + c * 32;
-                for j in 0..NR {
-                    let bytes = _mm_loadu_si128(packed.add((n + j) * k / 2 + e / 2) as *const __m128i);
-                    let lo = _mm_and_si128(bytes, mask);
-                    let hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-                    let w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-                    let w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-                    let w2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-                    let w3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
-                    for m in 0..MR {
-                        let xp = x.add(m * k + e);
-                        let mut v = t[m][j];
-                        v = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp), v);
-                        v = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(8)), v);
-                        v = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xp.add(16)), v);
-                        v = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xp.add(24)), v);
-                        t[m][j] = v;
+    pub(super) unsafe fn gemv<const NR: usize>(part: &CpuWeight, n: usize, x: &[f32], res: &mut [f32; 4]) {
+        let k = x.len();
+        let xp = x.as_ptr();
+        let mut total = [0f32; NR];
+        for kb in (0..k).step_by(super::TILE_K) {
+            let end = (kb + super::TILE_K).min(k);
+            let mut acc = [_mm256_setzero_ps(); NR];
+            match part {
+                CpuWeight::Int4(w) => {
+                    let gpr = k / w.group;
+                    let rows: [*const u8; NR] = std::array::from_fn(|j| w.packed.as_ptr().add((n + j) * k / 2));
+                    for e in (kb..end).step_by(32) {
+                        let xv = [
+                            _mm256_loadu_ps(xp.add(e)),
+                            _mm256_loadu_ps(xp.add(e + 8)),
+                            _mm256_loadu_ps(xp.add(e + 16)),
+                            _mm256_loadu_ps(xp.add(e + 24)),
+                        ];
+                        for j in 0..NR {
+                            let gi = (n + j) * gpr + e / w.group;
+                            let s = _mm256_set1_ps(*w.scales.get_unchecked(gi));
+                            let m = _mm256_set1_ps(*w.mins.get_unchecked(gi));
+                            let q = unpack_chunk(rows[j].add(e / 2));
+                            for i in 0..4 {
+                                acc[j] = _mm256_fmadd_ps(xv[i], _mm256_fmadd_ps(q[i], s, m), acc[j]);
+                            }
+                        }
+                    }
+                }
+                CpuWeight::Int8(w) => {
+                    let gpr = k / INT8_GROUP;
+                    for e in (kb..end).step_by(32) {
+                        for j in 0..NR {
+                            let s = _mm256_set1_ps(*w.scales.get_unchecked((n + j) * gpr + e / INT8_GROUP));
+                            let b = _mm256_loadu_si256(w.q.as_ptr().add((n + j) * k + e) as *const __m256i);
+                            let (lo, hi) = (_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+                            let q = [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)];
+                            for i in 0..4 {
+                                let wv = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q[i])), s);
+                                acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(e + 8 * i)), wv, acc[j]);
+                            }
+                        }
+                    }
+                }
+                CpuWeight::Dense(w) => {
+                    for e in (kb..end).step_by(8) {
+                        let xv = _mm256_loadu_ps(xp.add(e));
+                        for j in 0..NR {
+                            let wv = _mm256_loadu_ps(w.data.as_ptr().add((n + j) * k + e));
+                            acc[j] = _mm256_fmadd_ps(xv, wv, acc[j]);
+                        }
                     }
                 }
             }
             for j in 0..NR {
-                let s = _mm256_set1_ps(*w.scales.get_unchecked((n + j) * gpr + g));
-                for m in 0..MR {
-                    acc[m][j] = _mm256_fmadd_ps(t[m][j], s, acc[m][j]);
+                let block = hsum(acc[j]);
+                total[j] = if kb == 0 { block } else { total[j] + block };
+            }
+        }
+        res[..NR].copy_from_slice(&total);
+    }
+
+    /// INT4 row `n`, inputs `kb..kb+kl`, as `s·q + m` in `xd` order (GEMM tile fill).
+    ///
+    /// # Safety
+    /// AVX2 and FMA present; row `n` exists; `kb`, `kl` multiples of 32 inside the row;
+    /// `dst.len() >= kl`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dequant_int4_row(w: &CpuInt4, n: usize, kb: usize, kl: usize, dst: &mut [f32]) {
+        let gpr = w.cols / w.group;
+        let row = w.packed.as_ptr().add(n * w.cols / 2);
+        let d = dst.as_mut_ptr();
+        for c in (0..kl).step_by(32) {
+            let e = kb + c;
+            let gi = n * gpr + e / w.group;
+            let s = _mm256_set1_ps(*w.scales.get_unchecked(gi));
+            let m = _mm256_set1_ps(*w.mins.get_unchecked(gi));
+            let wv = unpack_chunk(row.add(e / 2));
+            for (i, v) in wv.iter().enumerate() {
+                _mm256_storeu_ps(d.add(c + 8 * i), _mm256_fmadd_ps(*v, s, m));
+            }
+        }
+    }
+
+    /// GEMM micro-kernel: `res[i][j] = Σ_{c<kl} x[row0 + i·ld + c] · wq[j·TILE_K + c]` for
+    /// `i < MR ≤ 3`, `j < 4`. 12 accumulators; per 8 inputs, MR + 4 loads and 4·MR FMAs.
+    ///
+    /// # Safety
+    /// AVX2 and FMA present; `kl` a multiple of 8; the rows lie inside `x` and `wq`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn micro<const MR: usize>(
+        x: &[f32],
+        row0: usize,
+        ld: usize,
+        wq: &[f32],
+        kl: usize,
+        res: &mut [[f32; 4]; 3],
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); 4]; MR];
+        let xp: [*const f32; MR] = std::array::from_fn(|i| x.as_ptr().add(row0 + i * ld));
+        let wp: [*const f32; 4] = std::array::from_fn(|j| wq.as_ptr().add(j * super::TILE_K));
+        let mut c = 0;
+        while c < kl {
+            let wv: [__m256; 4] = std::array::from_fn(|j| _mm256_loadu_ps(wp[j].add(c)));
+            for i in 0..MR {
+                let xv = _mm256_loadu_ps(xp[i].add(c));
+                for j in 0..4 {
+                    acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
                 }
             }
+            c += 8;
         }
-        for m in 0..MR {
-            for j in 0..NR {
-                res[m][j] = hsum(acc[m][j]);
+        for i in 0..MR {
+            for j in 0..4 {
+                res[i][j] = hsum(acc[i][j]);
             }
         }
     }
-
-    /// `Σ_g s[n, g] · Σ_{c∈g} q[n, c] · x[c]` for grouped INT8 row `n`.
-    ///
-    /// # Safety
-    /// AVX2 and FMA present; `x.len() == w.cols`; row `n` exists.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn int8_dot(w: &CpuInt8, n: usize, x: &[f32]) -> f32 {
-        let k = w.cols;
-        let gpr = k / INT8_GROUP;
-        let q = w.q.as_ptr().add(n * k);
-        let xp = x.as_ptr();
-        let mut acc0 = _mm256_setzero_ps();
-        let mut acc1 = _mm256_setzero_ps();
-        for g in 0..gpr {
-            let e = g * INT8_GROUP;
-            let b = _mm256_loadu_si256(q.add(e) as *const __m256i);
-            let b_lo = _mm256_castsi256_si128(b);
-            let b_hi = _mm256_extracti128_si256(b, 1);
-            let w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b_lo));
-            let w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b_lo, 8)));
-            let w2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b_hi));
-            let w3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b_hi, 8)));
-            let t0 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(e + 8)), _mm256_mul_ps(w0, _mm256_loadu_ps(xp.add(e))));
-            let t1 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xp.add(e + 24)), _mm256_mul_ps(w2, _mm256_loadu_ps(xp.add(e + 16))));
-            let s = _mm256_set1_ps(*w.scales.get_unchecked(n * gpr + g));
-            acc0 = _mm256_fmadd_ps(t0, s, acc0);
-            acc1 = _mm256_fmadd_ps(t1, s, acc1);
-        }
-        hsum(_mm256_add_ps(acc0, acc1))
-    }
-
-    /// f32 dot product.
-    ///
-    /// # Safety
-    /// AVX2 and FMA present; `a.len() == b.len()`.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dense_dot(a: &[f32], b: &[f32]) -> f32 {
-        let n = a.len();
-        let (pa, pb) = (a.as_ptr(), b.as_ptr());
-        let mut acc0 = _mm256_setzero_ps();
-        let mut acc1 = _mm256_setzero_ps();
-        let mut i = 0;
-        while i + 16 <= n {
-            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8)), _mm256_loadu_ps(pb.add(i + 8)), acc1);
-            i += 16;
-        }
-        let mut s = hsum(_mm256_add_ps(acc0, acc1));
-        while i < n {
-            s += a[i] * b[i];
-            i += 1;
-        }
-        s
-    }
-
-}
-
-/// Builds the CPU form of an INT4 matrix (used by benches that time the kernel alone).
-pub fn int4_for_bench(m: &Int4Matrix) -> CpuLinear {
-    CpuLinear::upload(&[&WeightMatrix::Int4(m.clone())]).expect("valid INT4 matrix")
 }

@@ -122,6 +122,10 @@ impl Backend for CpuBackend {
         format!("cpu ({} threads, {})", self.threads, self.isa.name())
     }
 
+    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(f)
+    }
+
     fn upload_linear(&self, parts: &[&WeightMatrix]) -> Result<CpuLinear> {
         CpuLinear::upload(parts)
     }
@@ -250,7 +254,7 @@ impl Backend for CpuBackend {
             }
         }
         self.pool
-            .install(|| attention::attention(&qkv.data, kv, layer, layout, step, &mut out.data));
+            .install(|| attention::attention(self.isa, &qkv.data, kv, layer, layout, step, &mut out.data));
         Ok(())
     }
 
