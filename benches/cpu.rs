@@ -59,11 +59,19 @@ fn int4_matmul(c: &mut Criterion) {
         let w = Int4Matrix::quantize_rtn(n, k, 32, &values(n * k, 1)).expect("quantize");
         let w = backend.upload_linear(&[&WeightMatrix::Int4(w)]).expect("upload");
         for m in [1usize, 8, 32] {
-            let x = qmtot::backend::cpu::CpuTensor { rows: m, cols: k, data: values(m * k, 2) };
+            let x = qmtot::backend::cpu::CpuTensor {
+                rows: m,
+                cols: k,
+                data: values(m * k, 2),
+            };
             let mut out = backend.alloc_activations(m, n).expect("alloc");
             group.throughput(Throughput::Elements((n * k) as u64));
             group.bench_with_input(BenchmarkId::new(label, format!("M={m}")), &m, |b, _| {
-                b.iter(|| backend.run(|| backend.matmul(black_box(&x), &w, &mut out)).expect("matmul"))
+                b.iter(|| {
+                    backend
+                        .run(|| backend.matmul(black_box(&x), &w, &mut out))
+                        .expect("matmul")
+                })
             });
         }
     }
@@ -73,7 +81,10 @@ fn int4_matmul(c: &mut Criterion) {
 fn smollm2(c: &mut Criterion) {
     let path = default_model_path();
     let Ok(gguf) = GgufFile::open(&path) else {
-        eprintln!("skipping the SmolLM2 benches: {} is missing (run scripts/fetch-model)", path.display());
+        eprintln!(
+            "skipping the SmolLM2 benches: {} is missing (run scripts/fetch-model)",
+            path.display()
+        );
         return;
     };
     let config = ModelConfig::from_gguf(&gguf).expect("config");

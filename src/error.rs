@@ -31,20 +31,14 @@ pub enum Error {
     #[error("unknown GGUF metadata value type {ty} for key {key:?}")]
     UnknownMetaType { key: String, ty: u32 },
     #[error("tensor {tensor:?} has type {ty_name} (ggml type {ty}), which qmtot does not support; supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1")]
-    UnsupportedTensorType {
-        tensor: String,
-        ty: u32,
-        ty_name: String,
-    },
+    UnsupportedTensorType { tensor: String, ty: u32, ty_name: String },
     #[error("tensor {tensor:?}: {reason}")]
     BadTensor { tensor: String, reason: String },
     #[error("tensor {tensor:?} starts at offset {offset} past the end of the data section ({data_len} bytes)")]
-    TensorOffsetOutOfBounds {
-        tensor: String,
-        offset: u64,
-        data_len: u64,
-    },
-    #[error("tensor {tensor:?} data is truncated: it needs bytes {offset}..{end} of the data section, which has {data_len}")]
+    TensorOffsetOutOfBounds { tensor: String, offset: u64, data_len: u64 },
+    #[error(
+        "tensor {tensor:?} data is truncated: it needs bytes {offset}..{end} of the data section, which has {data_len}"
+    )]
     TruncatedTensorData {
         tensor: String,
         offset: u64,
@@ -92,11 +86,7 @@ pub enum Error {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     #[error("KV cache is out of blocks: needed {needed}, {free} free of {total}")]
-    OutOfBlocks {
-        needed: usize,
-        free: usize,
-        total: usize,
-    },
+    OutOfBlocks { needed: usize, free: usize, total: usize },
 
     // ---- backend --------------------------------------------------------------------------
     #[error("backend {backend}: {reason}")]

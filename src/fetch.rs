@@ -49,7 +49,10 @@ pub fn resolve_model(explicit: Option<&Path>) -> Result<PathBuf> {
     if path.is_file() {
         Ok(path)
     } else {
-        Err(fetch_failed(&format!("{} is still missing after the fetch", path.display())))
+        Err(fetch_failed(&format!(
+            "{} is still missing after the fetch",
+            path.display()
+        )))
     }
 }
 

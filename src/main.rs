@@ -18,7 +18,11 @@ use qmtot::model::Llama;
 use qmtot::tokenizer::{ChatMessage, Tokenizer};
 
 #[derive(Parser)]
-#[command(name = "qmtot", version, about = "INT4 LLaMA inference built for tree-of-thought generation")]
+#[command(
+    name = "qmtot",
+    version,
+    about = "INT4 LLaMA inference built for tree-of-thought generation"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -153,7 +157,9 @@ fn load(run: &RunArgs) -> Result<Loaded> {
 }
 
 fn file_name(p: &Path) -> String {
-    p.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()
+    p.file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
@@ -229,14 +235,23 @@ fn cmd_info(a: ModelArgs) -> Result<()> {
     println!("layers:          {}", c.n_layers);
     println!("d_model:         {}", c.d_model);
     println!("d_ff:            {}", c.d_ff);
-    println!("heads:           {} (kv heads {}, head dim {}, GQA group {})", c.n_heads, c.n_kv_heads, c.head_dim, c.gqa_group());
+    println!(
+        "heads:           {} (kv heads {}, head dim {}, GQA group {})",
+        c.n_heads,
+        c.n_kv_heads,
+        c.head_dim,
+        c.gqa_group()
+    );
     println!("vocab:           {}", c.vocab_size);
     println!("context:         {}", c.context_length);
     println!("rope:            theta {} ({:?})", c.rope_theta, c.rope_style);
     println!("rms eps:         {:e}", c.rms_eps);
     println!("tied output:     {}", c.tied_output);
     if let Ok(pre) = g.get_str("tokenizer.ggml.pre") {
-        println!("tokenizer:       {} / {pre}", g.get_str("tokenizer.ggml.model").unwrap_or("?"));
+        println!(
+            "tokenizer:       {} / {pre}",
+            g.get_str("tokenizer.ggml.model").unwrap_or("?")
+        );
     }
     let mut by_type: BTreeMap<&str, (usize, u64, u64)> = BTreeMap::new();
     for t in &g.tensors {

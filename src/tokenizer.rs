@@ -98,10 +98,7 @@ impl Tokenizer {
         let byte_level = |use_regex| PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, use_regex));
         let pre_tokenizer = match pre {
             // SmolLM: every digit its own pre-token, then GPT-2's byte-level split.
-            "smollm" => Sequence::new(vec![
-                PreTokenizerWrapper::Digits(Digits::new(true)),
-                byte_level(true),
-            ]),
+            "smollm" => Sequence::new(vec![PreTokenizerWrapper::Digits(Digits::new(true)), byte_level(true)]),
             "llama-bpe" | "llama3" => Sequence::new(vec![
                 PreTokenizerWrapper::Split(
                     Split::new(
@@ -186,8 +183,8 @@ impl Tokenizer {
     /// `eos` and the chat template come from the caller (they live in other files there).
     pub fn from_file(path: impl AsRef<Path>, eos: Vec<u32>, chat_template: Option<String>) -> Result<Self> {
         let path = path.as_ref();
-        let inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        let inner =
+            tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
         Ok(Self {
             inner,
             bos: None,
@@ -250,9 +247,12 @@ impl Tokenizer {
             .as_deref()
             .ok_or_else(|| Error::ChatTemplate("the model has no chat template".into()))?;
         let mut env = minijinja::Environment::new();
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+            },
+        );
         env.add_template("chat", template)
             .map_err(|e| Error::ChatTemplate(e.to_string()))?;
         let token_text = |id: Option<u32>| id.and_then(|i| self.inner.id_to_token(i)).unwrap_or_default();

@@ -23,9 +23,13 @@ struct Reference {
 }
 
 fn reference() -> (Reference, Vec<f32>) {
-    let r: Reference = serde_json::from_str(&std::fs::read_to_string(data_path("smollm2-capital.json")).unwrap()).unwrap();
+    let r: Reference =
+        serde_json::from_str(&std::fs::read_to_string(data_path("smollm2-capital.json")).unwrap()).unwrap();
     let bytes = std::fs::read(data_path("smollm2-capital-logits-rows.f32le")).unwrap();
-    let logits: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    let logits: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
     assert_eq!(logits.len(), r.logits_rows.len() * 49152);
     (r, logits)
 }
@@ -120,7 +124,10 @@ fn stop_strings_cut_the_output() {
     assert_eq!(out.text, "The capital of France is");
     assert_eq!(out.finish, FinishReason::StopString(" Paris".into()));
     let req = GenerateRequest {
-        stop: StopConditions { max_new_tokens: 3, ..req.stop.clone() },
+        stop: StopConditions {
+            max_new_tokens: 3,
+            ..req.stop.clone()
+        },
         ..req
     };
     let out = generate(&model, &tok, &req, |_| Ok(())).unwrap();
@@ -131,7 +138,10 @@ fn stop_strings_cut_the_output() {
 /// Logits of `prompt` fed one token per step.
 fn one_at_a_time<B: Backend>(model: &Llama<B>, prompt: &[u32]) -> Vec<f32> {
     let mut seq = SequenceKv::new(model, prompt.len()).unwrap();
-    prompt.iter().flat_map(|&t| seq.extend(model, &[t], false).unwrap()).collect()
+    prompt
+        .iter()
+        .flat_map(|&t| seq.extend(model, &[t], false).unwrap())
+        .collect()
 }
 
 #[test]
@@ -153,8 +163,18 @@ fn prefill_at_once_equals_one_token_at_a_time() {
 
 #[test]
 fn tiny_models_of_every_weight_type_prefill_like_they_decode() {
-    for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::F16, GgmlType::F32] {
-        let spec = TinySpec { matrix_type: ty, tied: ty == GgmlType::Q4_0, ..TinySpec::default() };
+    for ty in [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+        GgmlType::F16,
+        GgmlType::F32,
+    ] {
+        let spec = TinySpec {
+            matrix_type: ty,
+            tied: ty == GgmlType::Q4_0,
+            ..TinySpec::default()
+        };
         let file = write_tiny_model(spec, 42);
         let g = GgufFile::open(file.path()).unwrap();
         let prompt: Vec<u32> = (0..40).map(|i| (i * 37 + 5) % spec.vocab as u32).collect();
@@ -162,9 +182,18 @@ fn tiny_models_of_every_weight_type_prefill_like_they_decode() {
             let model = Llama::load(backend, ModelConfig::from_gguf(&g).unwrap(), &g, |_, _| {}).unwrap();
             let mut seq = SequenceKv::new(&model, prompt.len()).unwrap();
             let at_once = seq.extend(&model, &prompt, true).unwrap();
-            assert!(at_once.iter().all(|v| v.is_finite()), "{name} {ty:?}: non-finite logits");
+            assert!(
+                at_once.iter().all(|v| v.is_finite()),
+                "{name} {ty:?}: non-finite logits"
+            );
             let stepwise = one_at_a_time(&model, &prompt);
-            assert_close(&format!("{name} {ty:?}: prefill vs stepwise"), &at_once, &stepwise, 1e-4, 1e-5);
+            assert_close(
+                &format!("{name} {ty:?}: prefill vs stepwise"),
+                &at_once,
+                &stepwise,
+                1e-4,
+                1e-5,
+            );
             assert_eq!(at_once, stepwise, "{name} {ty:?}: the CPU forward is batch-invariant");
         }
     }
@@ -187,7 +216,12 @@ fn a_batch_of_different_sequences_gives_each_its_own_logits() {
         // Alone: each prompt in its own cache.
         let alone: Vec<Vec<f32>> = prompts
             .iter()
-            .map(|p| SequenceKv::new(&model, p.len()).unwrap().extend(&model, p, true).unwrap())
+            .map(|p| {
+                SequenceKv::new(&model, p.len())
+                    .unwrap()
+                    .extend(&model, p, true)
+                    .unwrap()
+            })
             .collect();
         // Together: one shared pool, interleaved block tables, one forward with every row.
         let bs = 4;
@@ -222,8 +256,18 @@ fn a_batch_of_different_sequences_gives_each_its_own_logits() {
             let n = p.len() * spec.vocab;
             let got = &together[offset..offset + n];
             offset += n;
-            assert_close(&format!("{name}: sequence {s} batched vs alone"), got, &alone[s], 1e-5, 1e-5);
-            assert_eq!(got, &alone[s][..], "{name}: sequence {s}: the CPU forward is batch-invariant");
+            assert_close(
+                &format!("{name}: sequence {s} batched vs alone"),
+                got,
+                &alone[s],
+                1e-5,
+                1e-5,
+            );
+            assert_eq!(
+                got,
+                &alone[s][..],
+                "{name}: sequence {s}: the CPU forward is batch-invariant"
+            );
         }
     }
 }

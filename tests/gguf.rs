@@ -6,8 +6,8 @@ use half::f16;
 use qmtot::config::{ModelConfig, RopeStyle};
 use qmtot::error::Error;
 use qmtot::formats::gguf::{
-    dequant_block_q4_0, dequant_block_q4_1, quantize_q4_0, quantize_q4_1, quantize_q8_0, GgmlType, GgufFile, GgufWriter,
-    MetaType, MetaValue,
+    dequant_block_q4_0, dequant_block_q4_1, quantize_q4_0, quantize_q4_1, quantize_q8_0, GgmlType, GgufFile,
+    GgufWriter, MetaType, MetaValue,
 };
 use qmtot::quant::WeightMatrix;
 
@@ -25,7 +25,10 @@ fn the_real_model_parses_with_the_expected_tensors_and_config() {
     assert_eq!(g.tensor("token_embd.weight").unwrap().ty, GgmlType::Q8_0);
     assert_eq!(g.tensor("token_embd.weight").unwrap().shape(), vec![49152, 576]);
     assert_eq!(g.tensor("blk.0.ffn_down.weight").unwrap().shape(), vec![576, 1536]);
-    assert!(g.tensor("output.weight").is_none(), "the output layer is tied to the embedding");
+    assert!(
+        g.tensor("output.weight").is_none(),
+        "the output layer is tied to the embedding"
+    );
 
     let c = ModelConfig::from_gguf(&g).unwrap();
     assert_eq!(
@@ -183,7 +186,9 @@ fn nibble_order_differs_between_gguf_and_canonical() {
     let mut w = GgufWriter::new();
     w.tensor("t", &[1, 32], GgmlType::Q4_1, block).unwrap();
     let g = GgufFile::from_bytes(w.to_bytes()).unwrap();
-    let WeightMatrix::Int4(q) = g.weight_matrix("t").unwrap() else { panic!() };
+    let WeightMatrix::Int4(q) = g.weight_matrix("t").unwrap() else {
+        panic!()
+    };
     for c in 0..32 {
         assert_eq!(q.q(0, c) as usize, c % 16, "element {c}");
     }
@@ -232,7 +237,10 @@ fn truncated_header_is_rejected_at_every_cut() {
             Ok(_) => panic!("cut at {cut}: parsed a truncated header"),
         }
     }
-    assert!(matches!(GgufFile::from_bytes(b[..20].to_vec()), Err(Error::Truncated { .. })));
+    assert!(matches!(
+        GgufFile::from_bytes(b[..20].to_vec()),
+        Err(Error::Truncated { .. })
+    ));
 }
 
 #[test]
@@ -248,7 +256,11 @@ fn truncated_tensor_data_is_rejected() {
 /// Rewrites the offset field of tensor `name` in a GGUF image.
 fn patch_tensor_field(bytes: &mut [u8], name: &str, new_type: Option<u32>, new_offset: Option<u64>) {
     let needle = [&(name.len() as u64).to_le_bytes()[..], name.as_bytes()].concat();
-    let at = bytes.windows(needle.len()).position(|w| w == needle).expect("tensor info") + needle.len();
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .expect("tensor info")
+        + needle.len();
     let n_dims = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
     let ty_at = at + 4 + 8 * n_dims;
     if let Some(t) = new_type {
@@ -304,7 +316,11 @@ fn inconsistent_config_and_shapes_are_rejected() {
     // Heads that do not divide the width.
     let mut w = GgufWriter::new();
     for (k, v) in GgufFile::from_bytes(tiny_bytes()).unwrap().metadata {
-        let v = if k == "llama.attention.head_count_kv" { MetaValue::U32(3) } else { v };
+        let v = if k == "llama.attention.head_count_kv" {
+            MetaValue::U32(3)
+        } else {
+            v
+        };
         w.meta(&k, v);
     }
     let g = GgufFile::from_bytes(w.to_bytes()).unwrap();
@@ -322,7 +338,7 @@ fn inconsistent_config_and_shapes_are_rejected() {
         let mut data = src.tensor_data(t).to_vec();
         if t.name == "blk.1.attn_k.weight" {
             shape = vec![shape[0] + 1, shape[1]]; // one extra output row
-            data.extend_from_slice(&data[..shape[1] / 32 * 20].to_vec());
+            data.extend_from_within(..shape[1] / 32 * 20);
         }
         w.tensor(&t.name, &shape, t.ty, data).unwrap();
     }
@@ -330,7 +346,11 @@ fn inconsistent_config_and_shapes_are_rejected() {
     let config = ModelConfig::from_gguf(&g).unwrap();
     let backend = qmtot::backend::cpu::CpuBackend::new(1).unwrap();
     match qmtot::model::Llama::load(backend, config, &g, |_, _| {}) {
-        Err(Error::ShapeMismatch { tensor, expected, found }) => {
+        Err(Error::ShapeMismatch {
+            tensor,
+            expected,
+            found,
+        }) => {
             assert_eq!(tensor, "blk.1.attn_k.weight");
             assert_eq!(expected, vec![32, 64]);
             assert_eq!(found, vec![33, 64]);
@@ -347,7 +367,10 @@ fn corrupt_metadata_values_are_typed_errors() {
     let mut b = w.to_bytes();
     let tag_at = 24 + 8 + 1; // header, key length, key "k"
     b[tag_at..tag_at + 4].copy_from_slice(&99u32.to_le_bytes());
-    assert!(matches!(GgufFile::from_bytes(b), Err(Error::UnknownMetaType { ty: 99, .. })));
+    assert!(matches!(
+        GgufFile::from_bytes(b),
+        Err(Error::UnknownMetaType { ty: 99, .. })
+    ));
     // An array claiming more elements than the file holds.
     let mut w = GgufWriter::new();
     w.meta("a", MetaValue::Array(MetaType::U8, vec![MetaValue::U8(1)]));

@@ -70,9 +70,16 @@ fn the_chat_template_renders_the_reference_prompt() {
         .unwrap();
     assert_eq!(text, r.prompt, "the template inserts its default system message");
     let template = std::fs::read_to_string(data_path("smollm2-chat_template.jinja")).unwrap();
-    assert_eq!(t.chat_template(), Some(template.as_str()), "same template as transformers writes");
+    assert_eq!(
+        t.chat_template(),
+        Some(template.as_str()),
+        "same template as transformers writes"
+    );
     let with_system = t
-        .apply_chat_template(&[ChatMessage::new("system", "Be brief."), ChatMessage::new("user", "Hi")], true)
+        .apply_chat_template(
+            &[ChatMessage::new("system", "Be brief."), ChatMessage::new("user", "Hi")],
+            true,
+        )
         .unwrap();
     assert_eq!(
         with_system,
@@ -130,7 +137,11 @@ fn unknown_pre_tokenizer_is_a_clear_error() {
     let mut w = GgufWriter::new();
     let src = GgufFile::from_bytes(tiny_model_writer(TinySpec::default(), 1).to_bytes()).unwrap();
     for (k, v) in src.metadata {
-        let v = if k == "tokenizer.ggml.pre" { MetaValue::String("nonsense".into()) } else { v };
+        let v = if k == "tokenizer.ggml.pre" {
+            MetaValue::String("nonsense".into())
+        } else {
+            v
+        };
         w.meta(&k, v);
     }
     let g = GgufFile::from_bytes(w.to_bytes()).unwrap();

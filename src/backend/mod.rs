@@ -124,17 +124,27 @@ impl StepInput {
                 });
             }
             let Some(table) = self.block_tables.get(self.row_seq[r] as usize) else {
-                return bad(format!("row {r} names sequence {} of {}", self.row_seq[r], self.block_tables.len()));
+                return bad(format!(
+                    "row {r} names sequence {} of {}",
+                    self.row_seq[r],
+                    self.block_tables.len()
+                ));
             };
             let Some(&block) = table.get(pos / kv.block_size) else {
-                return bad(format!("row {r}: position {pos} beyond its block table of {} blocks", table.len()));
+                return bad(format!(
+                    "row {r}: position {pos} beyond its block table of {} blocks",
+                    table.len()
+                ));
             };
             if block as usize >= kv.n_blocks {
                 return bad(format!("block {block} outside the pool of {}", kv.n_blocks));
             }
             let want = block as usize * kv.block_size + pos % kv.block_size;
             if self.slots[r] as usize != want {
-                return bad(format!("row {r}: slot {} but its table maps position {pos} to {want}", self.slots[r]));
+                return bad(format!(
+                    "row {r}: slot {} but its table maps position {pos} to {want}",
+                    self.slots[r]
+                ));
             }
         }
         if let Some(&r) = self.logit_rows.iter().find(|&&r| r as usize >= t) {
@@ -195,7 +205,14 @@ pub trait Backend: Send + Sync {
         step: &Self::Step,
     ) -> Result<()>;
     /// Writes the K and V heads of each row of `qkv` into its slot of layer `layer`.
-    fn kv_write(&self, kv: &mut Self::KvStore, layer: usize, qkv: &Self::Activations, layout: QkvLayout, step: &Self::Step) -> Result<()>;
+    fn kv_write(
+        &self,
+        kv: &mut Self::KvStore,
+        layer: usize,
+        qkv: &Self::Activations,
+        layout: QkvLayout,
+        step: &Self::Step,
+    ) -> Result<()>;
     /// Causal GQA attention of each row's Q heads over its sequence's cached positions
     /// `0..=pos`: out `[T, n_heads·head_dim]`.
     fn attention(

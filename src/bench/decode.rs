@@ -21,7 +21,12 @@ pub struct DecodeBenchResult {
 /// Runs `reps` rounds of: prefill `prompt_tokens` tokens (one forward), then decode
 /// `decode_tokens` tokens one step at a time. Token ids are deterministic and valid for any
 /// vocabulary. One untimed warm-up round comes first.
-pub fn run<B: Backend>(model: &Llama<B>, prompt_tokens: usize, decode_tokens: usize, reps: usize) -> Result<DecodeBenchResult> {
+pub fn run<B: Backend>(
+    model: &Llama<B>,
+    prompt_tokens: usize,
+    decode_tokens: usize,
+    reps: usize,
+) -> Result<DecodeBenchResult> {
     crate::engine::check_prompt(prompt_tokens, decode_tokens, model.config.context_length)?;
     let vocab = model.config.vocab_size as u64;
     let prompt: Vec<u32> = (0..prompt_tokens as u64)

@@ -169,7 +169,9 @@ impl Sampler {
         let p = &self.params;
         let inv_t = 1.0 / p.temperature as f64;
         // Candidates sorted by logit, most likely first (ties: lower id first).
-        let mut idx: Vec<u32> = (0..logits.len() as u32).filter(|&i| !logits[i as usize].is_nan()).collect();
+        let mut idx: Vec<u32> = (0..logits.len() as u32)
+            .filter(|&i| !logits[i as usize].is_nan())
+            .collect();
         if idx.is_empty() {
             return 0;
         }
@@ -187,7 +189,11 @@ impl Sampler {
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|q| *q /= total);
         // min-p: relative to the most likely token (probs[0]).
-        let keep_min_p = probs.iter().take_while(|&&q| q >= p.min_p as f64 * probs[0]).count().max(1);
+        let keep_min_p = probs
+            .iter()
+            .take_while(|&&q| q >= p.min_p as f64 * probs[0])
+            .count()
+            .max(1);
         // top-p: the shortest prefix whose mass reaches top_p.
         let mut mass = 0.0;
         let mut keep_top_p = probs.len();
@@ -216,7 +222,13 @@ mod tests {
     use super::*;
 
     fn params(temperature: f32, top_k: usize, top_p: f32, min_p: f32, seed: u64) -> SamplingParams {
-        SamplingParams { temperature, top_k, top_p, min_p, seed }
+        SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            seed,
+        }
     }
 
     #[test]
@@ -275,7 +287,10 @@ mod tests {
         let lp = log_softmax(&logits);
         let c = candidate_logprobs(&logits, &[2, 0]).unwrap();
         assert!((c[0] - lp[2]).abs() < 1e-6 && (c[1] - lp[0]).abs() < 1e-6);
-        assert!(matches!(candidate_logprobs(&logits, &[3]), Err(Error::TokenOutOfRange { id: 3, vocab: 3 })));
+        assert!(matches!(
+            candidate_logprobs(&logits, &[3]),
+            Err(Error::TokenOutOfRange { id: 3, vocab: 3 })
+        ));
     }
 
     #[test]

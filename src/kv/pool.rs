@@ -159,12 +159,28 @@ mod tests {
         let a = pool.alloc().unwrap();
         let b = a.clone();
         assert_eq!(a.refcount(), 2);
-        assert_eq!(pool.stats(), PoolStats { total: 4, free: 3, used: 1, shared: 1 });
+        assert_eq!(
+            pool.stats(),
+            PoolStats {
+                total: 4,
+                free: 3,
+                used: 1,
+                shared: 1
+            }
+        );
         drop(a);
         assert_eq!(b.refcount(), 1);
         assert_eq!(pool.stats().free, 3);
         drop(b);
-        assert_eq!(pool.stats(), PoolStats { total: 4, free: 4, used: 0, shared: 0 });
+        assert_eq!(
+            pool.stats(),
+            PoolStats {
+                total: 4,
+                free: 4,
+                used: 0,
+                shared: 0
+            }
+        );
     }
 
     #[test]
@@ -172,7 +188,11 @@ mod tests {
         let pool = BlockPool::new(3, 16).unwrap();
         let _held = pool.alloc_n(2).unwrap();
         match pool.alloc_n(2) {
-            Err(Error::OutOfBlocks { needed: 2, free: 1, total: 3 }) => {}
+            Err(Error::OutOfBlocks {
+                needed: 2,
+                free: 1,
+                total: 3,
+            }) => {}
             other => panic!("expected OutOfBlocks, got {other:?}"),
         }
         assert_eq!(pool.stats().free, 1);

@@ -57,7 +57,12 @@ pub struct Llama<B: Backend> {
 impl<B: Backend> Llama<B> {
     /// Loads and uploads every weight from `src`, checking each shape against `config`.
     /// `progress(done, total)` is called after each tensor.
-    pub fn load(backend: B, config: ModelConfig, src: &impl WeightSource, mut progress: impl FnMut(usize, usize)) -> Result<Self> {
+    pub fn load(
+        backend: B,
+        config: ModelConfig,
+        src: &impl WeightSource,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Self> {
         config.validate()?;
         let c = &config;
         let (d, f, hd) = (c.d_model, c.d_ff, c.head_dim);
@@ -227,7 +232,7 @@ impl<B: Backend> Llama<B> {
             b.attention(&qkv, &kv.store, l, layout, &step, &mut attn)?; // a = softmax(q·Kᵀ/√hd)·V (causal, GQA)
             b.matmul(&attn, &w.wo, &mut proj)?; //                        o = a · W_oᵀ
             b.add_assign(&mut x, &proj)?; //                              x = x + o
-            // MLP block.
+                                          // MLP block.
             b.rmsnorm(&x, &w.ffn_norm, c.rms_eps, &mut h)?; //            h = rmsnorm(x) ⊙ g_ffn
             b.matmul(&h, &w.w_gate_up, &mut gate_up)?; //                 [g|u] = h · W_gate_upᵀ
             b.silu_mul(&gate_up, &mut act)?; //                           m = silu(g) ⊙ u

@@ -171,22 +171,14 @@ pub struct Int8Matrix {
 
 impl Int8Matrix {
     pub fn new(rows: usize, cols: usize, q: Vec<i8>, scales: Vec<f16>) -> Result<Self> {
-        if cols % INT8_GROUP != 0
-            || q.len() != rows * cols
-            || scales.len() != rows * cols / INT8_GROUP
-        {
+        if cols % INT8_GROUP != 0 || q.len() != rows * cols || scales.len() != rows * cols / INT8_GROUP {
             return Err(Error::InvalidArgument(format!(
                 "INT8 buffers do not match [{rows}, {cols}]: q {}, scales {}",
                 q.len(),
                 scales.len()
             )));
         }
-        Ok(Self {
-            rows,
-            cols,
-            q,
-            scales,
-        })
+        Ok(Self { rows, cols, q, scales })
     }
 
     /// The dequant oracle: row `r` as f32, `s·q` in f32.

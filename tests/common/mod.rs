@@ -18,7 +18,11 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32)
     let mut max_abs = 0f32;
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let err = (g - w).abs();
-        let excess = if err.is_nan() { f32::INFINITY } else { err - (atol + rtol * w.abs()) };
+        let excess = if err.is_nan() {
+            f32::INFINITY
+        } else {
+            err - (atol + rtol * w.abs())
+        };
         max_abs = max_abs.max(if err.is_nan() { f32::INFINITY } else { err });
         if excess > 0.0 && worst.is_none_or(|(_, e)| excess > e) {
             worst = Some((i, excess));
@@ -180,6 +184,8 @@ pub fn tiny_model_writer(spec: TinySpec, seed: u64) -> GgufWriter {
 /// Writes a tiny model to a temporary file; keep the returned handle alive while using it.
 pub fn write_tiny_model(spec: TinySpec, seed: u64) -> tempfile::NamedTempFile {
     let file = tempfile::Builder::new().suffix(".gguf").tempfile().expect("temp file");
-    tiny_model_writer(spec, seed).write_to(file.path()).expect("write tiny model");
+    tiny_model_writer(spec, seed)
+        .write_to(file.path())
+        .expect("write tiny model");
     file
 }

@@ -83,7 +83,10 @@ impl Lanes for Avx2 {
         let sv = _mm256_set1_ps(s);
         let mut i = 0;
         while i + 8 <= n {
-            _mm256_storeu_ps(y.add(i), _mm256_fmadd_ps(sv, _mm256_loadu_ps(x.add(i)), _mm256_loadu_ps(y.add(i))));
+            _mm256_storeu_ps(
+                y.add(i),
+                _mm256_fmadd_ps(sv, _mm256_loadu_ps(x.add(i)), _mm256_loadu_ps(y.add(i))),
+            );
             i += 8;
         }
         while i < n {
@@ -165,7 +168,15 @@ unsafe fn attend_chunk_avx2(g: &Geometry, table: &[u32], t: Task, scores: &mut [
 }
 
 /// `out[T, n_heads·head_dim]`; `qkv[T, layout.width()]`.
-pub(crate) fn attention(isa: Isa, qkv: &[f32], kv: &CpuKv, layer: usize, layout: QkvLayout, step: &CpuStep, out: &mut [f32]) {
+pub(crate) fn attention(
+    isa: Isa,
+    qkv: &[f32],
+    kv: &CpuKv,
+    layer: usize,
+    layout: QkvLayout,
+    step: &CpuStep,
+    out: &mut [f32],
+) {
     let hd = layout.head_dim;
     let g = Geometry {
         qkv,
@@ -200,24 +211,21 @@ pub(crate) fn attention(isa: Isa, qkv: &[f32], kv: &CpuKv, layer: usize, layout:
     let pl = partial_len(hd);
     let per_task = g.group * pl;
     let mut partials = vec![0f32; tasks.len() * per_task];
-    partials
-        .par_chunks_mut(per_task)
-        .zip(tasks.par_iter())
-        .for_each_init(
-            || vec![0f32; g.group * CHUNK],
-            |scores, (partial, &t)| {
-                let table = &step.block_tables[step.row_seq[t.r] as usize];
-                // SAFETY: shapes and block tables were checked by the caller; AVX2/FMA only
-                // when detected.
-                unsafe {
-                    match isa {
-                        #[cfg(target_arch = "x86_64")]
-                        Isa::Avx2Fma => attend_chunk_avx2(&g, table, t, scores, partial),
-                        _ => attend_chunk::<Portable>(&g, table, t, scores, partial),
-                    }
+    partials.par_chunks_mut(per_task).zip(tasks.par_iter()).for_each_init(
+        || vec![0f32; g.group * CHUNK],
+        |scores, (partial, &t)| {
+            let table = &step.block_tables[step.row_seq[t.r] as usize];
+            // SAFETY: shapes and block tables were checked by the caller; AVX2/FMA only
+            // when detected.
+            unsafe {
+                match isa {
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2Fma => attend_chunk_avx2(&g, table, t, scores, partial),
+                    _ => attend_chunk::<Portable>(&g, table, t, scores, partial),
                 }
-            },
-        );
+            }
+        },
+    );
 
     // Merge the chunks of each (row, KV head): rescale to the largest max, then normalize.
     out.par_chunks_mut(g.group * hd).enumerate().for_each(|(pair, o)| {

@@ -229,6 +229,13 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// Through a method, so closures capture the whole (Send) wrapper, not its raw field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 fn deinterleave(x: &[f32]) -> Vec<f32> {
     let mut xd = vec![0f32; x.len()];
     for (src, dst) in x.chunks_exact(32).zip(xd.chunks_exact_mut(32)) {
@@ -250,7 +257,11 @@ pub(crate) fn matmul(isa: Isa, x: &[f32], t: usize, w: &CpuLinear, out: &mut [f3
     let has_int4 = w.parts.iter().any(|(_, p)| matches!(p, CpuWeight::Int4(_)));
     let xd = if has_int4 { deinterleave(x) } else { Vec::new() };
     // Task list: (part, first row in part, rows, first activation row, activation rows).
-    let (rows_per_task, t_per_task) = if gemm { (TILE_ROWS, T_PER_TASK) } else { (GEMV_ROWS_PER_TASK, t) };
+    let (rows_per_task, t_per_task) = if gemm {
+        (TILE_ROWS, T_PER_TASK)
+    } else {
+        (GEMV_ROWS_PER_TASK, t)
+    };
     let mut tasks = Vec::new();
     for (pi, (_, p)) in w.parts.iter().enumerate() {
         for r0 in (0..p.rows()).step_by(rows_per_task) {
@@ -261,10 +272,9 @@ pub(crate) fn matmul(isa: Isa, x: &[f32], t: usize, w: &CpuLinear, out: &mut [f3
     }
     let out_ptr = OutPtr(out.as_mut_ptr());
     let run = |tile_buf: &mut Vec<f32>, &(pi, r0, nr, m0, mr): &(usize, usize, usize, usize, usize)| {
-        let out_ptr = out_ptr;
         let (row_base, part) = &w.parts[pi];
         let tile = Tile {
-            out: out_ptr.0,
+            out: out_ptr.get(),
             ldo: n_total,
             col0: row_base + r0,
             m0,
@@ -277,9 +287,16 @@ pub(crate) fn matmul(isa: Isa, x: &[f32], t: usize, w: &CpuLinear, out: &mut [f3
             gemv_task(isa, part, r0, nr, xsrc, k, &tile);
         }
     };
-    tasks
-        .par_iter()
-        .for_each_init(|| if gemm { vec![0f32; TILE_ROWS * TILE_K] } else { Vec::new() }, run);
+    tasks.par_iter().for_each_init(
+        || {
+            if gemm {
+                vec![0f32; TILE_ROWS * TILE_K]
+            } else {
+                Vec::new()
+            }
+        },
+        run,
+    );
 }
 
 /// Where a task writes: `out[(m0 + i) · ldo + col0 + j]` for `i < mr`, `j <` its rows.
@@ -477,6 +494,7 @@ pub(crate) fn portable_dot(a: &[f32], b: &[f32]) -> f32 {
 // ---------------------------------------------------------------------------------------------
 
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)] // register arrays indexed by const-bounded loops read clearest
 mod avx2 {
     //! AVX2 + FMA micro-kernels. Callers guarantee the CPU has both (checked by [`Isa::detect`]).
 

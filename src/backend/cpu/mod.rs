@@ -212,7 +212,10 @@ impl Backend for CpuBackend {
         check("kv_write", "qkv", qkv, step.rows(), layout.width())?;
         let s = kv.shape;
         if layer >= s.n_layers || layout.n_kv_heads != s.n_kv_heads || layout.head_dim != s.head_dim {
-            return Err(shape_err("kv_write", format!("layer {layer} / {layout:?} vs store {s:?}")));
+            return Err(shape_err(
+                "kv_write",
+                format!("layer {layer} / {layout:?} vs store {s:?}"),
+            ));
         }
         if let Some(&slot) = step.slots.iter().find(|&&slot| slot as usize >= s.n_slots()) {
             return Err(shape_err("kv_write", format!("slot {slot} of {}", s.n_slots())));
@@ -241,7 +244,10 @@ impl Backend for CpuBackend {
         check("attention", "out", out, step.rows(), layout.n_heads * layout.head_dim)?;
         let s = kv.shape;
         if layer >= s.n_layers || layout.n_kv_heads != s.n_kv_heads || layout.head_dim != s.head_dim {
-            return Err(shape_err("attention", format!("layer {layer} / {layout:?} vs store {s:?}")));
+            return Err(shape_err(
+                "attention",
+                format!("layer {layer} / {layout:?} vs store {s:?}"),
+            ));
         }
         for r in 0..step.rows() {
             let pos = step.positions[r] as usize;
@@ -250,7 +256,10 @@ impl Backend for CpuBackend {
                 .get(step.row_seq[r] as usize)
                 .ok_or_else(|| shape_err("attention", format!("row {r} has no block table")))?;
             if table.len() * s.block_size <= pos || table.iter().any(|&b| b as usize >= s.n_blocks) {
-                return Err(shape_err("attention", format!("row {r}: block table does not cover position {pos}")));
+                return Err(shape_err(
+                    "attention",
+                    format!("row {r}: block table does not cover position {pos}"),
+                ));
             }
         }
         self.pool
@@ -291,7 +300,10 @@ impl Backend for CpuBackend {
         let be = kv.block_elems();
         for &(src, dst) in copies {
             if src as usize >= s.n_blocks || dst as usize >= s.n_blocks || src == dst {
-                return Err(shape_err("copy_blocks", format!("copy {src} → {dst} in a pool of {}", s.n_blocks)));
+                return Err(shape_err(
+                    "copy_blocks",
+                    format!("copy {src} → {dst} in a pool of {}", s.n_blocks),
+                ));
             }
             for layer in 0..s.n_layers {
                 let base = layer * s.layer_elems();

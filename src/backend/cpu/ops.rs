@@ -30,19 +30,21 @@ pub(crate) fn rope(qkv: &mut [f32], layout: QkvLayout, cos: &[f32], sin: &[f32],
     let half = hd / 2;
     let width = layout.width();
     let rotated_heads = layout.n_heads + layout.n_kv_heads; // Q heads then K heads
-    qkv.par_chunks_mut(width).zip(positions.par_iter()).for_each(|(row, &pos)| {
-        let c = &cos[pos as usize * half..(pos as usize + 1) * half];
-        let s = &sin[pos as usize * half..(pos as usize + 1) * half];
-        for head in row[..rotated_heads * hd].chunks_exact_mut(hd) {
-            for i in 0..half {
-                // Pair (a, b) rotated by angle pos·θ_i.
-                let (ia, ib) = if half_split { (i, i + half) } else { (2 * i, 2 * i + 1) };
-                let (a, b) = (head[ia], head[ib]);
-                head[ia] = a * c[i] - b * s[i];
-                head[ib] = a * s[i] + b * c[i];
+    qkv.par_chunks_mut(width)
+        .zip(positions.par_iter())
+        .for_each(|(row, &pos)| {
+            let c = &cos[pos as usize * half..(pos as usize + 1) * half];
+            let s = &sin[pos as usize * half..(pos as usize + 1) * half];
+            for head in row[..rotated_heads * hd].chunks_exact_mut(hd) {
+                for i in 0..half {
+                    // Pair (a, b) rotated by angle pos·θ_i.
+                    let (ia, ib) = if half_split { (i, i + half) } else { (2 * i, 2 * i + 1) };
+                    let (a, b) = (head[ia], head[ib]);
+                    head[ia] = a * c[i] - b * s[i];
+                    head[ib] = a * s[i] + b * c[i];
+                }
             }
-        }
-    });
+        });
 }
 
 /// `out = silu(gate) ⊙ up`, `gate_up[T, 2f] = [gate | up]` → `out[T, f]`.

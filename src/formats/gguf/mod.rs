@@ -18,8 +18,7 @@ mod read;
 mod write;
 
 pub use blocks::{
-    dequant_block_q4_0, dequant_block_q4_1, dequant_block_q8_0, quantize_q4_0, quantize_q4_1,
-    quantize_q8_0,
+    dequant_block_q4_0, dequant_block_q4_1, dequant_block_q8_0, quantize_q4_0, quantize_q4_1, quantize_q8_0,
 };
 pub use read::{GgufFile, TensorInfo};
 pub use write::GgufWriter;
@@ -94,11 +93,7 @@ impl GgmlType {
         if n % be != 0 {
             return Err(Error::BadTensor {
                 tensor: tensor.to_string(),
-                reason: format!(
-                    "{} elements is not a multiple of the {} block of {be}",
-                    n,
-                    self.name()
-                ),
+                reason: format!("{} elements is not a multiple of the {} block of {be}", n, self.name()),
             });
         }
         (n / be)
@@ -113,10 +108,45 @@ impl GgmlType {
 /// Name of any ggml type id, for error messages.
 pub fn ggml_type_name(id: u32) -> &'static str {
     const NAMES: [&str; 40] = [
-        "F32", "F16", "Q4_0", "Q4_1", "Q4_2", "Q4_3", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K",
-        "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL",
-        "IQ3_S", "IQ2_S", "IQ4_XS", "I8", "I16", "I32", "I64", "F64", "IQ1_M", "BF16", "Q4_0_4_4",
-        "Q4_0_4_8", "Q4_0_8_8", "TQ1_0", "TQ2_0", "IQ4_NL_4_4", "IQ4_NL_4_8", "IQ4_NL_8_8",
+        "F32",
+        "F16",
+        "Q4_0",
+        "Q4_1",
+        "Q4_2",
+        "Q4_3",
+        "Q5_0",
+        "Q5_1",
+        "Q8_0",
+        "Q8_1",
+        "Q2_K",
+        "Q3_K",
+        "Q4_K",
+        "Q5_K",
+        "Q6_K",
+        "Q8_K",
+        "IQ2_XXS",
+        "IQ2_XS",
+        "IQ3_XXS",
+        "IQ1_S",
+        "IQ4_NL",
+        "IQ3_S",
+        "IQ2_S",
+        "IQ4_XS",
+        "I8",
+        "I16",
+        "I32",
+        "I64",
+        "F64",
+        "IQ1_M",
+        "BF16",
+        "Q4_0_4_4",
+        "Q4_0_4_8",
+        "Q4_0_8_8",
+        "TQ1_0",
+        "TQ2_0",
+        "IQ4_NL_4_4",
+        "IQ4_NL_4_8",
+        "IQ4_NL_8_8",
         "MXFP4",
     ];
     NAMES.get(id as usize).copied().unwrap_or("unknown")

@@ -110,8 +110,7 @@ impl<'a> Cursor<'a> {
     fn string(&mut self, what: &str) -> Result<String> {
         let len = self.u64(what)?;
         let bytes = self.take(len, what)?;
-        String::from_utf8(bytes.to_vec())
-            .map_err(|_| Error::BadMetadata(format!("{what} is not valid UTF-8")))
+        String::from_utf8(bytes.to_vec()).map_err(|_| Error::BadMetadata(format!("{what} is not valid UTF-8")))
     }
 
     fn value(&mut self, key: &str, ty: u32, depth: usize) -> Result<MetaValue> {
@@ -298,7 +297,7 @@ impl GgufFile {
                     data_len,
                 });
             }
-            let end = t.offset.checked_add(t.nbytes).unwrap_or(u64::MAX);
+            let end = t.offset.saturating_add(t.nbytes);
             if end > data_len {
                 return Err(Error::TruncatedTensorData {
                     tensor: t.name.clone(),
@@ -328,8 +327,7 @@ impl GgufFile {
     }
 
     fn require(&self, key: &str) -> Result<&MetaValue> {
-        self.get(key)
-            .ok_or_else(|| Error::MissingMetadata(key.to_string()))
+        self.get(key).ok_or_else(|| Error::MissingMetadata(key.to_string()))
     }
 
     pub fn get_u64(&self, key: &str) -> Result<u64> {
@@ -367,8 +365,7 @@ impl GgufFile {
     }
 
     pub fn require_tensor(&self, name: &str) -> Result<&TensorInfo> {
-        self.tensor(name)
-            .ok_or_else(|| Error::MissingTensor(name.to_string()))
+        self.tensor(name).ok_or_else(|| Error::MissingTensor(name.to_string()))
     }
 
     /// Raw bytes of a tensor (bounds were checked at parse time).
@@ -388,14 +385,8 @@ impl GgufFile {
                 data.chunks_exact(4)
                     .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
             ),
-            GgmlType::F16 => out.extend(
-                data.chunks_exact(2)
-                    .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()),
-            ),
-            GgmlType::BF16 => out.extend(
-                data.chunks_exact(2)
-                    .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()),
-            ),
+            GgmlType::F16 => out.extend(data.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())),
+            GgmlType::BF16 => out.extend(data.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())),
             GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => {
                 let dequant = match t.ty {
                     GgmlType::Q4_0 => dequant_block_q4_0,

@@ -46,8 +46,7 @@ impl GgufWriter {
     /// Sets the alignment and records it as `general.alignment` (u32).
     pub fn alignment(mut self, alignment: u64) -> Self {
         self.alignment = alignment;
-        self.metadata
-            .retain(|(k, _)| k.as_str() != "general.alignment");
+        self.metadata.retain(|(k, _)| k.as_str() != "general.alignment");
         self.metadata
             .push(("general.alignment".into(), MetaValue::U32(alignment as u32)));
         self
@@ -66,7 +65,12 @@ impl GgufWriter {
         if data.len() as u64 != want {
             return Err(Error::BadTensor {
                 tensor: name.to_string(),
-                reason: format!("{} bytes given, {} expected for {shape:?} {}", data.len(), want, ty.name()),
+                reason: format!(
+                    "{} bytes given, {} expected for {shape:?} {}",
+                    data.len(),
+                    want,
+                    ty.name()
+                ),
             });
         }
         self.tensors.push(PendingTensor {

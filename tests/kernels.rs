@@ -1,0 +1,430 @@
+//! Each backend op against a straightforward f64 reference, at odd shapes (rows, columns and
+//! batch sizes that are not multiples of any tile), on every backend.
+
+mod common;
+
+use qmtot::backend::cpu::CpuTensor;
+use qmtot::backend::{Backend, KvShape, QkvLayout, StepInput};
+use qmtot::formats::gguf::{quantize_q8_0, GgmlType, GgufFile, GgufWriter};
+use qmtot::quant::{DenseMatrix, Int4Matrix, WeightMatrix};
+
+use common::{assert_close, cpu_backends, rand_values};
+
+fn tensor(rows: usize, cols: usize, data: Vec<f32>) -> CpuTensor {
+    CpuTensor { rows, cols, data }
+}
+
+/// `x · Wᵀ` in f64 over the dequant oracle's weights.
+fn reference_matmul(x: &[f32], t: usize, parts: &[&WeightMatrix]) -> Vec<f32> {
+    let k = parts[0].cols();
+    let w: Vec<f32> = parts.iter().flat_map(|p| p.dequant()).collect();
+    let n = w.len() / k;
+    let mut out = vec![0f32; t * n];
+    for m in 0..t {
+        for j in 0..n {
+            let s: f64 = (0..k).map(|c| x[m * k + c] as f64 * w[j * k + c] as f64).sum();
+            out[m * n + j] = s as f32;
+        }
+    }
+    out
+}
+
+fn int8_matrix(rows: usize, cols: usize, seed: u64) -> WeightMatrix {
+    let mut w = GgufWriter::new();
+    w.tensor(
+        "w",
+        &[rows, cols],
+        GgmlType::Q8_0,
+        quantize_q8_0(&rand_values(rows * cols, seed, 1.0)),
+    )
+    .unwrap();
+    GgufFile::from_bytes(w.to_bytes()).unwrap().weight_matrix("w").unwrap()
+}
+
+#[test]
+fn matmul_matches_the_dequant_oracle_at_odd_shapes() {
+    for (name, b) in cpu_backends() {
+        // (rows N, inputs K, group): N off every multiple of 4 and 16; K below, at and above the
+        // 512-input block; every group size.
+        for &(n, k, g) in &[
+            (1, 32, 32),
+            (7, 96, 32),
+            (21, 544, 32),
+            (37, 1088, 64),
+            (18, 640, 128),
+            (3, 128, 128),
+        ] {
+            let w = WeightMatrix::Int4(Int4Matrix::quantize_rtn(n, k, g, &rand_values(n * k, 3, 0.5)).unwrap());
+            let lin = b.upload_linear(&[&w]).unwrap();
+            for &t in &[1, 2, 3, 4, 5, 7, 13, 64, 65, 130] {
+                let x = rand_values(t * k, 100 + t as u64, 1.0);
+                let mut out = b.alloc_activations(t, n).unwrap();
+                out.data.fill(f32::NAN); // every element must be written
+                b.run(|| b.matmul(&tensor(t, k, x.clone()), &lin, &mut out)).unwrap();
+                // f32 accumulation over K products of magnitude ≤ ~1: relative error of a few
+                // ulps times sqrt(K) against the f64 sum; 2e-5·sqrt(K) absolute covers it with
+                // margin (K ≤ 1088 → ≤ 6.6e-4), while a wrong nibble, scale or min is off by
+                // ≥ 1e-2.
+                let tol = 2e-5 * (k as f32).sqrt();
+                assert_close(
+                    &format!("{name}: int4 N={n} K={k} g={g} T={t}"),
+                    &out.data,
+                    &reference_matmul(&x, t, &[&w]),
+                    tol,
+                    1e-5,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_over_stacked_parts_of_mixed_formats() {
+    let k = 160;
+    let a = WeightMatrix::Int4(Int4Matrix::quantize_rtn(9, k, 32, &rand_values(9 * k, 1, 1.0)).unwrap());
+    let c = int8_matrix(6, k, 2);
+    let d = WeightMatrix::Dense(DenseMatrix::new(5, k, rand_values(5 * k, 3, 1.0)).unwrap());
+    let e = WeightMatrix::Int4(Int4Matrix::quantize_rtn(17, k, 32, &rand_values(17 * k, 4, 1.0)).unwrap());
+    let parts = [&a, &c, &d, &e];
+    for (name, b) in cpu_backends() {
+        let lin = b.upload_linear(&parts).unwrap();
+        for t in [1, 3, 4, 9] {
+            let x = rand_values(t * k, 7 + t as u64, 1.0);
+            let mut out = b.alloc_activations(t, 37).unwrap();
+            b.run(|| b.matmul(&tensor(t, k, x.clone()), &lin, &mut out)).unwrap();
+            assert_close(
+                &format!("{name}: stacked T={t}"),
+                &out.data,
+                &reference_matmul(&x, t, &parts),
+                2e-4,
+                1e-5,
+            );
+        }
+    }
+}
+
+#[test]
+fn matmul_rejects_mismatched_shapes() {
+    let (_, b) = cpu_backends().remove(0);
+    let w = WeightMatrix::Dense(DenseMatrix::new(4, 8, vec![0.0; 32]).unwrap());
+    let lin = b.upload_linear(&[&w]).unwrap();
+    let mut out = b.alloc_activations(2, 4).unwrap();
+    assert!(b.matmul(&tensor(2, 7, vec![0.0; 14]), &lin, &mut out).is_err());
+    let mut wrong_out = b.alloc_activations(2, 5).unwrap();
+    assert!(b.matmul(&tensor(2, 8, vec![0.0; 16]), &lin, &mut wrong_out).is_err());
+    let other = WeightMatrix::Dense(DenseMatrix::new(4, 9, vec![0.0; 36]).unwrap());
+    assert!(
+        b.upload_linear(&[&w, &other]).is_err(),
+        "parts must share their input width"
+    );
+}
+
+/// Naive causal GQA attention in f64 over explicit K/V per position.
+fn reference_attention(
+    q: &[f32],
+    keys: &[Vec<f32>],
+    values: &[Vec<f32>],
+    n_heads: usize,
+    n_kv: usize,
+    hd: usize,
+) -> Vec<f32> {
+    let group = n_heads / n_kv;
+    let mut out = vec![0f32; n_heads * hd];
+    for h in 0..n_heads {
+        let kvh = h / group;
+        let qh = &q[h * hd..(h + 1) * hd];
+        let scores: Vec<f64> = keys
+            .iter()
+            .map(|k| (0..hd).map(|i| qh[i] as f64 * k[kvh * hd + i] as f64).sum::<f64>() / (hd as f64).sqrt())
+            .collect();
+        let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let z: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+        for i in 0..hd {
+            let v: f64 = scores
+                .iter()
+                .zip(values)
+                .map(|(s, v)| (s - max).exp() / z * v[kvh * hd + i] as f64)
+                .sum();
+            out[h * hd + i] = v as f32;
+        }
+    }
+    out
+}
+
+#[test]
+fn paged_attention_matches_naive_attention_over_scattered_blocks() {
+    let layout = QkvLayout {
+        n_heads: 6,
+        n_kv_heads: 2,
+        head_dim: 40,
+    };
+    let bs = 16;
+    for (name, b) in cpu_backends() {
+        // Two sequences, 700 and 37 positions (700 spans several 256-position chunks), with
+        // their blocks interleaved and reversed in a pool; unused slots stay NaN.
+        let lens = [700usize, 37];
+        let shape = KvShape {
+            n_layers: 2,
+            n_blocks: 64,
+            block_size: bs,
+            n_kv_heads: 2,
+            head_dim: 40,
+        };
+        let mut kv = b.alloc_kv(shape).unwrap();
+        let mut free: Vec<u32> = (0..64).rev().collect();
+        let tables: Vec<Vec<u32>> = lens
+            .iter()
+            .map(|&l| (0..l.div_ceil(bs)).map(|_| free.pop().unwrap()).rev().collect())
+            .collect();
+        let w = layout.width();
+        // Write every position through kv_write (layer 1), one step per sequence.
+        let mut kvs: Vec<Vec<(Vec<f32>, Vec<f32>)>> = Vec::new();
+        for (s, &len) in lens.iter().enumerate() {
+            let rows = rand_values(len * w, 50 + s as u64, 1.0);
+            let step = StepInput {
+                tokens: vec![0; len],
+                positions: (0..len as u32).collect(),
+                slots: (0..len)
+                    .map(|p| tables[s][p / bs] * bs as u32 + (p % bs) as u32)
+                    .collect(),
+                row_seq: vec![0; len],
+                block_tables: vec![tables[s].clone()],
+                logit_rows: vec![],
+            };
+            let st = b.upload_step(&step).unwrap();
+            b.kv_write(&mut kv, 1, &tensor(len, w, rows.clone()), layout, &st)
+                .unwrap();
+            kvs.push(
+                (0..len)
+                    .map(|p| {
+                        let r = &rows[p * w..(p + 1) * w];
+                        (
+                            r[layout.k_offset()..layout.v_offset()].to_vec(),
+                            r[layout.v_offset()..].to_vec(),
+                        )
+                    })
+                    .collect(),
+            );
+        }
+        // Query rows at several positions of both sequences in one step.
+        let queries: Vec<(usize, usize)> = vec![(0, 0), (0, 255), (0, 256), (0, 699), (1, 36), (1, 3), (0, 511)];
+        let qrows = rand_values(queries.len() * w, 99, 1.0);
+        let step = StepInput {
+            tokens: vec![0; queries.len()],
+            positions: queries.iter().map(|&(_, p)| p as u32).collect(),
+            slots: queries
+                .iter()
+                .map(|&(s, p)| tables[s][p / bs] * bs as u32 + (p % bs) as u32)
+                .collect(),
+            row_seq: queries.iter().map(|&(s, _)| s as u32).collect(),
+            block_tables: tables.clone(),
+            logit_rows: vec![],
+        };
+        let st = b.upload_step(&step).unwrap();
+        let mut out = b.alloc_activations(queries.len(), 6 * 40).unwrap();
+        b.run(|| b.attention(&tensor(queries.len(), w, qrows.clone()), &kv, 1, layout, &st, &mut out))
+            .unwrap();
+        for (r, &(s, p)) in queries.iter().enumerate() {
+            let keys: Vec<Vec<f32>> = kvs[s][..=p].iter().map(|(k, _)| k.clone()).collect();
+            let values: Vec<Vec<f32>> = kvs[s][..=p].iter().map(|(_, v)| v.clone()).collect();
+            let want = reference_attention(&qrows[r * w..r * w + 240], &keys, &values, 6, 2, 40);
+            // Softmax-weighted averages of values in [-1, 1]: f32 error ~1e-6; 2e-5 leaves
+            // margin and still catches any wrong position, head mapping or merge weight.
+            assert_close(
+                &format!("{name}: seq {s} pos {p}"),
+                &out.data[r * 240..(r + 1) * 240],
+                &want,
+                2e-5,
+                1e-5,
+            );
+        }
+        // Layer 0 was never written: reading it must not silently produce numbers.
+        let mut out0 = b.alloc_activations(queries.len(), 240).unwrap();
+        b.run(|| b.attention(&tensor(queries.len(), w, qrows.clone()), &kv, 0, layout, &st, &mut out0))
+            .unwrap();
+        assert!(
+            out0.data.iter().all(|v| v.is_nan()),
+            "{name}: unwritten (NaN-poisoned) slots were not read"
+        );
+    }
+}
+
+#[test]
+fn rope_rotates_adjacent_pairs_or_half_split() {
+    let layout = QkvLayout {
+        n_heads: 2,
+        n_kv_heads: 1,
+        head_dim: 8,
+    };
+    let (half, max_pos, theta) = (4, 50, 10000f64);
+    let mut cos = Vec::new();
+    let mut sin = Vec::new();
+    for p in 0..max_pos {
+        for i in 0..half {
+            let a = p as f64 * theta.powf(-(2.0 * i as f64) / 8.0);
+            cos.push(a.cos() as f32);
+            sin.push(a.sin() as f32);
+        }
+    }
+    for (name, b) in cpu_backends() {
+        let (cv, sv) = (b.upload_vector(&cos).unwrap(), b.upload_vector(&sin).unwrap());
+        for half_split in [false, true] {
+            let x = rand_values(2 * layout.width(), 5, 1.0);
+            let positions = [3u32, 47];
+            let step = StepInput {
+                tokens: vec![0, 0],
+                positions: positions.to_vec(),
+                slots: vec![0, 1],
+                row_seq: vec![0, 0],
+                block_tables: vec![vec![0]],
+                logit_rows: vec![],
+            };
+            let st = b.upload_step(&step).unwrap();
+            let mut t = tensor(2, layout.width(), x.clone());
+            b.run(|| b.rope(&mut t, layout, &cv, &sv, half_split, &st)).unwrap();
+            for (r, &p) in positions.iter().enumerate() {
+                let row = &x[r * layout.width()..(r + 1) * layout.width()];
+                let got = &t.data[r * layout.width()..(r + 1) * layout.width()];
+                for head in 0..4 {
+                    let base = head * 8;
+                    for i in 0..4 {
+                        let (ia, ib) = if half_split { (i, i + 4) } else { (2 * i, 2 * i + 1) };
+                        let a = p as f64 * theta.powf(-(2.0 * i as f64) / 8.0);
+                        let (xa, xb) = (row[base + ia] as f64, row[base + ib] as f64);
+                        let want_a = xa * a.cos() - xb * a.sin();
+                        let want_b = xa * a.sin() + xb * a.cos();
+                        if head < 3 {
+                            assert!(
+                                (got[base + ia] as f64 - want_a).abs() < 1e-5,
+                                "{name} hs={half_split} head {head} pair {i}"
+                            );
+                            assert!(
+                                (got[base + ib] as f64 - want_b).abs() < 1e-5,
+                                "{name} hs={half_split} head {head} pair {i}"
+                            );
+                        } else {
+                            // V heads are not rotated.
+                            assert_eq!((got[base + ia], got[base + ib]), (row[base + ia], row[base + ib]));
+                        }
+                    }
+                }
+            }
+        }
+        // A position past the table is an error, not an out-of-bounds read.
+        let step = StepInput {
+            tokens: vec![0],
+            positions: vec![max_pos as u32],
+            slots: vec![0],
+            row_seq: vec![0],
+            block_tables: vec![vec![0]],
+            logit_rows: vec![],
+        };
+        let st = b.upload_step(&step).unwrap();
+        let mut t = tensor(1, layout.width(), vec![0.0; layout.width()]);
+        assert!(b.rope(&mut t, layout, &cv, &sv, false, &st).is_err());
+    }
+}
+
+#[test]
+fn norm_activation_add_gather_and_block_copy() {
+    for (name, b) in cpu_backends() {
+        let (t, d) = (11, 24);
+        let x = rand_values(t * d, 1, 2.0);
+        let w = rand_values(d, 2, 1.0);
+        let mut out = b.alloc_activations(t, d).unwrap();
+        let wv = b.upload_vector(&w).unwrap();
+        b.run(|| b.rmsnorm(&tensor(t, d, x.clone()), &wv, 1e-5, &mut out))
+            .unwrap();
+        let mut want = vec![0f32; t * d];
+        for r in 0..t {
+            let row = &x[r * d..(r + 1) * d];
+            let ms: f64 = row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / d as f64;
+            for c in 0..d {
+                want[r * d + c] = (row[c] as f64 / (ms + 1e-5).sqrt() * w[c] as f64) as f32;
+            }
+        }
+        assert_close(&format!("{name}: rmsnorm"), &out.data, &want, 1e-5, 1e-5);
+
+        let gu = rand_values(t * 2 * d, 3, 4.0);
+        let mut act = b.alloc_activations(t, d).unwrap();
+        b.run(|| b.silu_mul(&tensor(t, 2 * d, gu.clone()), &mut act)).unwrap();
+        let want: Vec<f32> = (0..t * d)
+            .map(|i| {
+                let (r, c) = (i / d, i % d);
+                let g = gu[r * 2 * d + c] as f64;
+                let u = gu[r * 2 * d + d + c] as f64;
+                (g / (1.0 + (-g).exp()) * u) as f32
+            })
+            .collect();
+        assert_close(&format!("{name}: silu_mul"), &act.data, &want, 1e-5, 1e-5);
+
+        let mut a = tensor(t, d, x.clone());
+        b.run(|| b.add_assign(&mut a, &tensor(t, d, gu[..t * d].to_vec())))
+            .unwrap();
+        let want: Vec<f32> = x.iter().zip(&gu).map(|(p, q)| p + q).collect();
+        assert_eq!(a.data, want, "{name}: add");
+
+        let step = StepInput {
+            tokens: vec![0; t],
+            positions: vec![0; t],
+            slots: vec![0; t],
+            row_seq: vec![0; t],
+            block_tables: vec![vec![0]],
+            logit_rows: vec![10, 0, 4],
+        };
+        let st = b.upload_step(&step).unwrap();
+        let mut g = b.alloc_activations(3, d).unwrap();
+        b.gather_logit_rows(&tensor(t, d, x.clone()), &st, &mut g).unwrap();
+        assert_eq!(&g.data[..d], &x[10 * d..11 * d]);
+        assert_eq!(&g.data[d..2 * d], &x[..d]);
+
+        // Copy-on-write block copy: every layer's K and V of block 1 land in block 3.
+        let layout = QkvLayout {
+            n_heads: 2,
+            n_kv_heads: 1,
+            head_dim: 8,
+        };
+        let shape = KvShape {
+            n_layers: 2,
+            n_blocks: 4,
+            block_size: 2,
+            n_kv_heads: 1,
+            head_dim: 8,
+        };
+        let mut kv = b.alloc_kv(shape).unwrap();
+        let rows = rand_values(2 * layout.width(), 9, 1.0);
+        let step = StepInput {
+            tokens: vec![0, 0],
+            positions: vec![0, 1],
+            slots: vec![2, 3],
+            row_seq: vec![0, 0],
+            block_tables: vec![vec![1]],
+            logit_rows: vec![],
+        };
+        let st = b.upload_step(&step).unwrap();
+        for layer in 0..2 {
+            b.kv_write(&mut kv, layer, &tensor(2, layout.width(), rows.clone()), layout, &st)
+                .unwrap();
+        }
+        b.copy_blocks(&mut kv, &[(1, 3)]).unwrap();
+        let copied = StepInput {
+            block_tables: vec![vec![3]],
+            slots: vec![6, 7],
+            ..step.clone()
+        };
+        let (st1, st3) = (b.upload_step(&step).unwrap(), b.upload_step(&copied).unwrap());
+        for layer in 0..2 {
+            let q = tensor(2, layout.width(), rand_values(2 * layout.width(), 10, 1.0));
+            let mut o1 = b.alloc_activations(2, 16).unwrap();
+            let mut o3 = b.alloc_activations(2, 16).unwrap();
+            b.attention(&q, &kv, layer, layout, &st1, &mut o1).unwrap();
+            b.attention(&q, &kv, layer, layout, &st3, &mut o3).unwrap();
+            assert_eq!(o1.data, o3.data, "{name}: layer {layer} block copy");
+            assert!(o3.data.iter().all(|v| v.is_finite()));
+        }
+        assert!(
+            b.copy_blocks(&mut kv, &[(1, 4)]).is_err(),
+            "{name}: copy outside the pool"
+        );
+    }
+}
