@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
-use qmtot::backend::cpu::CpuBackend;
+use qmtot::backend::cpu::{CpuBackend, MatmulPrecision};
 use qmtot::backend::Backend;
 use qmtot::bench::decode;
 use qmtot::config::ModelConfig;
@@ -39,10 +39,20 @@ fn threads() -> usize {
         .unwrap_or_else(CpuBackend::default_threads)
 }
 
+/// Matmul arithmetic: `QMTOT_BENCH_PRECISION=q8`, else f32.
+fn precision() -> MatmulPrecision {
+    match std::env::var("QMTOT_BENCH_PRECISION").as_deref() {
+        Ok("q8") => MatmulPrecision::Q8,
+        _ => MatmulPrecision::F32,
+    }
+}
+
 fn int4_matmul(c: &mut Criterion) {
-    let backend = CpuBackend::new(threads()).expect("backend");
+    let backend = CpuBackend::new(threads()).expect("backend").with_precision(precision());
     // (label, out N, in K)
     let shapes = [
+        ("l1/64x512", 64, 512),
+        ("l2/256x1024", 256, 1024),
         ("smollm2/qkv", 960, 576),
         ("smollm2/gate_up", 3072, 576),
         ("smollm2/down", 576, 1536),
@@ -88,7 +98,7 @@ fn smollm2(c: &mut Criterion) {
         return;
     };
     let config = ModelConfig::from_gguf(&gguf).expect("config");
-    let backend = CpuBackend::new(threads()).expect("backend");
+    let backend = CpuBackend::new(threads()).expect("backend").with_precision(precision());
     let model = Llama::load(backend, config, &gguf, |_, _| {}).expect("model");
     let mut group = c.benchmark_group("smollm2");
     group.sample_size(10);

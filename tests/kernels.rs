@@ -428,3 +428,92 @@ fn norm_activation_add_gather_and_block_copy() {
         );
     }
 }
+
+// ---- the Q8 (8-bit activation) matmul ------------------------------------------------------
+
+fn q8_backends() -> Vec<(String, qmtot::backend::cpu::CpuBackend)> {
+    cpu_backends()
+        .into_iter()
+        .map(|(_, b)| {
+            let b = b.with_precision(qmtot::backend::cpu::MatmulPrecision::Q8);
+            (b.name(), b)
+        })
+        .collect()
+}
+
+/// The worst-case error of 8-bit activation rounding for one output: the Q8 path computes the
+/// exact dot product of the weights with the rounded activations, each off by at most half its
+/// chunk's step `d = max|x|/127`, so `|Δ| ≤ Σ_c |w_c| · d(c)/2`.
+fn q8_bound(x: &[f32], w: &[f32]) -> f32 {
+    let mut bound = 0f32;
+    for (xc, wc) in x.chunks(32).zip(w.chunks(32)) {
+        let d = xc.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
+        bound += wc.iter().map(|v| v.abs()).sum::<f32>() * d / 2.0;
+    }
+    bound
+}
+
+#[test]
+fn q8_matmul_stays_within_the_activation_rounding_bound() {
+    let k = 544;
+    let int4 = WeightMatrix::Int4(Int4Matrix::quantize_rtn(21, k, 32, &rand_values(21 * k, 3, 0.5)).unwrap());
+    let int4_g128 = WeightMatrix::Int4(Int4Matrix::quantize_rtn(6, 640, 128, &rand_values(6 * 640, 4, 0.5)).unwrap());
+    let int8 = int8_matrix(13, k, 5);
+    for (name, b) in q8_backends() {
+        for (wname, w) in [("int4", &int4), ("int4 g128", &int4_g128), ("int8", &int8)] {
+            let (n, kk) = (w.rows(), w.cols());
+            let dense = w.dequant();
+            let lin = b.upload_linear(&[w]).unwrap();
+            for t in [1, 3, 4, 9] {
+                let x = rand_values(t * kk, 40 + t as u64, 1.0);
+                let mut out = b.alloc_activations(t, n).unwrap();
+                out.data.fill(f32::NAN);
+                b.run(|| b.matmul(&tensor(t, kk, x.clone()), &lin, &mut out)).unwrap();
+                let want = reference_matmul(&x, t, &[w]);
+                for m in 0..t {
+                    for j in 0..n {
+                        let bound = q8_bound(&x[m * kk..(m + 1) * kk], &dense[j * kk..(j + 1) * kk]);
+                        // The rounding bound plus f32 accumulation slack (as in the f32 test).
+                        let tol = bound + 2e-5 * (kk as f32).sqrt();
+                        let (g, r) = (out.data[m * n + j], want[m * n + j]);
+                        assert!(
+                            (g - r).abs() <= tol,
+                            "{name} {wname} T={t} [{m},{j}]: {g} vs {r}, bound {tol}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn q8_matmul_is_batch_invariant_and_identical_on_every_isa() {
+    let k = 576;
+    let w = WeightMatrix::Int4(Int4Matrix::quantize_rtn(40, k, 32, &rand_values(40 * k, 8, 0.5)).unwrap());
+    let w8 = int8_matrix(24, k, 9);
+    let x = rand_values(70 * k, 10, 1.0);
+    let mut results: Vec<(String, Vec<f32>)> = Vec::new();
+    for (name, b) in q8_backends() {
+        let lin = b.upload_linear(&[&w, &w8]).unwrap();
+        let mut batched = b.alloc_activations(70, 64).unwrap();
+        b.run(|| b.matmul(&tensor(70, k, x.clone()), &lin, &mut batched))
+            .unwrap();
+        for (m, rows) in [(0usize, 1usize), (5, 1), (67, 3), (10, 4), (20, 9)] {
+            let mut part = b.alloc_activations(rows, 64).unwrap();
+            b.run(|| b.matmul(&tensor(rows, k, x[m * k..(m + rows) * k].to_vec()), &lin, &mut part))
+                .unwrap();
+            assert_eq!(
+                part.data,
+                batched.data[m * 64..(m + rows) * 64],
+                "{name}: rows {m}..{} alone vs batched",
+                m + rows
+            );
+        }
+        results.push((name, batched.data));
+    }
+    // Exact integer dot products and the same float steps in the same order on every ISA.
+    for (name, r) in &results[1..] {
+        assert_eq!(r, &results[0].1, "{name} vs {}", results[0].0);
+    }
+}

@@ -30,6 +30,8 @@ trait Lanes {
     unsafe fn dot(a: *const f32, b: *const f32, n: usize) -> f32;
     /// `y[i] += s·x[i]` over `n` elements.
     unsafe fn axpy(y: *mut f32, s: f32, x: *const f32, n: usize);
+    /// `s[i] = exp(s[i] − m)` in place over `n` elements; returns their sum. NaN stays NaN.
+    unsafe fn exp_sub_sum(s: *mut f32, n: usize, m: f32) -> f32;
 }
 
 struct Portable;
@@ -47,6 +49,17 @@ impl Lanes for Portable {
         for (yv, &xv) in y.iter_mut().zip(x) {
             *yv += s * xv;
         }
+    }
+
+    #[inline(always)]
+    unsafe fn exp_sub_sum(s: *mut f32, n: usize, m: f32) -> f32 {
+        let s = std::slice::from_raw_parts_mut(s, n);
+        let mut l = 0f32;
+        for v in s.iter_mut() {
+            *v = (*v - m).exp();
+            l += *v;
+        }
+        l
     }
 }
 
@@ -94,6 +107,61 @@ impl Lanes for Avx2 {
             i += 1;
         }
     }
+
+    /// Vectorized `exp` (Cephes-style: `x = n·ln2 + r`, a degree-6 polynomial in `r`, `2^n`
+    /// through the exponent bits), within 2 ulp of libm over the softmax's range `x ≤ 0`.
+    #[inline(always)]
+    unsafe fn exp_sub_sum(s: *mut f32, n: usize, m: f32) -> f32 {
+        use std::arch::x86_64::*;
+        let mv = _mm256_set1_ps(m);
+        let mut sum = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 8 <= n {
+            let e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(s.add(i)), mv));
+            _mm256_storeu_ps(s.add(i), e);
+            sum = _mm256_add_ps(sum, e);
+            i += 8;
+        }
+        let v = sum;
+        let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        let mut total = _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
+        while i < n {
+            let e = (*s.add(i) - m).exp();
+            *s.add(i) = e;
+            total += e;
+            i += 1;
+        }
+        total
+    }
+}
+
+/// `exp(x)` for 8 lanes; NaN in, NaN out; underflows smoothly to 0 below about −87.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn exp_avx2(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    // max/min return their second operand when either is NaN, so NaN passes the clamp.
+    let x = _mm256_min_ps(_mm256_set1_ps(88.376_26), x);
+    let x = _mm256_max_ps(_mm256_set1_ps(-87.336_55), x);
+    // n = round(x / ln 2), r = x − n·ln 2 (ln 2 split in two for an exact product).
+    let n = _mm256_round_ps(
+        _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+    );
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+    let mut p = _mm256_set1_ps(1.987_569_1e-4);
+    for c in [1.398_2e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.0e-1] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    }
+    let p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0)));
+    // 2^n from the exponent field.
+    let pow2n = _mm256_castsi256_ps(_mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+        23,
+    ));
+    _mm256_mul_ps(p, pow2n)
 }
 
 /// Shapes shared by every task of one call.
@@ -123,42 +191,52 @@ fn partial_len(hd: usize) -> usize {
     hd + 2
 }
 
+/// Calls `f(i, offset)` for positions `start..end` of a sequence with block table `table`,
+/// `offset` being the position's (slot, head `h`) offset in a layer's K or V: walks block by
+/// block, so no position costs a division.
+#[inline(always)]
+fn for_each_slot(g: &Geometry, table: &[u32], h: usize, start: usize, end: usize, mut f: impl FnMut(usize, usize)) {
+    let bs = g.block_size;
+    let mut i = start;
+    while i < end {
+        let (block, first) = (i / bs, i % bs);
+        let n = (bs - first).min(end - i);
+        let slot0 = table[block] as usize * bs + first;
+        for o in 0..n {
+            f(i + o - start, ((slot0 + o) * g.n_kv_heads + h) * g.hd);
+        }
+        i += n;
+    }
+}
+
 #[inline(always)]
 unsafe fn attend_chunk<L: Lanes>(g: &Geometry, table: &[u32], t: Task, scores: &mut [f32], partial: &mut [f32]) {
     let (hd, group) = (g.hd, g.group);
     let n = t.end - t.start;
-    let slot_offset = |i: usize| {
-        let slot = table[i / g.block_size] as usize * g.block_size + i % g.block_size;
-        (slot * g.n_kv_heads + t.h) * hd
-    };
     let q0 = t.r * g.width + t.h * group * hd;
-    for i in 0..n {
-        let k = g.k_layer.as_ptr().add(slot_offset(t.start + i));
+    for_each_slot(g, table, t.h, t.start, t.end, |i, off| {
+        let k = g.k_layer.as_ptr().add(off);
         for qh in 0..group {
             scores[qh * n + i] = L::dot(g.qkv.as_ptr().add(q0 + qh * hd), k, hd) * g.scale;
         }
-    }
+    });
     let pl = partial_len(hd);
     for qh in 0..group {
         let s = &mut scores[qh * n..(qh + 1) * n];
         let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut l = 0f32;
-        for v in s.iter_mut() {
-            *v = (*v - m).exp();
-            l += *v;
-        }
+        let l = L::exp_sub_sum(s.as_mut_ptr(), n, m);
         let p = &mut partial[qh * pl..(qh + 1) * pl];
         p[0] = m;
         p[1] = l;
         p[2..].fill(0.0);
     }
-    for i in 0..n {
-        let v = g.v_layer.as_ptr().add(slot_offset(t.start + i));
+    for_each_slot(g, table, t.h, t.start, t.end, |i, off| {
+        let v = g.v_layer.as_ptr().add(off);
         for qh in 0..group {
             let o = partial.as_mut_ptr().add(qh * pl + 2);
             L::axpy(o, scores[qh * n + i], v, hd);
         }
-    }
+    });
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -46,6 +46,7 @@
 use half::f16;
 use rayon::prelude::*;
 
+use super::q8;
 use crate::error::{Error, Result};
 use crate::quant::{WeightMatrix, INT8_GROUP};
 
@@ -88,6 +89,25 @@ impl Isa {
     }
 }
 
+/// Arithmetic of the CPU matmul over INT4 and INT8 weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MatmulPrecision {
+    /// f32 activations and accumulation: the reference.
+    F32,
+    /// Activations quantized to 8 bits per 32 values, integer dot products
+    /// ([`super::q8`]): faster, approximate like llama.cpp's CPU path.
+    Q8,
+}
+
+impl MatmulPrecision {
+    pub fn name(self) -> &'static str {
+        match self {
+            MatmulPrecision::F32 => "f32",
+            MatmulPrecision::Q8 => "q8",
+        }
+    }
+}
+
 /// INT4 weights as the CPU kernels read them: canonical nibbles and mins, scales widened to
 /// f32 once at upload (exact).
 pub(crate) struct CpuInt4 {
@@ -100,6 +120,9 @@ pub(crate) struct CpuInt4 {
     pub scales: Vec<f32>,
     /// `[rows, cols/group]`.
     pub mins: Vec<f32>,
+    /// `[cols/group, rows]`: the mins transposed, so the Q8 path's min term vectorizes across
+    /// output rows.
+    pub mins_t: Vec<f32>,
 }
 
 /// Grouped INT8 weights: `[rows, cols]` i8 and `[rows, cols/32]` f32 scales.
@@ -132,6 +155,14 @@ impl CpuWeight {
         }
     }
 
+    fn cols(&self) -> usize {
+        match self {
+            CpuWeight::Int4(w) => w.cols,
+            CpuWeight::Int8(w) => w.cols,
+            CpuWeight::Dense(w) => w.cols,
+        }
+    }
+
     fn from_host(w: &WeightMatrix) -> Self {
         let widen = |s: &[f16]| s.iter().map(|v| v.to_f32()).collect::<Vec<f32>>();
         match w {
@@ -142,6 +173,13 @@ impl CpuWeight {
                 packed: m.packed.clone(),
                 scales: widen(&m.scales),
                 mins: m.mins.clone(),
+                mins_t: {
+                    let gpr = m.cols / m.group;
+                    (0..gpr)
+                        .flat_map(|g| (0..m.rows).map(move |r| (r, g)))
+                        .map(|(r, g)| m.mins[r * gpr + g])
+                        .collect()
+                },
             }),
             WeightMatrix::Int8(m) => CpuWeight::Int8(CpuInt8 {
                 rows: m.rows,
@@ -248,14 +286,30 @@ fn deinterleave(x: &[f32]) -> Vec<f32> {
 }
 
 /// `out[T, N] = x[T, K] · Wᵀ`. Shapes are checked by the caller.
-pub(crate) fn matmul(isa: Isa, x: &[f32], t: usize, w: &CpuLinear, out: &mut [f32]) {
+pub(crate) fn matmul(isa: Isa, precision: MatmulPrecision, x: &[f32], t: usize, w: &CpuLinear, out: &mut [f32]) {
     let (k, n_total) = (w.cols, w.rows);
     debug_assert_eq!(x.len(), t * k);
     debug_assert_eq!(out.len(), t * n_total);
     let gemm = t >= GEMM_MIN_ROWS;
-    // De-interleaved activations, shared by every INT4 part.
+    // De-interleaved activations, shared by every INT4 part; Q8-quantized copies for the Q8
+    // path (de-interleaved for INT4 parts, natural order for INT8 parts).
     let has_int4 = w.parts.iter().any(|(_, p)| matches!(p, CpuWeight::Int4(_)));
+    let has_int8 = w.parts.iter().any(|(_, p)| matches!(p, CpuWeight::Int8(_)));
     let xd = if has_int4 { deinterleave(x) } else { Vec::new() };
+    let q8 = precision == MatmulPrecision::Q8;
+    let q8_int4 = (q8 && has_int4).then(|| q8::quantize(&xd));
+    let q8_int8 = (q8 && has_int8).then(|| q8::quantize(x));
+    // Per-group activation sums for the INT4 min term, one set per distinct group size.
+    let mut group_sums: Vec<(usize, Vec<f32>)> = Vec::new();
+    if let Some(a) = &q8_int4 {
+        for (_, p) in &w.parts {
+            if let CpuWeight::Int4(q) = p {
+                if !group_sums.iter().any(|(g, _)| *g == q.group) {
+                    group_sums.push((q.group, a.group_sums(q.group)));
+                }
+            }
+        }
+    }
     // Task list: (part, first row in part, rows, first activation row, activation rows).
     let (rows_per_task, t_per_task) = if gemm {
         (TILE_ROWS, T_PER_TASK)
@@ -281,7 +335,21 @@ pub(crate) fn matmul(isa: Isa, x: &[f32], t: usize, w: &CpuLinear, out: &mut [f3
             mr,
         };
         let xsrc = if matches!(part, CpuWeight::Int4(_)) { &xd } else { x };
-        if gemm {
+        let q8_acts = match part {
+            CpuWeight::Int4(_) => q8_int4.as_ref(),
+            CpuWeight::Int8(_) => q8_int8.as_ref(),
+            CpuWeight::Dense(_) => None,
+        };
+        if let Some(a) = q8_acts {
+            let gsum = match part {
+                CpuWeight::Int4(q) => group_sums
+                    .iter()
+                    .find(|(g, _)| *g == q.group)
+                    .map(|(_, s)| s.as_slice()),
+                _ => None,
+            };
+            q8_task(isa, part, r0, nr, a, gsum, &tile);
+        } else if gemm {
             gemm_task(isa, part, r0, nr, xsrc, k, &tile, tile_buf);
         } else {
             gemv_task(isa, part, r0, nr, xsrc, k, &tile);
@@ -334,9 +402,17 @@ fn gemv_task(isa: Isa, part: &CpuWeight, r0: usize, nr: usize, xsrc: &[f32], k: 
         let xrow = &xsrc[(tile.m0 + m) * k..(tile.m0 + m + 1) * k];
         let mut j = 0;
         while j < nr {
-            let sn = if nr - j >= 4 { 4 } else { 1 };
-            let mut res = [0f32; 4];
+            let sn = if nr - j >= 8 {
+                8
+            } else if nr - j >= 4 {
+                4
+            } else {
+                1
+            };
+            let mut res = [0f32; 8];
             match (isa, sn) {
+                #[cfg(target_arch = "x86_64")]
+                (Isa::Avx2Fma, 8) => unsafe { avx2::gemv::<8>(part, r0 + j, xrow, &mut res) },
                 #[cfg(target_arch = "x86_64")]
                 (Isa::Avx2Fma, 4) => unsafe { avx2::gemv::<4>(part, r0 + j, xrow, &mut res) },
                 #[cfg(target_arch = "x86_64")]
@@ -354,7 +430,7 @@ fn gemv_task(isa: Isa, part: &CpuWeight, r0: usize, nr: usize, xsrc: &[f32], k: 
 
 /// Portable GEMV: for each of `nr` rows, dequantize a block into a stack buffer and take the
 /// same 8-lane dot product as the GEMM micro-kernel.
-fn portable_gemv(part: &CpuWeight, n: usize, nr: usize, x: &[f32], res: &mut [f32; 4]) {
+fn portable_gemv(part: &CpuWeight, n: usize, nr: usize, x: &[f32], res: &mut [f32; 8]) {
     let k = x.len();
     let mut wbuf = [0f32; TILE_K];
     for (j, r) in res.iter_mut().enumerate().take(nr) {
@@ -366,6 +442,122 @@ fn portable_gemv(part: &CpuWeight, n: usize, nr: usize, x: &[f32], res: &mut [f3
             total = if kb == 0 { block } else { total + block };
         }
         *r = total;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Q8 path
+
+/// One Q8 task: weight rows `r0 .. r0+nr` of an INT4 or INT8 part against the task's
+/// activation rows, in blocks of 4 activation rows × 2 weight rows (prefill) or 1 × 4 (decode).
+/// `gsum` (`[T, K/group]`, INT4 parts only) feeds the min term, added after the kernel.
+fn q8_task(isa: Isa, part: &CpuWeight, r0: usize, nr: usize, a: &q8::Q8Activations, gsum: Option<&[f32]>, tile: &Tile) {
+    let mut m = 0;
+    while m < tile.mr {
+        let sm = if tile.mr - m >= 4 { 4 } else { 1 };
+        let mut j = 0;
+        while j < nr {
+            let left = nr - j;
+            let sn = if sm == 4 {
+                left.min(2)
+            } else if left >= 4 {
+                4
+            } else {
+                left.min(2)
+            };
+            let (n, m0) = (r0 + j, tile.m0 + m);
+            let mut res = [[0f32; 4]; 4];
+            #[cfg(target_arch = "x86_64")]
+            if isa == Isa::Avx2Fma {
+                // SAFETY: AVX2/FMA detected; rows n..n+sn and m0..m0+sm exist.
+                unsafe { q8_block_avx2(part, n, a, m0, sm, sn, &mut res) };
+            }
+            if isa == Isa::Portable {
+                let k = part.cols();
+                let cpr = k / q8::QK;
+                for (i, res_row) in res.iter_mut().enumerate().take(sm) {
+                    let row = m0 + i;
+                    let (xq, d) = (&a.q[row * k..(row + 1) * k], &a.d[row * cpr..(row + 1) * cpr]);
+                    for (jj, r) in res_row.iter_mut().enumerate().take(sn) {
+                        *r = match part {
+                            CpuWeight::Int4(w) => q8::portable_int4_dot(w, n + jj, xq, d),
+                            CpuWeight::Int8(w) => q8::portable_int8_dot(w, n + jj, xq, d),
+                            CpuWeight::Dense(_) => unreachable!("dense parts use the f32 path"),
+                        };
+                    }
+                }
+            }
+            for (i, row) in res.iter().enumerate().take(sm) {
+                for (jj, &v) in row.iter().enumerate().take(sn) {
+                    // SAFETY: m + i < mr and j + jj < nr: inside this task's tile.
+                    unsafe { tile.store(m + i, j + jj, v) };
+                }
+            }
+            j += sn;
+        }
+        m += sm;
+    }
+    if let (CpuWeight::Int4(w), Some(gs)) = (part, gsum) {
+        q8_add_min_terms(w, r0, nr, gs, tile);
+    }
+}
+
+/// Adds the INT4 min term `Σ_g m[n, g] · Σ_{c∈g} x[c]` to every output of a tile: for each
+/// output a sequential multiply-add over groups (the same value whatever the tile), computed
+/// for `nr` outputs side by side from the transposed mins so it vectorizes.
+fn q8_add_min_terms(w: &CpuInt4, r0: usize, nr: usize, gsum: &[f32], tile: &Tile) {
+    let gpr = w.cols / w.group;
+    const MAX_ROWS: usize = if GEMV_ROWS_PER_TASK > TILE_ROWS {
+        GEMV_ROWS_PER_TASK
+    } else {
+        TILE_ROWS
+    };
+    let mut acc = [0f32; MAX_ROWS];
+    let acc = &mut acc[..nr];
+    for m in 0..tile.mr {
+        acc.fill(0.0);
+        let gs = &gsum[(tile.m0 + m) * gpr..(tile.m0 + m + 1) * gpr];
+        for (g, &x) in gs.iter().enumerate() {
+            let mins = &w.mins_t[g * w.rows + r0..g * w.rows + r0 + nr];
+            for (a, &mv) in acc.iter_mut().zip(mins) {
+                *a += mv * x;
+            }
+        }
+        for (j, &a) in acc.iter().enumerate() {
+            // SAFETY: m < mr and j < nr: inside this task's tile.
+            unsafe { tile.add(m, j, a) };
+        }
+    }
+}
+
+/// Dispatches one Q8 block to the AVX2 kernel of its shape.
+///
+/// # Safety
+/// AVX2 and FMA present; weight rows `n..n+sn` and activation rows `m0..m0+sm` exist.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn q8_block_avx2(
+    part: &CpuWeight,
+    n: usize,
+    a: &q8::Q8Activations,
+    m0: usize,
+    sm: usize,
+    sn: usize,
+    res: &mut [[f32; 4]; 4],
+) {
+    use q8::avx2::{int4_block, int8_block};
+    match (part, sm, sn) {
+        (CpuWeight::Int4(w), 4, 2) => int4_block::<4, 2>(w, n, a, m0, res),
+        (CpuWeight::Int4(w), 4, 1) => int4_block::<4, 1>(w, n, a, m0, res),
+        (CpuWeight::Int4(w), 1, 4) => int4_block::<1, 4>(w, n, a, m0, res),
+        (CpuWeight::Int4(w), 1, 2) => int4_block::<1, 2>(w, n, a, m0, res),
+        (CpuWeight::Int4(w), 1, 1) => int4_block::<1, 1>(w, n, a, m0, res),
+        (CpuWeight::Int8(w), 4, 2) => int8_block::<4, 2>(w, n, a, m0, res),
+        (CpuWeight::Int8(w), 4, 1) => int8_block::<4, 1>(w, n, a, m0, res),
+        (CpuWeight::Int8(w), 1, 4) => int8_block::<1, 4>(w, n, a, m0, res),
+        (CpuWeight::Int8(w), 1, 2) => int8_block::<1, 2>(w, n, a, m0, res),
+        (CpuWeight::Int8(w), 1, 1) => int8_block::<1, 1>(w, n, a, m0, res),
+        _ => unreachable!("Q8 blocks are 4×{{1,2}} or 1×{{1,2,4}} over INT4/INT8 parts"),
     }
 }
 
@@ -536,7 +728,7 @@ mod avx2 {
     /// # Safety
     /// AVX2 and FMA present; rows `n..n+NR` exist in `part`; `x.len()` equals its columns.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn gemv<const NR: usize>(part: &CpuWeight, n: usize, x: &[f32], res: &mut [f32; 4]) {
+    pub(super) unsafe fn gemv<const NR: usize>(part: &CpuWeight, n: usize, x: &[f32], res: &mut [f32; 8]) {
         let k = x.len();
         let xp = x.as_ptr();
         let mut total = [0f32; NR];
@@ -545,22 +737,29 @@ mod avx2 {
             let mut acc = [_mm256_setzero_ps(); NR];
             match part {
                 CpuWeight::Int4(w) => {
+                    // One base pointer per array and a row stride keep the loop's pointer
+                    // arithmetic in a few registers (four separate row pointers spill).
                     let gpr = k / w.group;
-                    let rows: [*const u8; NR] = std::array::from_fn(|j| w.packed.as_ptr().add((n + j) * k / 2));
-                    for e in (kb..end).step_by(32) {
-                        let xv = [
-                            _mm256_loadu_ps(xp.add(e)),
-                            _mm256_loadu_ps(xp.add(e + 8)),
-                            _mm256_loadu_ps(xp.add(e + 16)),
-                            _mm256_loadu_ps(xp.add(e + 24)),
-                        ];
-                        for j in 0..NR {
-                            let gi = (n + j) * gpr + e / w.group;
-                            let s = _mm256_set1_ps(*w.scales.get_unchecked(gi));
-                            let m = _mm256_set1_ps(*w.mins.get_unchecked(gi));
-                            let q = unpack_chunk(rows[j].add(e / 2));
-                            for i in 0..4 {
-                                acc[j] = _mm256_fmadd_ps(xv[i], _mm256_fmadd_ps(q[i], s, m), acc[j]);
+                    let rows = w.packed.as_ptr().add(n * k / 2);
+                    let scales = w.scales.as_ptr().add(n * gpr);
+                    let mins = w.mins.as_ptr().add(n * gpr);
+                    let row_stride = k / 2;
+                    // Group by group (TILE_K is a multiple of every group size): no division.
+                    for g in kb / w.group..end / w.group {
+                        for e in (g * w.group..(g + 1) * w.group).step_by(32) {
+                            let xv = [
+                                _mm256_loadu_ps(xp.add(e)),
+                                _mm256_loadu_ps(xp.add(e + 8)),
+                                _mm256_loadu_ps(xp.add(e + 16)),
+                                _mm256_loadu_ps(xp.add(e + 24)),
+                            ];
+                            for j in 0..NR {
+                                let s = _mm256_broadcast_ss(&*scales.add(j * gpr + g));
+                                let m = _mm256_broadcast_ss(&*mins.add(j * gpr + g));
+                                let q = unpack_chunk(rows.add(j * row_stride + e / 2));
+                                for i in 0..4 {
+                                    acc[j] = _mm256_fmadd_ps(xv[i], _mm256_fmadd_ps(q[i], s, m), acc[j]);
+                                }
                             }
                         }
                     }

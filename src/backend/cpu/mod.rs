@@ -4,8 +4,9 @@
 mod attention;
 pub mod matmul;
 mod ops;
+mod q8;
 
-pub use matmul::{CpuLinear, Isa};
+pub use matmul::{CpuLinear, Isa, MatmulPrecision};
 
 use crate::backend::{Backend, KvShape, QkvLayout, StepInput};
 use crate::error::{Error, Result};
@@ -50,6 +51,7 @@ pub struct CpuBackend {
     pool: rayon::ThreadPool,
     threads: usize,
     isa: Isa,
+    precision: MatmulPrecision,
 }
 
 impl CpuBackend {
@@ -77,7 +79,22 @@ impl CpuBackend {
                 backend: "cpu",
                 reason: format!("thread pool: {e}"),
             })?;
-        Ok(Self { pool, threads, isa })
+        Ok(Self {
+            pool,
+            threads,
+            isa,
+            precision: MatmulPrecision::F32,
+        })
+    }
+
+    /// Selects the matmul arithmetic (f32 by default).
+    pub fn with_precision(mut self, precision: MatmulPrecision) -> Self {
+        self.precision = precision;
+        self
+    }
+
+    pub fn precision(&self) -> MatmulPrecision {
+        self.precision
     }
 
     /// Threads used when none are asked for: every core the OS gives this process.
@@ -119,7 +136,12 @@ impl Backend for CpuBackend {
     type Step = CpuStep;
 
     fn name(&self) -> String {
-        format!("cpu ({} threads, {})", self.threads, self.isa.name())
+        format!(
+            "cpu ({} threads, {}, {} matmul)",
+            self.threads,
+            self.isa.name(),
+            self.precision.name()
+        )
     }
 
     fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
@@ -181,7 +203,7 @@ impl Backend for CpuBackend {
         check("matmul", "x", x, x.rows, w.cols)?;
         check("matmul", "out", out, x.rows, w.rows)?;
         self.pool
-            .install(|| matmul::matmul(self.isa, &x.data, x.rows, w, &mut out.data));
+            .install(|| matmul::matmul(self.isa, self.precision, &x.data, x.rows, w, &mut out.data));
         Ok(())
     }
 
