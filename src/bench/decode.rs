@@ -1,5 +1,7 @@
 //! `qmtot bench decode`: prefill throughput of a fixed-length prompt and decode throughput of
-//! greedy generation, on a real model, as llama.cpp's `llama-bench` measures them (pp512 / tg128).
+//! greedy generation, on a real model, measured the way llama.cpp's `llama-bench` measures
+//! pp512 and tg128: the prompt is one forward from an empty cache; decoding starts from an
+//! empty cache too (one seed token) and times one-token steps.
 
 use std::time::Instant;
 
@@ -18,16 +20,17 @@ pub struct DecodeBenchResult {
     pub decode_ms_per_token: f64,
 }
 
-/// Runs `reps` rounds of: prefill `prompt_tokens` tokens (one forward), then decode
-/// `decode_tokens` tokens one step at a time. Token ids are deterministic and valid for any
-/// vocabulary. One untimed warm-up round comes first.
+/// Runs `reps` rounds of: prefill `prompt_tokens` tokens (one forward, empty cache), and,
+/// separately, decode `decode_tokens` tokens one step at a time after a one-token seed. Token
+/// ids are deterministic and valid for any vocabulary. One untimed warm-up round comes first.
 pub fn run<B: Backend>(
     model: &Llama<B>,
     prompt_tokens: usize,
     decode_tokens: usize,
     reps: usize,
 ) -> Result<DecodeBenchResult> {
-    crate::engine::check_prompt(prompt_tokens, decode_tokens, model.config.context_length)?;
+    crate::engine::check_prompt(prompt_tokens, 0, model.config.context_length)?;
+    crate::engine::check_prompt(1, decode_tokens, model.config.context_length)?;
     let vocab = model.config.vocab_size as u64;
     let prompt: Vec<u32> = (0..prompt_tokens as u64)
         .map(|i| ((i * 2_654_435_761 + 1000) % vocab) as u32)
@@ -35,11 +38,13 @@ pub fn run<B: Backend>(
     let mut prefill = Vec::new();
     let mut decode = Vec::new();
     for rep in 0..=reps.max(1) {
-        let mut seq = SequenceKv::new(model, prompt_tokens + decode_tokens)?;
+        let mut seq = SequenceKv::new(model, prompt_tokens)?;
         let t = Instant::now();
-        let logits = seq.extend(model, &prompt, false)?;
+        seq.extend(model, &prompt, false)?;
         let t_prefill = t.elapsed().as_secs_f64();
-        let mut token = argmax(&logits);
+        drop(seq);
+        let mut seq = SequenceKv::new(model, 1 + decode_tokens)?;
+        let mut token = argmax(&seq.extend(model, &prompt[..1], false)?);
         let t = Instant::now();
         for _ in 0..decode_tokens {
             let logits = seq.extend(model, &[token], false)?;

@@ -120,9 +120,6 @@ pub(crate) struct CpuInt4 {
     pub scales: Vec<f32>,
     /// `[rows, cols/group]`.
     pub mins: Vec<f32>,
-    /// `[cols/group, rows]`: the mins transposed, so the Q8 path's min term vectorizes across
-    /// output rows.
-    pub mins_t: Vec<f32>,
 }
 
 /// Grouped INT8 weights: `[rows, cols]` i8 and `[rows, cols/32]` f32 scales.
@@ -173,13 +170,6 @@ impl CpuWeight {
                 packed: m.packed.clone(),
                 scales: widen(&m.scales),
                 mins: m.mins.clone(),
-                mins_t: {
-                    let gpr = m.cols / m.group;
-                    (0..gpr)
-                        .flat_map(|g| (0..m.rows).map(move |r| (r, g)))
-                        .map(|(r, g)| m.mins[r * gpr + g])
-                        .collect()
-                },
             }),
             WeightMatrix::Int8(m) => CpuWeight::Int8(CpuInt8 {
                 rows: m.rows,
@@ -450,7 +440,7 @@ fn portable_gemv(part: &CpuWeight, n: usize, nr: usize, x: &[f32], res: &mut [f3
 
 /// One Q8 task: weight rows `r0 .. r0+nr` of an INT4 or INT8 part against the task's
 /// activation rows, in blocks of 4 activation rows × 2 weight rows (prefill) or 1 × 4 (decode).
-/// `gsum` (`[T, K/group]`, INT4 parts only) feeds the min term, added after the kernel.
+/// `gsum` (`[T, K/group]`, INT4 parts only) feeds the min term.
 fn q8_task(isa: Isa, part: &CpuWeight, r0: usize, nr: usize, a: &q8::Q8Activations, gsum: Option<&[f32]>, tile: &Tile) {
     let mut m = 0;
     while m < tile.mr {
@@ -470,7 +460,7 @@ fn q8_task(isa: Isa, part: &CpuWeight, r0: usize, nr: usize, a: &q8::Q8Activatio
             #[cfg(target_arch = "x86_64")]
             if isa == Isa::Avx2Fma {
                 // SAFETY: AVX2/FMA detected; rows n..n+sn and m0..m0+sm exist.
-                unsafe { q8_block_avx2(part, n, a, m0, sm, sn, &mut res) };
+                unsafe { q8_block_avx2(part, n, a, gsum.unwrap_or(&[]), m0, sm, sn, &mut res) };
             }
             if isa == Isa::Portable {
                 let k = part.cols();
@@ -480,7 +470,11 @@ fn q8_task(isa: Isa, part: &CpuWeight, r0: usize, nr: usize, a: &q8::Q8Activatio
                     let (xq, d) = (&a.q[row * k..(row + 1) * k], &a.d[row * cpr..(row + 1) * cpr]);
                     for (jj, r) in res_row.iter_mut().enumerate().take(sn) {
                         *r = match part {
-                            CpuWeight::Int4(w) => q8::portable_int4_dot(w, n + jj, xq, d),
+                            CpuWeight::Int4(w) => {
+                                let gpr = k / w.group;
+                                let gs = gsum.expect("INT4 parts come with group sums");
+                                q8::portable_int4_dot(w, n + jj, xq, d, &gs[row * gpr..(row + 1) * gpr])
+                            }
                             CpuWeight::Int8(w) => q8::portable_int8_dot(w, n + jj, xq, d),
                             CpuWeight::Dense(_) => unreachable!("dense parts use the f32 path"),
                         };
@@ -497,37 +491,6 @@ fn q8_task(isa: Isa, part: &CpuWeight, r0: usize, nr: usize, a: &q8::Q8Activatio
         }
         m += sm;
     }
-    if let (CpuWeight::Int4(w), Some(gs)) = (part, gsum) {
-        q8_add_min_terms(w, r0, nr, gs, tile);
-    }
-}
-
-/// Adds the INT4 min term `Σ_g m[n, g] · Σ_{c∈g} x[c]` to every output of a tile: for each
-/// output a sequential multiply-add over groups (the same value whatever the tile), computed
-/// for `nr` outputs side by side from the transposed mins so it vectorizes.
-fn q8_add_min_terms(w: &CpuInt4, r0: usize, nr: usize, gsum: &[f32], tile: &Tile) {
-    let gpr = w.cols / w.group;
-    const MAX_ROWS: usize = if GEMV_ROWS_PER_TASK > TILE_ROWS {
-        GEMV_ROWS_PER_TASK
-    } else {
-        TILE_ROWS
-    };
-    let mut acc = [0f32; MAX_ROWS];
-    let acc = &mut acc[..nr];
-    for m in 0..tile.mr {
-        acc.fill(0.0);
-        let gs = &gsum[(tile.m0 + m) * gpr..(tile.m0 + m + 1) * gpr];
-        for (g, &x) in gs.iter().enumerate() {
-            let mins = &w.mins_t[g * w.rows + r0..g * w.rows + r0 + nr];
-            for (a, &mv) in acc.iter_mut().zip(mins) {
-                *a += mv * x;
-            }
-        }
-        for (j, &a) in acc.iter().enumerate() {
-            // SAFETY: m < mr and j < nr: inside this task's tile.
-            unsafe { tile.add(m, j, a) };
-        }
-    }
 }
 
 /// Dispatches one Q8 block to the AVX2 kernel of its shape.
@@ -540,6 +503,7 @@ unsafe fn q8_block_avx2(
     part: &CpuWeight,
     n: usize,
     a: &q8::Q8Activations,
+    gsum: &[f32],
     m0: usize,
     sm: usize,
     sn: usize,
@@ -547,11 +511,11 @@ unsafe fn q8_block_avx2(
 ) {
     use q8::avx2::{int4_block, int8_block};
     match (part, sm, sn) {
-        (CpuWeight::Int4(w), 4, 2) => int4_block::<4, 2>(w, n, a, m0, res),
-        (CpuWeight::Int4(w), 4, 1) => int4_block::<4, 1>(w, n, a, m0, res),
-        (CpuWeight::Int4(w), 1, 4) => int4_block::<1, 4>(w, n, a, m0, res),
-        (CpuWeight::Int4(w), 1, 2) => int4_block::<1, 2>(w, n, a, m0, res),
-        (CpuWeight::Int4(w), 1, 1) => int4_block::<1, 1>(w, n, a, m0, res),
+        (CpuWeight::Int4(w), 4, 2) => int4_block::<4, 2>(w, n, a, gsum, m0, res),
+        (CpuWeight::Int4(w), 4, 1) => int4_block::<4, 1>(w, n, a, gsum, m0, res),
+        (CpuWeight::Int4(w), 1, 4) => int4_block::<1, 4>(w, n, a, gsum, m0, res),
+        (CpuWeight::Int4(w), 1, 2) => int4_block::<1, 2>(w, n, a, gsum, m0, res),
+        (CpuWeight::Int4(w), 1, 1) => int4_block::<1, 1>(w, n, a, gsum, m0, res),
         (CpuWeight::Int8(w), 4, 2) => int8_block::<4, 2>(w, n, a, m0, res),
         (CpuWeight::Int8(w), 4, 1) => int8_block::<4, 1>(w, n, a, m0, res),
         (CpuWeight::Int8(w), 1, 4) => int8_block::<1, 4>(w, n, a, m0, res),

@@ -12,8 +12,8 @@
 //! ```
 //!
 //! Float work per output: 8-lane FMA accumulation of `float(lanes) · (s_w·d_x)` in chunk
-//! order, a fixed horizontal-sum tree, plus (INT4) the min term, a
-//! sequential multiply-add over groups added afterwards (`matmul::q8_add_min_terms`).
+//! order, a fixed horizontal-sum tree, plus (INT4) the min term, a sequential fused
+//! multiply-add over groups of `m_w[g]` and the group's quantized activation sum.
 //! The integer part is exact, and every float step is the same whatever the batch shape and
 //! whichever instruction set runs it (the portable kernel uses `mul_add` and the same sum
 //! tree), so this path is batch-invariant and gives identical bits on every ISA. Its only
@@ -82,13 +82,14 @@ fn hsum8(l: &[f32; 8]) -> f32 {
     b[0] + b[1]
 }
 
-/// Portable INT4 × Q8 for weight row `n` against one activation row (`xq`, `d`), without the
-/// min term: exactly the AVX2 kernel's arithmetic.
-pub(crate) fn portable_int4_dot(w: &CpuInt4, n: usize, xq: &[i8], d: &[f32]) -> f32 {
+/// Portable INT4 × Q8 for weight row `n` against one activation row (`xq`, `d`, group sums
+/// `gsum`): exactly the AVX2 kernel's arithmetic.
+pub(crate) fn portable_int4_dot(w: &CpuInt4, n: usize, xq: &[i8], d: &[f32], gsum: &[f32]) -> f32 {
     let k = w.cols;
     let gpr = k / w.group;
     let row = &w.packed[n * k / 2..(n + 1) * k / 2];
     let mut lanes = [0f32; 8];
+    let mut min_acc = 0f32;
     for e in (0..k).step_by(QK) {
         let c = e / QK;
         let bytes = &row[e / 2..e / 2 + 16];
@@ -105,8 +106,12 @@ pub(crate) fn portable_int4_dot(w: &CpuInt4, n: usize, xq: &[i8], d: &[f32]) -> 
             let p: i32 = (4 * l..4 * l + 4).map(|b| qw(b) * xq[e + b] as i32).sum();
             *lane = (p as f32).mul_add(t, *lane);
         }
+        if (e + QK) % w.group == 0 {
+            let g = e / w.group;
+            min_acc = w.mins[n * gpr + g].mul_add(gsum[g], min_acc);
+        }
     }
-    hsum8(&lanes)
+    hsum8(&lanes) + min_acc
 }
 
 /// Portable INT8 × Q8 for weight row `n`.
@@ -166,6 +171,7 @@ pub(crate) mod avx2 {
         w: &CpuInt4,
         n: usize,
         a: &Q8Activations,
+        gsum: &[f32],
         m0: usize,
         res: &mut [[f32; 4]; 4],
     ) {
@@ -174,10 +180,13 @@ pub(crate) mod avx2 {
         let mask = _mm256_set1_epi8(0x0f);
         let ones = _mm256_set1_epi16(1);
         let mut acc = [[_mm256_setzero_ps(); NR]; MR];
+        let mut min_acc = [[0f32; NR]; MR];
         let rows = w.packed.as_ptr().add(n * k / 2);
         let scales = w.scales.as_ptr().add(n * gpr);
+        let mins = w.mins.as_ptr().add(n * gpr);
         let xq = a.q.as_ptr().add(m0 * k);
         let dx = a.d.as_ptr().add(m0 * cpr);
+        let gs = gsum.as_ptr().add(m0 * gpr);
         for e in (0..k).step_by(QK) {
             let (c, g) = (e / QK, e / w.group);
             let mut q = [_mm256_setzero_si256(); NR];
@@ -196,10 +205,19 @@ pub(crate) mod avx2 {
                     acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), sd, acc[i][j]);
                 }
             }
+            // After a group's last chunk: the min term, one fused multiply-add per output.
+            if (e + QK) % w.group == 0 {
+                for i in 0..MR {
+                    let x = *gs.add(i * gpr + g);
+                    for j in 0..NR {
+                        min_acc[i][j] = (*mins.add(j * gpr + g)).mul_add(x, min_acc[i][j]);
+                    }
+                }
+            }
         }
         for i in 0..MR {
             for j in 0..NR {
-                res[i][j] = hsum(acc[i][j]);
+                res[i][j] = hsum(acc[i][j]) + min_acc[i][j];
             }
         }
     }
