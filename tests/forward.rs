@@ -49,8 +49,7 @@ fn logits_match_the_reference_at_every_checked_position() {
     let (r, want) = reference();
     for (name, backend) in cpu_backends() {
         let (model, _) = load_smollm2(backend);
-        let mut seq = SequenceKv::new(&model, r.prompt_ids.len()).unwrap();
-        let all = seq.extend(&model, &r.prompt_ids, true).unwrap();
+        let all = all_at_once(&model, &r.prompt_ids);
         assert_eq!(all.len(), r.prompt_ids.len() * VOCAB);
         for (i, &row) in r.logits_rows.iter().enumerate() {
             // Tolerance 1e-3 absolute on logits of magnitude up to ~30: both sides are f32
@@ -136,6 +135,14 @@ fn stop_strings_cut_the_output() {
     assert_eq!(out.text, "The capital of");
 }
 
+/// Logits at every position of `prompt`, prefilled in one step.
+fn all_at_once<B: Backend>(model: &Llama<B>, prompt: &[u32]) -> Vec<f32> {
+    SequenceKv::new(model, prompt.len())
+        .unwrap()
+        .extend(model, prompt, true)
+        .unwrap()
+}
+
 /// Logits of `prompt` fed one token per step.
 fn one_at_a_time<B: Backend>(model: &Llama<B>, prompt: &[u32]) -> Vec<f32> {
     let mut seq = SequenceKv::new(model, prompt.len()).unwrap();
@@ -150,8 +157,7 @@ fn prefill_at_once_equals_one_token_at_a_time() {
     let (r, _) = reference();
     for (name, backend) in cpu_backends() {
         let (model, _) = load_smollm2(backend);
-        let mut seq = SequenceKv::new(&model, r.prompt_ids.len()).unwrap();
-        let at_once = seq.extend(&model, &r.prompt_ids, true).unwrap();
+        let at_once = all_at_once(&model, &r.prompt_ids);
         let stepwise = one_at_a_time(&model, &r.prompt_ids);
         // 1e-4: same weights and cache contents; only the matmul path differs (tiled GEMM for
         // many rows, fused GEMV for one), i.e. f32 summation order.
@@ -181,8 +187,7 @@ fn tiny_models_of_every_weight_type_prefill_like_they_decode() {
         let prompt: Vec<u32> = (0..40).map(|i| (i * 37 + 5) % spec.vocab as u32).collect();
         for (name, backend) in cpu_backends() {
             let model = Llama::load(backend, ModelConfig::from_gguf(&g).unwrap(), &g, |_, _| {}).unwrap();
-            let mut seq = SequenceKv::new(&model, prompt.len()).unwrap();
-            let at_once = seq.extend(&model, &prompt, true).unwrap();
+            let at_once = all_at_once(&model, &prompt);
             assert!(
                 at_once.iter().all(|v| v.is_finite()),
                 "{name} {ty:?}: non-finite logits"
@@ -278,8 +283,7 @@ fn q8_matmul_model_tracks_the_reference_and_stays_batch_invariant() {
     use qmtot::backend::cpu::{CpuBackend, MatmulPrecision};
     let (r, want) = reference();
     let (model, _) = load_smollm2(CpuBackend::new(2).unwrap().with_precision(MatmulPrecision::Q8));
-    let mut seq = SequenceKv::new(&model, r.prompt_ids.len()).unwrap();
-    let all = seq.extend(&model, &r.prompt_ids, true).unwrap();
+    let all = all_at_once(&model, &r.prompt_ids);
     let mut kls = Vec::new();
     for (i, &row) in r.logits_rows.iter().enumerate() {
         let got = log_softmax(&all[row * VOCAB..(row + 1) * VOCAB]);

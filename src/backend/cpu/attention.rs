@@ -79,10 +79,7 @@ impl Lanes for Avx2 {
             acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i + 8)), _mm256_loadu_ps(b.add(i + 8)), acc1);
             i += 16;
         }
-        let v = _mm256_add_ps(acc0, acc1);
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let mut total = _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+        let mut total = super::simd::hsum(_mm256_add_ps(acc0, acc1));
         while i < n {
             total += *a.add(i) * *b.add(i);
             i += 1;
@@ -122,10 +119,7 @@ impl Lanes for Avx2 {
             sum = _mm256_add_ps(sum, e);
             i += 8;
         }
-        let v = sum;
-        let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        let mut total = _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
+        let mut total = super::simd::hsum(sum);
         while i < n {
             let e = (*s.add(i) - m).exp();
             *s.add(i) = e;

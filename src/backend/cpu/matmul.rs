@@ -657,17 +657,8 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{CpuInt4, CpuWeight};
+    use crate::backend::cpu::simd::hsum;
     use crate::quant::INT8_GROUP;
-
-    #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let lo = _mm256_castps256_ps128(v);
-        let hi = _mm256_extractf128_ps(v, 1);
-        let s = _mm_add_ps(lo, hi);
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
-    }
 
     /// Unpacks one 32-element chunk of nibbles (16 bytes at `p`) into four 8-lane f32 vectors
     /// in `xd` order: elements (0,2,…,14), (16,…,30), (1,…,15), (17,…,31).

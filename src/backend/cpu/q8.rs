@@ -24,6 +24,7 @@
 //! and a shift. Dense weights have no integer form and use the f32 kernels.
 
 use super::matmul::{CpuInt4, CpuInt8};
+use super::simd::hsum8;
 use crate::quant::INT8_GROUP;
 
 /// Chunk of activations sharing one quantization scale.
@@ -71,15 +72,6 @@ pub(crate) fn quantize(x: &[f32]) -> Q8Activations {
         sum.push(scale * dst.iter().map(|&v| v as i32).sum::<i32>() as f32);
     }
     Q8Activations { q, d, sum }
-}
-
-/// Horizontal sum of 8 lanes in the tree the AVX2 `hsum` uses:
-/// `((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))`.
-#[inline(always)]
-fn hsum8(l: &[f32; 8]) -> f32 {
-    let a = [l[0] + l[4], l[1] + l[5], l[2] + l[6], l[3] + l[7]];
-    let b = [a[0] + a[2], a[1] + a[3]];
-    b[0] + b[1]
 }
 
 /// Portable INT4 × Q8 for weight row `n` against one activation row (`xq`, `d`, group sums
@@ -142,20 +134,11 @@ pub(crate) mod avx2 {
 
     use super::{Q8Activations, QK};
     use crate::backend::cpu::matmul::{CpuInt4, CpuInt8};
+    use crate::backend::cpu::simd::hsum;
     use crate::quant::INT8_GROUP;
 
     /// Prefetch distance along a weight row, in bytes of INT4 data (INT8 rows use twice this).
     const PREFETCH_BYTES: usize = 512;
-
-    #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let lo = _mm256_castps256_ps128(v);
-        let hi = _mm256_extractf128_ps(v, 1);
-        let s = _mm_add_ps(lo, hi);
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
-    }
 
     /// `res[i][j] = row (m0+i) · weight row (n+j)` for INT4 weights, without the min term.
     ///
