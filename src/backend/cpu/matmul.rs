@@ -37,6 +37,9 @@
 //! Parallel tasks are (weight-row range × activation-row range); every task writes a disjoint
 //! block of `out`.
 //!
+//! With [`MatmulPrecision::Q8`], INT4 and INT8 parts run the 8-bit-activation kernels of
+//! [`super::q8`] on the same task list instead (dense parts keep the f32 kernels).
+//!
 //! # Instruction sets
 //!
 //! [`Isa::Avx2Fma`] (x86-64 with AVX2 and FMA, detected at run time) uses intrinsics;
