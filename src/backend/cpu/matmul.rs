@@ -25,7 +25,7 @@
 //!
 //! # Two schedules
 //!
-//! * **GEMV** (`T < GEMM_MIN_ROWS`, decode): a fused kernel streams four weight rows at a
+//! * **GEMV** (`T < GEMM_MIN_ROWS`, decode): a fused kernel streams eight weight rows at a
 //!   time, dequantizing each chunk in registers and FMA-ing it straight into that row's
 //!   accumulator; each weight byte is read once and nothing is written back.
 //! * **GEMM** (`T ≥ GEMM_MIN_ROWS`, prefill and sibling batches): a task dequantizes a tile of
@@ -696,7 +696,7 @@ mod avx2 {
             match part {
                 CpuWeight::Int4(w) => {
                     // One base pointer per array and a row stride keep the loop's pointer
-                    // arithmetic in a few registers (four separate row pointers spill).
+                    // arithmetic in a few registers (separate row pointers spill).
                     let gpr = k / w.group;
                     let rows = w.packed.as_ptr().add(n * k / 2);
                     let scales = w.scales.as_ptr().add(n * gpr);

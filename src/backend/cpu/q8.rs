@@ -137,9 +137,6 @@ pub(crate) mod avx2 {
     use crate::backend::cpu::simd::hsum;
     use crate::quant::INT8_GROUP;
 
-    /// Prefetch distance along a weight row, in bytes of INT4 data (INT8 rows use twice this).
-    const PREFETCH_BYTES: usize = 512;
-
     /// `res[i][j] = row (m0+i) · weight row (n+j)` for INT4 weights, without the min term.
     ///
     /// Per chunk: each weight row's 16 bytes become one 32-byte vector (mask and shift), each
@@ -174,8 +171,6 @@ pub(crate) mod avx2 {
             let (c, g) = (e / QK, e / w.group);
             let mut q = [_mm256_setzero_si256(); NR];
             for j in 0..NR {
-                // Weights stream from DRAM at decode: ask for them well ahead.
-                _mm_prefetch::<_MM_HINT_T0>(rows.add(j * k / 2 + e / 2 + PREFETCH_BYTES) as *const i8);
                 let b = _mm_loadu_si128(rows.add(j * k / 2 + e / 2) as *const __m128i);
                 q[j] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), mask);
             }
@@ -223,11 +218,8 @@ pub(crate) mod avx2 {
         let ones = _mm256_set1_epi16(1);
         let mut acc = [[_mm256_setzero_ps(); NR]; MR];
         for c in 0..cpr {
-            let qw: [__m256i; NR] = std::array::from_fn(|j| {
-                let p = w.q.as_ptr().add((n + j) * k + c * QK);
-                _mm_prefetch::<_MM_HINT_T0>(p.add(2 * PREFETCH_BYTES));
-                _mm256_loadu_si256(p as *const __m256i)
-            });
+            let qw: [__m256i; NR] =
+                std::array::from_fn(|j| _mm256_loadu_si256(w.q.as_ptr().add((n + j) * k + c * QK) as *const __m256i));
             for i in 0..MR {
                 let xq = _mm256_loadu_si256(a.q.as_ptr().add((m0 + i) * k + c * QK) as *const __m256i);
                 let d = _mm256_broadcast_ss(a.d.get_unchecked((m0 + i) * cpr + c));
