@@ -98,6 +98,7 @@ fn out_of_range_tokens_positions_and_slots_are_errors() {
         row_seq: vec![0],
         block_tables: vec![vec![0]],
         logit_rows: vec![0],
+        groups: vec![],
     };
     assert!(model.forward(&mut kv, &good).is_ok());
     let bad_token = StepInput {
@@ -133,9 +134,95 @@ fn out_of_range_tokens_positions_and_slots_are_errors() {
     assert!(model.forward(&mut kv, &bad_logit_row).is_err());
     let ragged = StepInput {
         positions: vec![],
-        ..good
+        ..good.clone()
     };
     assert!(model.forward(&mut kv, &ragged).is_err());
+}
+
+#[test]
+fn malformed_sharing_groups_are_errors() {
+    use qmtot::backend::SharedPrefix;
+    let (_f, model, _) = tiny();
+    let mut kv = model.new_kv_cache(4, 16).unwrap();
+    // Two sequences sharing block 0 (positions 0..16), each with its own block 1 or 2;
+    // first write the prefix through sequence 0, then decode one row each at position 16.
+    let prefix = StepInput {
+        tokens: vec![5; 16],
+        positions: (0..16).collect(),
+        slots: (0..16).collect(),
+        row_seq: vec![0; 16],
+        block_tables: vec![vec![0]],
+        logit_rows: vec![],
+        groups: vec![],
+    };
+    model.forward(&mut kv, &prefix).unwrap();
+    let good = StepInput {
+        tokens: vec![6, 7],
+        positions: vec![16, 16],
+        slots: vec![16, 32],
+        row_seq: vec![0, 1],
+        block_tables: vec![vec![0, 1], vec![0, 2]],
+        logit_rows: vec![0, 1],
+        groups: vec![SharedPrefix {
+            seqs: vec![0, 1],
+            blocks: 1,
+        }],
+    };
+    assert!(model.forward(&mut kv, &good).is_ok());
+    let cases = [
+        (
+            "empty group",
+            vec![SharedPrefix {
+                seqs: vec![],
+                blocks: 1,
+            }],
+        ),
+        (
+            "unknown sequence",
+            vec![SharedPrefix {
+                seqs: vec![0, 2],
+                blocks: 1,
+            }],
+        ),
+        (
+            "prefix not shared",
+            vec![SharedPrefix {
+                seqs: vec![0, 1],
+                blocks: 2,
+            }],
+        ),
+        (
+            "sequence in two groups",
+            vec![
+                SharedPrefix {
+                    seqs: vec![0, 1],
+                    blocks: 1,
+                },
+                SharedPrefix {
+                    seqs: vec![1],
+                    blocks: 1,
+                },
+            ],
+        ),
+    ];
+    for (what, groups) in cases {
+        let step = StepInput { groups, ..good.clone() };
+        assert!(
+            matches!(model.forward(&mut kv, &step), Err(Error::InvalidArgument(_))),
+            "{what} accepted"
+        );
+    }
+    // A row inside the shared prefix cannot use it as a cascade prefix.
+    let inside = StepInput {
+        tokens: vec![6, 7],
+        positions: vec![15, 16],
+        slots: vec![15, 32],
+        ..good.clone()
+    };
+    assert!(matches!(
+        model.forward(&mut kv, &inside),
+        Err(Error::InvalidArgument(_))
+    ));
 }
 
 #[test]

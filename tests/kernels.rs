@@ -190,6 +190,7 @@ fn paged_attention_matches_naive_attention_over_scattered_blocks() {
                 row_seq: vec![0; len],
                 block_tables: vec![tables[s].clone()],
                 logit_rows: vec![],
+                groups: vec![],
             };
             let st = b.upload_step(&step).unwrap();
             b.kv_write(&mut kv, 1, &tensor(len, w, rows.clone()), layout, &st)
@@ -219,6 +220,7 @@ fn paged_attention_matches_naive_attention_over_scattered_blocks() {
             row_seq: queries.iter().map(|&(s, _)| s as u32).collect(),
             block_tables: tables.clone(),
             logit_rows: vec![],
+            groups: vec![],
         };
         let st = b.upload_step(&step).unwrap();
         let mut out = b.alloc_activations(queries.len(), 6 * 40).unwrap();
@@ -278,6 +280,7 @@ fn rope_rotates_adjacent_pairs_or_half_split() {
                 row_seq: vec![0, 0],
                 block_tables: vec![vec![0]],
                 logit_rows: vec![],
+                groups: vec![],
             };
             let st = b.upload_step(&step).unwrap();
             let mut t = tensor(2, layout.width(), x.clone());
@@ -318,6 +321,7 @@ fn rope_rotates_adjacent_pairs_or_half_split() {
             row_seq: vec![0],
             block_tables: vec![vec![0]],
             logit_rows: vec![],
+            groups: vec![],
         };
         let st = b.upload_step(&step).unwrap();
         let mut t = tensor(1, layout.width(), vec![0.0; layout.width()]);
@@ -371,6 +375,7 @@ fn norm_activation_add_gather_and_block_copy() {
             row_seq: vec![0; t],
             block_tables: vec![vec![0]],
             logit_rows: vec![10, 0, 4],
+            groups: vec![],
         };
         let st = b.upload_step(&step).unwrap();
         let mut g = b.alloc_activations(3, d).unwrap();
@@ -400,6 +405,7 @@ fn norm_activation_add_gather_and_block_copy() {
             row_seq: vec![0, 0],
             block_tables: vec![vec![1]],
             logit_rows: vec![],
+            groups: vec![],
         };
         let st = b.upload_step(&step).unwrap();
         for layer in 0..2 {

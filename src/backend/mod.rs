@@ -86,6 +86,24 @@ pub struct StepInput {
     pub block_tables: Vec<Vec<u32>>,
     /// Rows whose logits the step returns, in this order.
     pub logit_rows: Vec<u32>,
+    /// Sharing groups for cascade attention; empty means plain paged attention for every row.
+    pub groups: Vec<SharedPrefix>,
+}
+
+/// Sequences of a step whose first `blocks` blocks are physically the same (siblings forked
+/// from one parent, or requests that hit the same radix-cache prefix). Attention may read
+/// those blocks once for all the group's rows (cascade) instead of once per row.
+///
+/// Invariants (checked by [`StepInput::validate`]): members are distinct indices into
+/// `block_tables`, each sequence is in at most one group, every member's table starts with
+/// the same `blocks` ids, and every row of a member sits at a position `≥ blocks·block_size`
+/// (the whole shared prefix lies inside each row's causal window).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SharedPrefix {
+    /// Indices into [`StepInput::block_tables`].
+    pub seqs: Vec<u32>,
+    /// Leading full blocks shared by all members.
+    pub blocks: u32,
 }
 
 impl StepInput {
@@ -149,6 +167,46 @@ impl StepInput {
         }
         if let Some(&r) = self.logit_rows.iter().find(|&&r| r as usize >= t) {
             return bad(format!("logit row {r} of {t}"));
+        }
+        self.validate_groups(kv.block_size)
+    }
+
+    /// The [`SharedPrefix`] invariants.
+    fn validate_groups(&self, block_size: usize) -> Result<()> {
+        use crate::error::Error;
+        let bad = |m: String| Err(Error::InvalidArgument(format!("step groups: {m}")));
+        let n_seqs = self.block_tables.len();
+        // group_of[s]: the group sequence s belongs to.
+        let mut group_of = vec![usize::MAX; n_seqs];
+        for (gi, g) in self.groups.iter().enumerate() {
+            let Some(&first) = g.seqs.first() else {
+                return bad(format!("group {gi} is empty"));
+            };
+            let nb = g.blocks as usize;
+            for &s in &g.seqs {
+                let s = s as usize;
+                if s >= n_seqs {
+                    return bad(format!("group {gi} names sequence {s} of {n_seqs}"));
+                }
+                if group_of[s] != usize::MAX {
+                    return bad(format!("sequence {s} is in groups {} and {gi}", group_of[s]));
+                }
+                group_of[s] = gi;
+                let (table, lead) = (&self.block_tables[s], &self.block_tables[first as usize]);
+                if table.len() < nb || lead.len() < nb || table[..nb] != lead[..nb] {
+                    return bad(format!(
+                        "sequence {s} does not share the first {nb} blocks of group {gi}"
+                    ));
+                }
+            }
+        }
+        for (r, (&s, &pos)) in self.row_seq.iter().zip(&self.positions).enumerate() {
+            let gi = group_of[s as usize];
+            if gi != usize::MAX && (pos as usize) < self.groups[gi].blocks as usize * block_size {
+                return bad(format!(
+                    "row {r} at position {pos} lies inside the shared prefix of group {gi}"
+                ));
+            }
         }
         Ok(())
     }

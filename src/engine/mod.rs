@@ -112,6 +112,7 @@ impl<B: Backend> SequenceKv<B> {
             row_seq: vec![0; tokens.len()],
             block_tables: vec![self.table.block_ids()],
             logit_rows: if all_logits { (0..n).collect() } else { vec![n - 1] },
+            groups: Vec::new(),
         };
         model.forward(&mut self.cache, &step)
     }
