@@ -208,10 +208,8 @@ impl Tokenizer {
 
     /// An incremental decoder for streaming output: feed ids one at a time, get the text they
     /// complete (a partial UTF-8 sequence is held back until it completes).
-    pub fn stream(&self) -> TextStream<'_> {
-        TextStream {
-            inner: self.inner.decode_stream(false),
-        }
+    pub fn stream(&self) -> TextStream {
+        TextStream::default()
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -268,20 +266,28 @@ impl Tokenizer {
     }
 }
 
-/// Incremental detokenizer; see [`Tokenizer::stream`].
-pub struct TextStream<'a> {
-    inner: tokenizers::tokenizer::DecodeStream<
-        'a,
-        tokenizers::ModelWrapper,
-        tokenizers::NormalizerWrapper,
-        tokenizers::PreTokenizerWrapper,
-        tokenizers::PostProcessorWrapper,
-        tokenizers::DecoderWrapper,
-    >,
+/// Incremental detokenizer; see [`Tokenizer::stream`]. It owns its state (so a sequence can
+/// keep one) and borrows the tokenizer only while stepping.
+#[derive(Clone, Debug, Default)]
+pub struct TextStream {
+    /// Ids not yet settled into emitted text (the decode window).
+    ids: Vec<u32>,
+    /// Text of `ids[..prefix_index]`, already emitted.
+    prefix: String,
+    prefix_index: usize,
 }
 
-impl TextStream<'_> {
-    pub fn step(&mut self, id: u32) -> Result<Option<String>> {
-        self.inner.step(id).map_err(tok_err)
+impl TextStream {
+    /// Feeds one id; returns the text it completes, if any.
+    pub fn step(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<Option<String>> {
+        tokenizers::tokenizer::step_decode_stream(
+            &tokenizer.inner,
+            vec![id],
+            false,
+            &mut self.ids,
+            &mut self.prefix,
+            &mut self.prefix_index,
+        )
+        .map_err(tok_err)
     }
 }

@@ -124,7 +124,7 @@ fn streaming_decode_reassembles_multibyte_characters() {
     let mut stream = t.stream();
     let mut out = String::new();
     for id in ids {
-        if let Some(piece) = stream.step(id).unwrap() {
+        if let Some(piece) = stream.step(&t, id).unwrap() {
             assert!(!piece.contains('\u{fffd}'), "a partial character leaked: {piece:?}");
             out.push_str(&piece);
         }

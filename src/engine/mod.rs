@@ -170,7 +170,7 @@ pub fn generate<B: Backend>(
             out.finish = FinishReason::StopToken(token);
             break;
         }
-        if let Some(piece) = stream.step(token)? {
+        if let Some(piece) = stream.step(tokenizer, token)? {
             let (emit, hit) = matcher.push(&piece);
             if !emit.is_empty() {
                 out.text.push_str(&emit);

@@ -8,9 +8,11 @@
 //! it (copy-on-write; the copies are handed to the backend as one batch).
 
 mod pool;
+mod radix;
 mod table;
 
-pub use pool::{BlockPool, BlockRef, PoolStats};
+pub use pool::{BlockPool, BlockRef, CachedBlock, PoolStats};
+pub use radix::RadixCache;
 pub use table::{Appended, BlockTable};
 
 /// Tokens per block unless configured otherwise.

@@ -9,6 +9,8 @@ struct PoolState {
     free: Vec<u32>,
     /// `refcount[id]`: live handles of block `id` (0 = free).
     refcount: Vec<u32>,
+    /// `cache_holds[id]`: how many of those handles are [`CachedBlock`]s (prefix-cache nodes).
+    cache_holds: Vec<u32>,
 }
 
 fn lock(state: &Mutex<PoolState>) -> MutexGuard<'_, PoolState> {
@@ -32,6 +34,8 @@ pub struct PoolStats {
     pub used: usize,
     /// Blocks with more than one owner.
     pub shared: usize,
+    /// Blocks held by the prefix cache (possibly by sequences too).
+    pub cached: usize,
 }
 
 impl BlockPool {
@@ -46,6 +50,7 @@ impl BlockPool {
                 // Reversed so that blocks are handed out 0, 1, 2, … (easier to read in tests).
                 free: (0..n_blocks as u32).rev().collect(),
                 refcount: vec![0; n_blocks],
+                cache_holds: vec![0; n_blocks],
             })),
             block_size,
         })
@@ -95,7 +100,39 @@ impl BlockPool {
             free: s.free.len(),
             used: s.refcount.iter().filter(|&&r| r > 0).count(),
             shared: s.refcount.iter().filter(|&&r| r > 1).count(),
+            cached: s.cache_holds.iter().filter(|&&c| c > 0).count(),
         }
+    }
+
+    /// Snapshot of every block's owner count, indexed by block id (for tests and debugging).
+    pub fn refcounts(&self) -> Vec<u32> {
+        lock(&self.state).refcount.clone()
+    }
+
+    /// Checks the pool's own invariants: every free id is listed once and has no owner, every
+    /// block with no owner is free, and cache holds never exceed owners.
+    pub fn check_invariants(&self) -> std::result::Result<(), String> {
+        let s = lock(&self.state);
+        let mut listed = vec![false; s.refcount.len()];
+        for &id in &s.free {
+            let i = id as usize;
+            if listed[i] {
+                return Err(format!("block {id} is on the free list twice"));
+            }
+            listed[i] = true;
+            if s.refcount[i] != 0 {
+                return Err(format!("block {id} is free but has {} owners", s.refcount[i]));
+            }
+        }
+        for (i, (&rc, &ch)) in s.refcount.iter().zip(&s.cache_holds).enumerate() {
+            if rc == 0 && !listed[i] {
+                return Err(format!("block {i} has no owner but is not free"));
+            }
+            if ch > rc {
+                return Err(format!("block {i}: {ch} cache holds but {rc} owners"));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -143,6 +180,30 @@ impl Drop for BlockRef {
     }
 }
 
+/// A prefix-cache node's hold on a block: an owner like any [`BlockRef`], counted separately
+/// so the pool can report how many blocks the cache keeps alive.
+pub struct CachedBlock {
+    block: BlockRef,
+}
+
+impl CachedBlock {
+    pub fn new(block: BlockRef) -> Self {
+        lock(&block.state).cache_holds[block.id as usize] += 1;
+        Self { block }
+    }
+
+    pub fn block(&self) -> &BlockRef {
+        &self.block
+    }
+}
+
+impl Drop for CachedBlock {
+    fn drop(&mut self) {
+        // The inner handle drops right after this and releases the owner count itself.
+        lock(&self.block.state).cache_holds[self.block.id as usize] -= 1;
+    }
+}
+
 impl std::fmt::Debug for BlockRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "BlockRef({})", self.id)
@@ -165,7 +226,8 @@ mod tests {
                 total: 4,
                 free: 3,
                 used: 1,
-                shared: 1
+                shared: 1,
+                cached: 0
             }
         );
         drop(a);
@@ -178,9 +240,24 @@ mod tests {
                 total: 4,
                 free: 4,
                 used: 0,
-                shared: 0
+                shared: 0,
+                cached: 0
             }
         );
+    }
+
+    #[test]
+    fn cache_holds_are_owners_counted_apart() {
+        let pool = BlockPool::new(2, 16).unwrap();
+        let a = pool.alloc().unwrap();
+        let cached = CachedBlock::new(a.clone());
+        assert_eq!((pool.stats().cached, pool.stats().shared), (1, 1));
+        drop(a);
+        assert_eq!((pool.stats().cached, pool.stats().used), (1, 1));
+        assert_eq!(cached.block().refcount(), 1);
+        drop(cached);
+        assert_eq!((pool.stats().cached, pool.stats().free), (0, 2));
+        pool.check_invariants().unwrap();
     }
 
     #[test]

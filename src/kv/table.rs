@@ -31,6 +31,15 @@ impl BlockTable {
         }
     }
 
+    /// A table over `blocks`, all full (e.g. a prefix taken from the radix cache).
+    pub fn from_full_blocks(blocks: Vec<BlockRef>, block_size: usize) -> Self {
+        Self {
+            len: blocks.len() * block_size,
+            blocks,
+            block_size,
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }
