@@ -87,6 +87,15 @@ pub enum Error {
     InvalidArgument(String),
     #[error("KV cache is out of blocks: needed {needed}, {free} free of {total}")]
     OutOfBlocks { needed: usize, free: usize, total: usize },
+    #[error(
+        "a sequence of {tokens} tokens needs {needed_blocks} KV blocks but the cache holds only {total_blocks}; \
+         raise --kv-blocks or shorten the request"
+    )]
+    KvCapacity {
+        tokens: usize,
+        needed_blocks: usize,
+        total_blocks: usize,
+    },
 
     // ---- backend --------------------------------------------------------------------------
     #[error("backend {backend}: {reason}")]

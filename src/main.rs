@@ -9,11 +9,16 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use qmtot::backend::cpu::{CpuBackend, MatmulPrecision};
+use qmtot::bench::tree::TreeMode;
 use qmtot::config::ModelConfig;
-use qmtot::engine::{generate, FinishReason, GenerateRequest, SamplingParams, StopConditions, DEFAULT_PREFILL_CHUNK};
+use qmtot::engine::{
+    Engine, EngineConfig, Event, Prompt, Request, SamplingParams, SchedulerConfig, StopConditions,
+    DEFAULT_PREFILL_CHUNK,
+};
 use qmtot::error::{Error, Result};
 use qmtot::fetch::resolve_model;
 use qmtot::formats::gguf::GgufFile;
+use qmtot::kv::DEFAULT_BLOCK_SIZE;
 use qmtot::model::Llama;
 use qmtot::tokenizer::{ChatMessage, Tokenizer};
 
@@ -59,6 +64,41 @@ struct RunArgs {
     cpu_matmul: CpuMatmul,
 }
 
+/// KV cache and scheduler settings.
+#[derive(Args)]
+struct EngineArgs {
+    /// KV cache size in blocks of 16 tokens.
+    #[arg(long, default_value_t = 1024)]
+    kv_blocks: usize,
+    /// Rows (tokens) per forward step: decodes count one each, prompt chunks their length.
+    #[arg(long, default_value_t = DEFAULT_PREFILL_CHUNK)]
+    max_batch_tokens: usize,
+    /// Sequences per forward step.
+    #[arg(long, default_value_t = 64)]
+    max_seqs: usize,
+    /// Do not reuse cached prompt prefixes across requests.
+    #[arg(long)]
+    no_prefix_cache: bool,
+    /// Plain paged attention even for sequences that share a prefix.
+    #[arg(long)]
+    no_cascade: bool,
+}
+
+impl EngineArgs {
+    fn config(&self) -> EngineConfig {
+        EngineConfig {
+            kv_blocks: self.kv_blocks,
+            block_size: DEFAULT_BLOCK_SIZE,
+            scheduler: SchedulerConfig {
+                max_batch_tokens: self.max_batch_tokens,
+                max_seqs: self.max_seqs,
+            },
+            prefix_cache: !self.no_prefix_cache,
+            cascade_min_blocks: (!self.no_cascade).then_some(1),
+        }
+    }
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum CpuMatmul {
     F32,
@@ -97,14 +137,38 @@ struct GenerateArgs {
     /// Stop when this string appears (repeatable); the output ends before it.
     #[arg(long = "stop")]
     stop: Vec<String>,
+    /// Number of samples of the prompt. They share the prompt's KV blocks (computed once) and
+    /// decode as one batch; sample i uses seed + i. Each is printed with its log-probability.
+    #[arg(long, default_value_t = 1)]
+    n: usize,
     #[command(flatten)]
     run: RunArgs,
+    #[command(flatten)]
+    engine: EngineArgs,
 }
 
 #[derive(Subcommand)]
 enum BenchCommand {
     /// Prefill and decode throughput on a real model (like llama-bench's pp512 / tg128).
     Decode(BenchDecodeArgs),
+    /// Decode step time and KV blocks of K sequences continuing one prefix: a single chain,
+    /// K independent copies, K forked siblings, and forked siblings with cascade attention.
+    Tree(BenchTreeArgs),
+}
+
+#[derive(Args)]
+struct BenchTreeArgs {
+    /// Sibling sequences (K).
+    #[arg(long, default_value_t = 8)]
+    siblings: usize,
+    /// Shared prefix length in tokens (P).
+    #[arg(long, default_value_t = 512)]
+    prefix: usize,
+    /// Tokens each sibling generates (S).
+    #[arg(long, default_value_t = 64)]
+    suffix: usize,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 #[derive(Args)]
@@ -128,6 +192,7 @@ fn main() -> ExitCode {
         Command::Generate(a) => cmd_generate(a),
         Command::Info(a) => cmd_info(a),
         Command::Bench(BenchCommand::Decode(a)) => cmd_bench_decode(a),
+        Command::Bench(BenchCommand::Tree(a)) => cmd_bench_tree(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -200,38 +265,90 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     } else {
         tokenizer.encode(&a.prompt, true)?
     };
-    let req = GenerateRequest {
-        prompt,
+    let stop = StopConditions {
+        max_new_tokens: a.max_tokens,
+        stop_tokens: tokenizer.eos_ids().to_vec(),
+        stop_strings: a.stop,
+    };
+    let mut engine = Engine::new(&model, Some(&tokenizer), a.engine.config())?;
+    let started = std::time::Instant::now();
+    let ids = engine.submit(Request {
+        prompt: Prompt::Tokens(prompt.clone()),
+        n: a.n,
         sampling,
-        stop: StopConditions {
-            max_new_tokens: a.max_tokens,
-            stop_tokens: tokenizer.eos_ids().to_vec(),
-            stop_strings: a.stop,
-        },
-        prefill_chunk: DEFAULT_PREFILL_CHUNK,
-    };
-    let mut stdout = std::io::stdout().lock();
-    let gen = generate(&model, &tokenizer, &req, |piece| {
-        stdout
-            .write_all(piece.as_bytes())
-            .and_then(|_| stdout.flush())
-            .map_err(|e| Error::io("<stdout>", e))
+        stop,
     })?;
-    writeln!(stdout).map_err(|e| Error::io("<stdout>", e))?;
-    let s = &gen.stats;
-    let finish = match &gen.finish {
-        FinishReason::Length => "length".to_string(),
-        FinishReason::StopToken(t) => format!("stop token {t}"),
-        FinishReason::StopString(s) => format!("stop string {s:?}"),
-    };
+    let mut stdout = std::io::stdout().lock();
+    let mut results = Vec::new();
+    let (mut peak_used, mut peak_shared) = (0, 0);
+    while !engine.is_idle() {
+        for event in engine.step()? {
+            match event {
+                // One sample streams as it goes; several are printed whole at the end.
+                Event::Token { text, .. } if a.n == 1 => {
+                    stdout
+                        .write_all(text.as_bytes())
+                        .and_then(|_| stdout.flush())
+                        .map_err(|e| Error::io("<stdout>", e))?;
+                }
+                Event::Finished { seq, generation } => results.push((seq, generation)),
+                Event::Failed { error, .. } => return Err(error),
+                _ => {}
+            }
+        }
+        let pool = engine.stats().pool;
+        peak_used = peak_used.max(pool.used);
+        peak_shared = peak_shared.max(pool.shared);
+    }
+    let elapsed = started.elapsed();
+    results.sort_by_key(|(seq, _)| ids.iter().position(|i| i == seq));
+    let out = |s: String| writeln!(std::io::stdout(), "{s}").map_err(|e| Error::io("<stdout>", e));
+    if a.n == 1 {
+        drop(stdout);
+        out(String::new())?;
+    } else {
+        drop(stdout);
+        for (i, (_, g)) in results.iter().enumerate() {
+            out(format!(
+                "--- sample {} of {} | log-probability {:.3} | {} tokens | {} ---",
+                i + 1,
+                a.n,
+                g.logprob(),
+                g.tokens.len(),
+                g.finish
+            ))?;
+            out(g.text.clone())?;
+        }
+    }
+    let generated: usize = results.iter().map(|(_, g)| g.tokens.len()).sum();
+    let st = engine.stats();
+    if let [(_, g)] = results.as_slice() {
+        let s = &g.stats;
+        eprintln!(
+            "[{}] prompt tokens: {} | prefill: {:.1} tok/s | decode: {:.1} tok/s | time to first token: {:.1} ms | generated: {} tokens ({}) | log-probability {:.3}",
+            model.backend_name(),
+            s.prompt_tokens,
+            s.prefill_tok_per_s(),
+            s.decode_tok_per_s(),
+            s.time_to_first_token.as_secs_f64() * 1e3,
+            s.generated_tokens,
+            g.finish,
+            g.logprob(),
+        );
+    } else {
+        eprintln!(
+            "[{}] {} samples | prompt tokens: {} (computed once) | generated: {generated} tokens in {:.2} s ({:.1} tok/s) | forward steps: {}",
+            model.backend_name(),
+            a.n,
+            prompt.len(),
+            elapsed.as_secs_f64(),
+            generated as f64 / elapsed.as_secs_f64().max(1e-9),
+            st.steps,
+        );
+    }
     eprintln!(
-        "[{}] prompt tokens: {} | prefill: {:.1} tok/s | decode: {:.1} tok/s | time to first token: {:.1} ms | generated: {} tokens ({finish})",
-        model.backend_name(),
-        s.prompt_tokens,
-        s.prefill_tok_per_s(),
-        s.decode_tok_per_s(),
-        s.time_to_first_token.as_secs_f64() * 1e3,
-        s.generated_tokens,
+        "KV blocks of {} tokens: peak used {peak_used}, peak shared {peak_shared} (of {}) | copy-on-write copies: {} | tokens computed: {}",
+        DEFAULT_BLOCK_SIZE, st.pool.total, st.block_copies, st.computed_tokens,
     );
     Ok(())
 }
@@ -311,4 +428,39 @@ fn cpu_model() -> String {
                 .map(|v| v.trim().to_string())
         })
         .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+fn cmd_bench_tree(a: BenchTreeArgs) -> Result<()> {
+    let Loaded { model, .. } = load(&a.run)?;
+    println!("backend:  {}", model.backend_name());
+    println!("cpu:      {}", cpu_model());
+    println!(
+        "K = {} siblings, prefix P = {} tokens, suffix S = {} tokens, block = {} tokens",
+        a.siblings, a.prefix, a.suffix, DEFAULT_BLOCK_SIZE
+    );
+    println!(
+        "{:<12} {:>5} {:>14} {:>12} {:>14} {:>12} {:>12}",
+        "setup", "seqs", "median ms/step", "mean ms/step", "vs single", "KV blocks", "shared"
+    );
+    let mut single_ms = None;
+    for mode in TreeMode::ALL {
+        let r = qmtot::bench::tree::run(&model, mode, a.siblings, a.prefix, a.suffix)?;
+        let base = *single_ms.get_or_insert(r.median_step_ms);
+        println!(
+            "{:<12} {:>5} {:>14.2} {:>12.2} {:>13.2}x {:>12} {:>12}",
+            mode.name(),
+            r.sequences,
+            r.median_step_ms,
+            r.mean_step_ms,
+            r.median_step_ms / base,
+            r.blocks_used,
+            r.blocks_shared
+        );
+    }
+    let bound = a.prefix.div_ceil(DEFAULT_BLOCK_SIZE)
+        + a.siblings * (a.suffix + DEFAULT_BLOCK_SIZE).div_ceil(DEFAULT_BLOCK_SIZE);
+    println!(
+        "bound for shared setups (prefix blocks + per-sibling suffix blocks incl. a copied partial block): {bound}"
+    );
+    Ok(())
 }

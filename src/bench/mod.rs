@@ -2,3 +2,4 @@
 //! benchmarks join these with the CUDA backend.
 
 pub mod decode;
+pub mod tree;

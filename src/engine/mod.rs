@@ -1,43 +1,139 @@
-//! Generation. For now: one sequence at a time over a paged KV cache, with chunked prefill,
-//! sampling, stop conditions and streamed text. The continuous-batching engine (many
-//! sequences, fork, copy-on-write, prefix cache) grows from here and keeps this API for the
-//! single-sequence case.
+//! The engine: many sequences over one paged KV cache, advanced together one batched step at
+//! a time.
+//!
+//! A *sequence* is a token list with K/V in the cache and, at most, one task: prefill it,
+//! generate a continuation, or score candidate continuations. Sequences are cheap to fork:
+//! a fork shares every block of its parent (see [`crate::kv`] for the ownership and
+//! copy-on-write rules), so the frontier of a tree of thoughts, or the `n` samples of one
+//! prompt, cost the prompt once. Each [`Engine::step`] runs one forward over the rows the
+//! [`scheduler`] picked from every sequence with pending tokens (continuous batching) and
+//! returns what happened as [`Event`]s.
+//!
+//! Ownership in one line each:
+//! * the engine owns the sequences; callers hold [`SeqId`]s and must [`Engine::release`] them;
+//! * a sequence owns its block table, the table owns block handles, handles own refcounts;
+//! * released sequences leave their full blocks in the radix prefix cache, which evicts them
+//!   least recently used when the pool runs low.
+//!
+//! [`generate`] is the one-prompt, one-answer convenience on top, with streamed text.
 
 pub mod sampler;
+pub mod scheduler;
+mod sequence;
+mod single;
+mod step;
 pub mod stop;
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use sampler::{Sampled, Sampler, SamplingParams};
+pub use scheduler::SchedulerConfig;
+pub use sequence::SeqId;
+pub use single::SequenceKv;
 pub use stop::{FinishReason, StopConditions, StopMatcher};
 
-use crate::backend::{Backend, StepInput};
+use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::kv::{BlockPool, BlockTable, DEFAULT_BLOCK_SIZE};
+use crate::kv::{BlockPool, PoolStats, RadixCache, DEFAULT_BLOCK_SIZE};
 use crate::model::{KvCache, Llama};
 use crate::tokenizer::Tokenizer;
+use sequence::{Candidate, Generating, Scoring, Sequence, Task};
+use step::LogitUse;
 
 /// Prompt tokens per prefill forward (bounds activation memory for long prompts).
 pub const DEFAULT_PREFILL_CHUNK: usize = 512;
 
+/// How the engine is sized and behaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// KV blocks in the pool.
+    pub kv_blocks: usize,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    pub scheduler: SchedulerConfig,
+    /// Reuse computed prefixes across sequences through the radix cache.
+    pub prefix_cache: bool,
+    /// Cascade attention for sequences sharing at least this many leading blocks; `None` off.
+    pub cascade_min_blocks: Option<usize>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            kv_blocks: 1024,
+            block_size: DEFAULT_BLOCK_SIZE,
+            scheduler: SchedulerConfig::default(),
+            prefix_cache: true,
+            cascade_min_blocks: Some(1),
+        }
+    }
+}
+
+/// What a step produced, in order.
+#[derive(Debug)]
+pub enum Event {
+    /// A [`Engine::prefill`] finished: the sequence's next-token logits are known, so its
+    /// forks can sample at once.
+    Ready { seq: SeqId },
+    /// A generated token, with the text it made final (possibly empty: held back as a partial
+    /// character or a possible stop string).
+    Token {
+        seq: SeqId,
+        token: u32,
+        logprob: f32,
+        text: String,
+    },
+    /// Generation ended; the sequence is idle again and still holds its tokens.
+    Finished { seq: SeqId, generation: Generation },
+    /// Scores of [`Engine::score`], one per candidate, in the order given.
+    Scored { seq: SeqId, scores: Vec<CandidateScore> },
+    /// A task could not run (it can never fit the KV pool); the sequence is idle again.
+    Failed { seq: SeqId, error: Error },
+}
+
+/// Log-probabilities of one candidate continuation, token by token.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CandidateScore {
+    pub logprobs: Vec<f32>,
+}
+
+impl CandidateScore {
+    /// log p(candidate | sequence).
+    pub fn total(&self) -> f32 {
+        self.logprobs.iter().sum()
+    }
+}
+
+/// A generation request for [`Engine::submit`].
 #[derive(Clone, Debug)]
-pub struct GenerateRequest {
-    pub prompt: Vec<u32>,
+pub struct Request {
+    pub prompt: Prompt,
+    /// Samples, sharing the prompt's blocks (like OpenAI's `n`). Sample `i` uses seed
+    /// `sampling.seed + i`.
+    pub n: usize,
     pub sampling: SamplingParams,
     pub stop: StopConditions,
-    /// Prompt tokens per prefill step.
-    pub prefill_chunk: usize,
+}
+
+#[derive(Clone, Debug)]
+pub enum Prompt {
+    /// A new sequence of these tokens.
+    Tokens(Vec<u32>),
+    /// A fork of an idle sequence, extended by `tokens` (the original stays as it is).
+    Continue { from: SeqId, tokens: Vec<u32> },
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct GenerationStats {
     pub prompt_tokens: usize,
     pub generated_tokens: usize,
-    /// Time to run the prompt through the model (up to the first logits).
+    /// From the start of the task to the first sampled token (prompt processing).
     pub prefill: Duration,
-    /// Time of the decode steps after the first token.
+    /// From the first sampled token to the last.
     pub decode: Duration,
-    /// From the call to the first sampled token.
+    /// From the start of the task to the first sampled token.
     pub time_to_first_token: Duration,
 }
 
@@ -64,6 +160,29 @@ pub struct Generation {
     pub stats: GenerationStats,
 }
 
+impl Generation {
+    /// Sum of the generated tokens' log-probabilities.
+    pub fn logprob(&self) -> f32 {
+        self.logprobs.iter().sum()
+    }
+}
+
+/// Counters since the engine started, and the pool now.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    pub steps: usize,
+    /// Rows run through the model (prompt, decode and candidate tokens).
+    pub computed_tokens: usize,
+    /// Tokens whose K/V came from the prefix cache instead.
+    pub cached_tokens: usize,
+    /// Copy-on-write block copies.
+    pub block_copies: usize,
+    pub preemptions: usize,
+    /// Sequences held (including engine-internal ones).
+    pub sequences: usize,
+    pub pool: PoolStats,
+}
+
 /// Checks a prompt against the model before any work is done.
 pub fn check_prompt(prompt_len: usize, max_new: usize, context: usize) -> Result<()> {
     if prompt_len == 0 {
@@ -79,123 +198,742 @@ pub fn check_prompt(prompt_len: usize, max_new: usize, context: usize) -> Result
     Ok(())
 }
 
-/// One sequence's KV state: its own cache, block pool and table.
-pub struct SequenceKv<B: Backend> {
-    pub cache: KvCache<B>,
-    pub pool: BlockPool,
-    pub table: BlockTable,
+pub struct Engine<'m, B: Backend> {
+    model: &'m Llama<B>,
+    /// Needed for text output and stop strings.
+    tokenizer: Option<&'m Tokenizer>,
+    config: EngineConfig,
+    kv: KvCache<B>,
+    pool: BlockPool,
+    radix: Option<RadixCache>,
+    seqs: HashMap<SeqId, Sequence>,
+    next_id: u64,
+    /// Task start counter (scheduling priority).
+    next_order: u64,
+    stats: EngineStats,
 }
 
-impl<B: Backend> SequenceKv<B> {
-    /// Room for `tokens` positions.
-    pub fn new(model: &Llama<B>, tokens: usize) -> Result<Self> {
-        let bs = DEFAULT_BLOCK_SIZE;
-        let n_blocks = tokens.div_ceil(bs).max(1);
+impl<'m, B: Backend> Engine<'m, B> {
+    pub fn new(model: &'m Llama<B>, tokenizer: Option<&'m Tokenizer>, config: EngineConfig) -> Result<Self> {
+        if config.scheduler.max_batch_tokens == 0 || config.scheduler.max_seqs == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "scheduler limits must be positive: {:?}",
+                config.scheduler
+            )));
+        }
         Ok(Self {
-            cache: model.new_kv_cache(n_blocks, bs)?,
-            pool: BlockPool::new(n_blocks, bs)?,
-            table: BlockTable::new(bs),
+            model,
+            tokenizer,
+            kv: model.new_kv_cache(config.kv_blocks, config.block_size)?,
+            pool: BlockPool::new(config.kv_blocks, config.block_size)?,
+            radix: config.prefix_cache.then(|| RadixCache::new(config.block_size)),
+            config,
+            seqs: HashMap::new(),
+            next_id: 0,
+            next_order: 0,
+            stats: EngineStats::default(),
         })
     }
 
-    /// Appends `tokens` at the end of the sequence and runs them through the model; returns
-    /// logits for every new position (`all_logits`) or only the last, `[R, vocab]`.
-    pub fn extend(&mut self, model: &Llama<B>, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
-        let start = self.table.len();
-        let appended = self.table.append(&self.pool, tokens.len())?;
-        model.copy_blocks(&mut self.cache, &appended.copies)?;
-        let n = tokens.len() as u32;
-        let step = StepInput {
-            tokens: tokens.to_vec(),
-            positions: (start as u32..start as u32 + n).collect(),
-            slots: appended.slots,
-            row_seq: vec![0; tokens.len()],
-            block_tables: vec![self.table.block_ids()],
-            logit_rows: if all_logits { (0..n).collect() } else { vec![n - 1] },
-            groups: Vec::new(),
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        EngineStats {
+            sequences: self.seqs.len(),
+            pool: self.pool.stats(),
+            ..self.stats.clone()
+        }
+    }
+
+    /// Block ids each live sequence holds, and those the prefix cache holds (for checks).
+    pub fn block_holders(&self) -> (Vec<Vec<u32>>, Vec<u32>) {
+        let tables = self.seqs.values().map(|s| s.table.block_ids()).collect();
+        let cached = self.radix.as_ref().map(RadixCache::block_ids).unwrap_or_default();
+        (tables, cached)
+    }
+
+    /// The pool (for stats and invariant checks).
+    pub fn pool(&self) -> &BlockPool {
+        &self.pool
+    }
+
+    /// Whether any task is still running.
+    pub fn is_idle(&self) -> bool {
+        self.seqs.values().all(|s| matches!(s.task, Task::Idle))
+    }
+
+    /// The tokens of a sequence.
+    pub fn tokens(&self, id: SeqId) -> Result<&[u32]> {
+        Ok(&self.visible(id)?.tokens)
+    }
+
+    /// The next-token logits `[vocab]` of a sequence, when all its tokens are computed (after
+    /// [`Event::Ready`], for instance; a fork shares its parent's).
+    pub fn next_logits(&self, id: SeqId) -> Result<Option<&[f32]>> {
+        Ok(self.visible(id)?.next_logits.as_deref().map(Vec::as_slice))
+    }
+
+    // ---- creating and shaping sequences ------------------------------------------------------
+
+    /// A new idle sequence of `tokens` (nothing is computed until a task needs it; then the
+    /// longest cached prefix is reused).
+    pub fn add(&mut self, tokens: Vec<u32>) -> Result<SeqId> {
+        if tokens.is_empty() {
+            return Err(Error::EmptyPrompt);
+        }
+        self.check_tokens(&tokens)?;
+        self.check_fits(tokens.len(), 0)?;
+        Ok(self.insert(Sequence::new(tokens, self.config.block_size)))
+    }
+
+    /// Appends tokens to an idle sequence (they are computed by its next task).
+    pub fn append(&mut self, id: SeqId, tokens: &[u32]) -> Result<()> {
+        self.check_tokens(tokens)?;
+        let len = self.idle(id)?.tokens.len() + tokens.len();
+        self.check_fits(len, 0)?;
+        let seq = self.seqs.get_mut(&id).expect("checked above");
+        seq.tokens.extend_from_slice(tokens);
+        if !tokens.is_empty() {
+            seq.next_logits = None;
+        }
+        Ok(())
+    }
+
+    /// `n` new sequences sharing every block of idle sequence `id` (no K/V is copied).
+    pub fn fork(&mut self, id: SeqId, n: usize) -> Result<Vec<SeqId>> {
+        let parent = self.idle(id)?;
+        let children: Vec<Sequence> = (0..n).map(|_| parent.fork()).collect();
+        Ok(children.into_iter().map(|c| self.insert(c)).collect())
+    }
+
+    /// Drops a sequence and any task it runs. Its full computed blocks stay in the prefix
+    /// cache; everything else returns to the pool once no other sequence shares it.
+    pub fn release(&mut self, id: SeqId) -> Result<()> {
+        self.visible(id)?;
+        self.remove(id);
+        Ok(())
+    }
+
+    /// Stops a sequence's task and releases it; returns what it had generated, if it was
+    /// generating (finish reason `Cancelled`).
+    pub fn cancel(&mut self, id: SeqId) -> Result<Option<Generation>> {
+        self.visible(id)?;
+        let out = match self
+            .seqs
+            .get_mut(&id)
+            .map(|s| std::mem::replace(&mut s.task, Task::Idle))
+        {
+            Some(Task::Generate(g)) => Some(finish_generation(*g, FinishReason::Cancelled)),
+            _ => None,
         };
-        model.forward(&mut self.cache, &step)
+        self.remove(id);
+        Ok(out)
+    }
+
+    // ---- tasks ---------------------------------------------------------------------------------
+
+    /// Computes the pending tokens of idle sequence `id`; [`Event::Ready`] follows.
+    pub fn prefill(&mut self, id: SeqId) -> Result<()> {
+        self.idle(id)?;
+        self.start(id, Task::Prefill);
+        Ok(())
+    }
+
+    /// Samples a continuation of idle sequence `id`; [`Event::Token`]s then
+    /// [`Event::Finished`] follow.
+    pub fn generate(&mut self, id: SeqId, sampling: SamplingParams, stop: StopConditions) -> Result<()> {
+        let g = self.new_generation(self.idle(id)?.tokens.len(), sampling, stop)?;
+        self.start(id, Task::Generate(Box::new(g)));
+        Ok(())
+    }
+
+    /// Log-probabilities of each candidate token sequence right after idle sequence `id`;
+    /// [`Event::Scored`] follows. Candidates longer than one token are scored by forks, which
+    /// share the sequence's blocks.
+    pub fn score(&mut self, id: SeqId, candidates: Vec<Vec<u32>>) -> Result<()> {
+        let len = self.idle(id)?.tokens.len();
+        if candidates.is_empty() || candidates.iter().any(Vec::is_empty) {
+            return Err(Error::InvalidArgument(
+                "score: candidates must be non-empty token lists".into(),
+            ));
+        }
+        for c in &candidates {
+            self.check_tokens(c)?;
+            self.check_fits(len + c.len() - 1, 0)?;
+        }
+        let n = candidates.len();
+        self.start(
+            id,
+            Task::Score(Scoring {
+                candidates,
+                results: vec![None; n],
+                started: false,
+            }),
+        );
+        Ok(())
+    }
+
+    /// Creates the request's sequence(s) and starts generating; returns one id per sample.
+    /// With `n > 1` the prompt is computed once and the samples fork from it.
+    pub fn submit(&mut self, req: Request) -> Result<Vec<SeqId>> {
+        if req.n == 0 {
+            return Err(Error::InvalidArgument("n must be at least 1".into()));
+        }
+        let prompt_len = match &req.prompt {
+            Prompt::Tokens(t) => t.len(),
+            Prompt::Continue { from, tokens } => self.idle(*from)?.tokens.len() + tokens.len(),
+        };
+        // Check everything before creating anything.
+        check_prompt(prompt_len, req.stop.max_new_tokens, self.model.config.context_length)?;
+        self.new_generation(prompt_len, req.sampling.clone(), req.stop.clone())?;
+        self.check_fits(prompt_len, req.stop.max_new_tokens)?;
+        let base = match req.prompt {
+            Prompt::Tokens(tokens) => self.add(tokens)?,
+            Prompt::Continue { from, tokens } => {
+                let child = self.fork(from, 1)?[0];
+                self.append(child, &tokens)?;
+                child
+            }
+        };
+        if req.n == 1 {
+            self.generate(base, req.sampling, req.stop)?;
+            return Ok(vec![base]);
+        }
+        let base_tokens = self.seqs[&base].tokens.clone();
+        let mut children = Vec::with_capacity(req.n);
+        for i in 0..req.n {
+            let id = self.insert(Sequence::new(base_tokens.clone(), self.config.block_size));
+            let sampling = SamplingParams {
+                seed: req.sampling.seed.wrapping_add(i as u64),
+                ..req.sampling.clone()
+            };
+            self.generate(id, sampling, req.stop.clone())?;
+            self.seqs.get_mut(&id).expect("just added").waiting_for = Some(base);
+            children.push(id);
+        }
+        self.seqs.get_mut(&base).expect("just added").hidden = true;
+        self.start(
+            base,
+            Task::FanOut {
+                children: children.clone(),
+            },
+        );
+        Ok(children)
+    }
+
+    // ---- running -------------------------------------------------------------------------------
+
+    /// Runs one batched forward over the scheduled rows and returns the events it caused.
+    /// Returns no events and does nothing when no task has work.
+    pub fn step(&mut self) -> Result<Vec<Event>> {
+        let mut events = Vec::new();
+        self.advance(&mut events);
+        let plan = self.schedule(&mut events);
+        if plan.is_empty() {
+            return Ok(events);
+        }
+        let copies: Vec<(u32, u32)> = plan.iter().flat_map(|p| p.appended.copies.iter().copied()).collect();
+        let (input, uses) = step::build(
+            &plan,
+            &self.seqs,
+            self.config.block_size,
+            self.config.cascade_min_blocks,
+        );
+        let result = self
+            .model
+            .copy_blocks(&mut self.kv, &copies)
+            .and_then(|()| self.model.forward(&mut self.kv, &input));
+        let logits = match result {
+            Ok(logits) => logits,
+            Err(e) => {
+                // The planned rows' slots were reserved but not written: recompute them later.
+                for p in &plan {
+                    self.preempt(p.seq);
+                }
+                return Err(e);
+            }
+        };
+        self.stats.steps += 1;
+        self.stats.computed_tokens += input.rows();
+        self.stats.block_copies += copies.len();
+        for p in &plan {
+            self.seqs.get_mut(&p.seq).expect("planned sequences exist").computed += p.rows;
+        }
+        let vocab = self.model.config.vocab_size;
+        for (row, use_) in logits.chunks_exact(vocab).zip(uses) {
+            match use_ {
+                LogitUse::Next { entry } => {
+                    let seq = self.seqs.get_mut(&plan[entry].seq).expect("planned");
+                    seq.next_logits = Some(Arc::new(row.to_vec()));
+                }
+                LogitUse::Candidate { entry, position } => {
+                    let seq = self.seqs.get_mut(&plan[entry].seq).expect("planned");
+                    if let Task::Candidate(c) = &mut seq.task {
+                        let j = position - c.base + 1;
+                        c.logprobs[j] = sampler::candidate_logprobs(row, &[c.tokens[j]])?[0];
+                    }
+                }
+            }
+        }
+        let planned: Vec<SeqId> = plan.iter().map(|p| p.seq).collect();
+        drop(plan); // copies applied: release the copy sources
+        for id in planned {
+            self.offer_to_cache(id);
+        }
+        self.advance(&mut events);
+        Ok(events)
+    }
+
+    /// Steps until no task is left; returns every event.
+    pub fn run_until_idle(&mut self) -> Result<Vec<Event>> {
+        let mut all = Vec::new();
+        while !self.is_idle() {
+            let before = self.stats.steps;
+            let events = self.step()?;
+            if events.is_empty() && self.stats.steps == before {
+                return Err(Error::InvalidArgument(
+                    "engine made no progress (internal error)".into(),
+                ));
+            }
+            all.extend(events);
+        }
+        Ok(all)
+    }
+
+    // ---- internals -------------------------------------------------------------------------------
+
+    fn insert(&mut self, seq: Sequence) -> SeqId {
+        let id = SeqId(self.next_id);
+        self.next_id += 1;
+        self.seqs.insert(id, seq);
+        id
+    }
+
+    fn start(&mut self, id: SeqId, task: Task) {
+        let seq = self.seqs.get_mut(&id).expect("checked by the caller");
+        seq.task = task;
+        seq.order = self.next_order;
+        self.next_order += 1;
+    }
+
+    fn visible(&self, id: SeqId) -> Result<&Sequence> {
+        match self.seqs.get(&id) {
+            Some(s) if !s.hidden => Ok(s),
+            _ => Err(Error::InvalidArgument(format!("unknown sequence {id}"))),
+        }
+    }
+
+    /// A visible sequence with no task.
+    fn idle(&self, id: SeqId) -> Result<&Sequence> {
+        let s = self.visible(id)?;
+        if !matches!(s.task, Task::Idle) || s.waiting_for.is_some() {
+            return Err(Error::InvalidArgument(format!("{id} is busy with a task")));
+        }
+        Ok(s)
+    }
+
+    fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
+        let vocab = self.model.config.vocab_size;
+        match tokens.iter().find(|&&t| t as usize >= vocab) {
+            Some(&id) => Err(Error::TokenOutOfRange { id, vocab }),
+            None => Ok(()),
+        }
+    }
+
+    /// A sequence of `len` tokens that may grow by `max_new` must fit the context and, alone,
+    /// the pool.
+    fn check_fits(&self, len: usize, max_new: usize) -> Result<()> {
+        let context = self.model.config.context_length;
+        if len + max_new > context {
+            return Err(Error::PromptTooLong {
+                tokens: len,
+                max_new,
+                context,
+            });
+        }
+        let needed_blocks = (len + max_new).div_ceil(self.config.block_size);
+        if needed_blocks > self.config.kv_blocks {
+            return Err(Error::KvCapacity {
+                tokens: len + max_new,
+                needed_blocks,
+                total_blocks: self.config.kv_blocks,
+            });
+        }
+        Ok(())
+    }
+
+    fn new_generation(
+        &self,
+        prompt_tokens: usize,
+        sampling: SamplingParams,
+        stop: StopConditions,
+    ) -> Result<Generating> {
+        if !stop.stop_strings.is_empty() && self.tokenizer.is_none() {
+            return Err(Error::InvalidArgument("stop strings need a tokenizer".into()));
+        }
+        Ok(Generating {
+            sampler: Sampler::new(sampling)?,
+            matcher: StopMatcher::new(&stop.stop_strings),
+            stop,
+            text_stream: Default::default(),
+            tokens: Vec::new(),
+            logprobs: Vec::new(),
+            text: String::new(),
+            prompt_tokens,
+            started: Instant::now(),
+            first_token: None,
+        })
+    }
+
+    /// Inserts `id`'s newly completed full blocks into the prefix cache.
+    pub(crate) fn offer_to_cache(&mut self, id: SeqId) {
+        let (Some(radix), Some(seq)) = (self.radix.as_mut(), self.seqs.get_mut(&id)) else {
+            return;
+        };
+        let full = seq.computed / self.config.block_size;
+        if full > seq.cached_blocks {
+            radix.insert(
+                &seq.tokens[..full * self.config.block_size],
+                &seq.table.blocks()[..full],
+            );
+            seq.cached_blocks = full;
+        }
+    }
+
+    /// Removes a sequence with everything that depends on it (its candidates; a fan-out
+    /// parent left without children).
+    fn remove(&mut self, id: SeqId) {
+        self.offer_to_cache(id);
+        let Some(seq) = self.seqs.remove(&id) else {
+            return;
+        };
+        match seq.task {
+            Task::Score(_) => {
+                let children: Vec<SeqId> = self
+                    .seqs
+                    .iter()
+                    .filter(|(_, s)| matches!(&s.task, Task::Candidate(c) if c.parent == id))
+                    .map(|(&c, _)| c)
+                    .collect();
+                for c in children {
+                    self.remove(c);
+                }
+            }
+            Task::FanOut { children } => {
+                for c in children {
+                    if let Some(child) = self.seqs.get_mut(&c) {
+                        child.waiting_for = None;
+                    }
+                }
+            }
+            _ => {}
+        }
+        if let Some(parent) = seq.waiting_for {
+            let orphaned = match self.seqs.get_mut(&parent).map(|p| &mut p.task) {
+                Some(Task::FanOut { children }) => {
+                    children.retain(|&c| c != id);
+                    children.is_empty()
+                }
+                _ => false,
+            };
+            if orphaned {
+                self.remove(parent);
+            }
+        }
+    }
+
+    /// Ends `id`'s task with `error` (and the tasks that depend on it).
+    fn fail(&mut self, id: SeqId, error: Error, events: &mut Vec<Event>) {
+        let Some(seq) = self.seqs.get_mut(&id) else {
+            return;
+        };
+        match std::mem::replace(&mut seq.task, Task::Idle) {
+            Task::Candidate(c) => {
+                self.remove(id);
+                self.fail(c.parent, error, events);
+            }
+            Task::FanOut { children } => {
+                self.remove(id);
+                for c in children {
+                    self.fail(
+                        c,
+                        Error::InvalidArgument(format!("the shared prompt failed: {error}")),
+                        events,
+                    );
+                }
+            }
+            Task::Score(_) => {
+                let children: Vec<SeqId> = self
+                    .seqs
+                    .iter()
+                    .filter(|(_, s)| matches!(&s.task, Task::Candidate(c) if c.parent == id))
+                    .map(|(&c, _)| c)
+                    .collect();
+                for c in children {
+                    self.remove(c);
+                }
+                events.push(Event::Failed { seq: id, error });
+            }
+            _ => {
+                if let Some(s) = self.seqs.get_mut(&id) {
+                    s.waiting_for = None;
+                }
+                events.push(Event::Failed { seq: id, error });
+            }
+        }
+    }
+
+    /// Moves every task whose sequence is fully computed one step on: sample, score, hand a
+    /// prompt to its forks, or report readiness.
+    fn advance(&mut self, events: &mut Vec<Event>) {
+        let mut ids: Vec<SeqId> = self.seqs.keys().copied().collect();
+        ids.sort_unstable();
+        for id in ids {
+            self.advance_one(id, events);
+        }
+    }
+
+    fn advance_one(&mut self, id: SeqId, events: &mut Vec<Event>) {
+        let Some(seq) = self.seqs.get_mut(&id) else {
+            return;
+        };
+        let complete = seq.computed == seq.tokens.len();
+        match &mut seq.task {
+            Task::Prefill if seq.next_logits.is_some() => {
+                seq.task = Task::Idle;
+                events.push(Event::Ready { seq: id });
+            }
+            Task::Generate(g) if seq.next_logits.is_some() || g.stop.max_new_tokens == 0 => {
+                let Some(logits) = seq.next_logits.take() else {
+                    let Task::Generate(g) = std::mem::replace(&mut seq.task, Task::Idle) else {
+                        unreachable!()
+                    };
+                    let generation = finish_generation(*g, FinishReason::Length);
+                    events.push(Event::Finished { seq: id, generation });
+                    return;
+                };
+                let Sampled { token, logprob } = g.sampler.sample(&logits);
+                seq.tokens.push(token);
+                let (text, finish) = record_token(g, self.tokenizer, token, logprob);
+                events.push(Event::Token {
+                    seq: id,
+                    token,
+                    logprob,
+                    text,
+                });
+                if let Some(finish) = finish {
+                    let Task::Generate(g) = std::mem::replace(&mut seq.task, Task::Idle) else {
+                        unreachable!()
+                    };
+                    let generation = finish_generation(*g, finish);
+                    events.push(Event::Finished { seq: id, generation });
+                }
+            }
+            Task::Score(s) if !s.started && seq.next_logits.is_some() => {
+                s.started = true;
+                let logits = seq.next_logits.clone().expect("checked");
+                let base = seq.tokens.len();
+                let mut spawn = Vec::new();
+                for (index, c) in s.candidates.iter().enumerate() {
+                    // Ids were checked against the vocabulary when the task started.
+                    let first = sampler::candidate_logprobs(&logits, &c[..1]).map_or(f32::NAN, |v| v[0]);
+                    if c.len() == 1 {
+                        s.results[index] = Some(vec![first]);
+                    } else {
+                        let mut logprobs = vec![f32::NAN; c.len()];
+                        logprobs[0] = first;
+                        spawn.push(Candidate {
+                            parent: id,
+                            index,
+                            base,
+                            tokens: c.clone(),
+                            logprobs,
+                        });
+                    }
+                }
+                for c in spawn {
+                    let mut child = self.seqs[&id].fork();
+                    child.tokens.extend_from_slice(&c.tokens[..c.tokens.len() - 1]);
+                    child.next_logits = None;
+                    child.hidden = true;
+                    let cid = self.insert(child);
+                    self.start(cid, Task::Candidate(c));
+                }
+                self.finish_scoring_if_done(id, events);
+            }
+            Task::Candidate(_) if complete => {
+                let Some(Sequence {
+                    task: Task::Candidate(c),
+                    ..
+                }) = self.seqs.remove(&id)
+                else {
+                    unreachable!()
+                };
+                if let Some(Task::Score(s)) = self.seqs.get_mut(&c.parent).map(|p| &mut p.task) {
+                    s.results[c.index] = Some(c.logprobs);
+                }
+                self.finish_scoring_if_done(c.parent, events);
+            }
+            Task::FanOut { .. } if seq.next_logits.is_some() => {
+                let Some(parent) = self.seqs.remove(&id) else {
+                    unreachable!()
+                };
+                let Task::FanOut { children } = &parent.task else {
+                    unreachable!()
+                };
+                for c in children {
+                    if let Some(child) = self.seqs.get_mut(c) {
+                        let order = child.order;
+                        let task = std::mem::replace(&mut child.task, Task::Idle);
+                        *child = Sequence {
+                            task,
+                            order,
+                            ..parent.fork()
+                        };
+                    }
+                }
+                // The children sample from the shared logits right away.
+                for &c in children {
+                    self.advance_one(c, events);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn finish_scoring_if_done(&mut self, id: SeqId, events: &mut Vec<Event>) {
+        let Some(seq) = self.seqs.get_mut(&id) else {
+            return;
+        };
+        let Task::Score(s) = &seq.task else {
+            return;
+        };
+        if !s.started || s.results.iter().any(Option::is_none) {
+            return;
+        }
+        let Task::Score(s) = std::mem::replace(&mut seq.task, Task::Idle) else {
+            unreachable!()
+        };
+        let scores = s
+            .results
+            .into_iter()
+            .map(|r| CandidateScore {
+                logprobs: r.expect("all present"),
+            })
+            .collect();
+        events.push(Event::Scored { seq: id, scores });
     }
 }
 
+/// Adds a sampled token to a generation: text, stop checks. Returns the text made final and
+/// the finish reason if generation ends here.
+fn record_token(
+    g: &mut Generating,
+    tokenizer: Option<&Tokenizer>,
+    token: u32,
+    logprob: f32,
+) -> (String, Option<FinishReason>) {
+    g.first_token.get_or_insert_with(Instant::now);
+    g.tokens.push(token);
+    g.logprobs.push(logprob);
+    let mut text = String::new();
+    let mut finish = None;
+    if g.stop.stop_tokens.contains(&token) {
+        finish = Some(FinishReason::StopToken(token));
+    } else if let Some(tok) = tokenizer {
+        // A token the tokenizer cannot decode contributes no text rather than failing the run.
+        if let Ok(Some(piece)) = g.text_stream.step(tok, token) {
+            let (emit, hit) = g.matcher.push(&piece);
+            text = emit;
+            if let Some(s) = hit {
+                finish = Some(FinishReason::StopString(s));
+            }
+        }
+    }
+    if finish.is_none() && g.tokens.len() >= g.stop.max_new_tokens {
+        finish = Some(FinishReason::Length);
+    }
+    if finish.is_some() && !matches!(finish, Some(FinishReason::StopString(_))) {
+        text.push_str(&g.matcher.finish());
+    }
+    g.text.push_str(&text);
+    (text, finish)
+}
+
+fn finish_generation(g: Generating, finish: FinishReason) -> Generation {
+    let now = Instant::now();
+    let first = g.first_token.unwrap_or(now);
+    let prefill = first - g.started;
+    Generation {
+        stats: GenerationStats {
+            prompt_tokens: g.prompt_tokens,
+            generated_tokens: g.tokens.len(),
+            prefill,
+            decode: now - first,
+            time_to_first_token: prefill,
+        },
+        tokens: g.tokens,
+        logprobs: g.logprobs,
+        text: g.text,
+        finish,
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct GenerateRequest {
+    pub prompt: Vec<u32>,
+    pub sampling: SamplingParams,
+    pub stop: StopConditions,
+    /// Prompt tokens per prefill step.
+    pub prefill_chunk: usize,
+}
+
 /// Generates a continuation of `req.prompt`, calling `on_text` with each piece of text as it
-/// becomes final.
+/// becomes final. A one-sequence engine sized for exactly this request.
 pub fn generate<B: Backend>(
     model: &Llama<B>,
     tokenizer: &Tokenizer,
     req: &GenerateRequest,
     mut on_text: impl FnMut(&str) -> Result<()>,
 ) -> Result<Generation> {
-    let t0 = Instant::now();
     let max_new = req.stop.max_new_tokens;
     check_prompt(req.prompt.len(), max_new, model.config.context_length)?;
     if req.prefill_chunk == 0 {
         return Err(Error::InvalidArgument("prefill chunk must be at least 1".into()));
     }
-    let mut sampler = Sampler::new(req.sampling.clone())?;
-    let mut stats = GenerationStats {
-        prompt_tokens: req.prompt.len(),
-        ..Default::default()
+    let config = EngineConfig {
+        kv_blocks: (req.prompt.len() + max_new).div_ceil(DEFAULT_BLOCK_SIZE).max(1),
+        scheduler: SchedulerConfig {
+            max_batch_tokens: req.prefill_chunk,
+            max_seqs: 1,
+        },
+        prefix_cache: false,
+        ..EngineConfig::default()
     };
-    let mut out = Generation {
-        tokens: Vec::new(),
-        logprobs: Vec::new(),
-        text: String::new(),
-        finish: FinishReason::Length,
-        stats: stats.clone(),
-    };
-    if max_new == 0 {
-        out.stats.time_to_first_token = t0.elapsed();
-        return Ok(out);
-    }
-
-    let mut seq = SequenceKv::new(model, req.prompt.len() + max_new)?;
-    let mut logits = Vec::new();
-    for chunk in req.prompt.chunks(req.prefill_chunk) {
-        logits = seq.extend(model, chunk, false)?;
-    }
-    stats.prefill = t0.elapsed();
-
-    let mut stream = tokenizer.stream();
-    let mut matcher = StopMatcher::new(&req.stop.stop_strings);
-    let decode_start = Instant::now();
+    let mut engine = Engine::new(model, Some(tokenizer), config)?;
+    engine.submit(Request {
+        prompt: Prompt::Tokens(req.prompt.clone()),
+        n: 1,
+        sampling: req.sampling.clone(),
+        stop: req.stop.clone(),
+    })?;
     loop {
-        let Sampled { token, logprob } = sampler.sample(&logits);
-        if out.tokens.is_empty() {
-            stats.time_to_first_token = t0.elapsed();
+        let before = engine.stats.steps;
+        let events = engine.step()?;
+        if events.is_empty() && engine.stats.steps == before {
+            return Err(Error::InvalidArgument(
+                "generation made no progress (internal error)".into(),
+            ));
         }
-        out.tokens.push(token);
-        out.logprobs.push(logprob);
-        if req.stop.stop_tokens.contains(&token) {
-            out.finish = FinishReason::StopToken(token);
-            break;
-        }
-        if let Some(piece) = stream.step(tokenizer, token)? {
-            let (emit, hit) = matcher.push(&piece);
-            if !emit.is_empty() {
-                out.text.push_str(&emit);
-                on_text(&emit)?;
-            }
-            if let Some(s) = hit {
-                out.finish = FinishReason::StopString(s);
-                break;
+        for event in events {
+            match event {
+                Event::Token { text, .. } if !text.is_empty() => on_text(&text)?,
+                Event::Finished { generation, .. } => return Ok(generation),
+                Event::Failed { error, .. } => return Err(error),
+                _ => {}
             }
         }
-        if out.tokens.len() == max_new {
-            out.finish = FinishReason::Length;
-            break;
-        }
-        logits = seq.extend(model, &[token], false)?;
     }
-    if !matches!(out.finish, FinishReason::StopString(_)) {
-        let rest = matcher.finish();
-        if !rest.is_empty() {
-            out.text.push_str(&rest);
-            on_text(&rest)?;
-        }
-    }
-    stats.decode = decode_start.elapsed();
-    stats.generated_tokens = out.tokens.len();
-    out.stats = stats;
-    Ok(out)
 }

@@ -19,6 +19,19 @@ pub enum FinishReason {
     StopToken(u32),
     /// A stop string appeared in the text.
     StopString(String),
+    /// The caller cancelled the request.
+    Cancelled,
+}
+
+impl std::fmt::Display for FinishReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FinishReason::Length => write!(f, "length"),
+            FinishReason::StopToken(t) => write!(f, "stop token {t}"),
+            FinishReason::StopString(s) => write!(f, "stop string {s:?}"),
+            FinishReason::Cancelled => write!(f, "cancelled"),
+        }
+    }
 }
 
 /// Incremental stop-string matcher over streamed text.

@@ -27,7 +27,7 @@ pub struct BlockPool {
 }
 
 /// Occupancy of a pool.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PoolStats {
     pub total: usize,
     pub free: usize,

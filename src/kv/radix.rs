@@ -190,6 +190,30 @@ impl RadixCache {
             .filter_map(|n| n.block.as_ref().map(|b| b.block().id()))
             .collect()
     }
+
+    /// Every node below the root as (the full token prefix its path spells, its block id), in
+    /// no particular order (for invariant checks: the block holds the K/V of the last
+    /// `block_size` of those tokens, computed after all the ones before).
+    pub fn entries(&self) -> Vec<(Vec<u32>, u32)> {
+        let mut out = Vec::with_capacity(self.len());
+        for (id, slot) in self.nodes.iter().enumerate() {
+            let Some(node) = slot else { continue };
+            let Some(block) = &node.block else { continue };
+            let mut path = vec![id];
+            let mut at = node.parent;
+            while at != ROOT {
+                path.push(at);
+                at = self.node(at).parent;
+            }
+            let prefix = path
+                .iter()
+                .rev()
+                .flat_map(|&n| self.node(n).tokens.iter().copied())
+                .collect();
+            out.push((prefix, block.block().id()));
+        }
+        out
+    }
 }
 
 #[cfg(test)]

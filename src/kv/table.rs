@@ -5,13 +5,17 @@ use super::pool::{BlockPool, BlockRef};
 use crate::error::Result;
 
 /// What [`BlockTable::append`] reserved.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct Appended {
     /// Slots (`block · block_size + offset`) for the new positions, in order.
     pub slots: Vec<u32>,
     /// Block copies `(src, dst)` the backend must apply before the forward that writes these
     /// slots: a shared, partly filled last block was replaced by a private copy.
     pub copies: Vec<(u32, u32)>,
+    /// This table's former handles on the copy sources. Keep them until the copies are
+    /// applied: otherwise a source whose other owners go away in the meantime could be freed,
+    /// reallocated and overwritten (say, as the destination of another copy) first.
+    pub sources: Vec<BlockRef>,
 }
 
 #[derive(Clone, Debug)]
@@ -42,6 +46,10 @@ impl BlockTable {
 
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
     }
 
     pub fn is_empty(&self) -> bool {
@@ -77,11 +85,12 @@ impl BlockTable {
         let new_blocks = (self.len + n).div_ceil(bs) - self.blocks.len();
         let mut fresh = pool.alloc_n(new_blocks + cow as usize)?;
         let mut copies = Vec::new();
+        let mut sources = Vec::new();
         if cow {
             let private = fresh.pop().expect("allocated above");
             let last = self.blocks.last_mut().expect("cow implies a last block");
             copies.push((last.id(), private.id()));
-            *last = private; // drops our share of the old block
+            sources.push(std::mem::replace(last, private));
         }
         self.blocks.extend(fresh);
         let start = self.len;
@@ -89,6 +98,7 @@ impl BlockTable {
         Ok(Appended {
             slots: (start..self.len).map(|p| self.slot(p)).collect(),
             copies,
+            sources,
         })
     }
 }
@@ -123,7 +133,8 @@ mod tests {
         assert_eq!(a.copies, vec![(1, 2)]);
         assert_eq!(child.block_ids(), vec![0, 2]);
         assert_eq!(a.slots, vec![2 * 4 + 2]);
-        // The full block stays shared; the partial one is now private to each.
+        drop(a); // the copy is applied: the child's hold on the source ends
+                 // The full block stays shared; the partial one is now private to each.
         assert_eq!(pool.stats().shared, 1);
         // The parent owns block 1 alone now, so it appends in place.
         let b = parent.append(&pool, 1).unwrap();

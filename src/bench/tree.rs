@@ -1,0 +1,134 @@
+//! `qmtot bench tree`: what a tree of thoughts costs per decode step. `K` sequences continue
+//! one `P`-token prefix by `S` sampled tokens each, decoding together one row per sequence per
+//! step, in four setups:
+//!
+//! * `single`: one sequence (the yardstick: a chain, not a tree);
+//! * `independent`: `K` sequences that each computed and store the prefix (no sharing);
+//! * `forked`: one prefix, forked `K` times (shared blocks, plain paged attention);
+//! * `cascade`: forked, with the shared prefix's attention computed once per group.
+//!
+//! Prefill is not timed; each setup reports the median and mean time of its `S` decode steps
+//! and the KV blocks in use at the end.
+
+use std::time::Instant;
+
+use crate::backend::Backend;
+use crate::engine::{Engine, EngineConfig, SamplingParams, SchedulerConfig, StopConditions};
+use crate::error::Result;
+use crate::model::Llama;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TreeMode {
+    Single,
+    Independent,
+    Forked,
+    Cascade,
+}
+
+impl TreeMode {
+    pub const ALL: [TreeMode; 4] = [
+        TreeMode::Single,
+        TreeMode::Independent,
+        TreeMode::Forked,
+        TreeMode::Cascade,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TreeMode::Single => "single",
+            TreeMode::Independent => "independent",
+            TreeMode::Forked => "forked",
+            TreeMode::Cascade => "cascade",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct TreeBenchResult {
+    pub mode: TreeMode,
+    pub sequences: usize,
+    pub median_step_ms: f64,
+    pub mean_step_ms: f64,
+    /// Blocks in use after the last step.
+    pub blocks_used: usize,
+    pub blocks_shared: usize,
+}
+
+/// Runs one setup. Token ids are deterministic and valid for any vocabulary; sampling is at
+/// temperature 1 with a different seed per sibling, so the siblings diverge as thoughts do.
+pub fn run<B: Backend>(
+    model: &Llama<B>,
+    mode: TreeMode,
+    siblings: usize,
+    prefix: usize,
+    suffix: usize,
+) -> Result<TreeBenchResult> {
+    let k = if mode == TreeMode::Single { 1 } else { siblings.max(1) };
+    crate::engine::check_prompt(prefix, suffix, model.config.context_length)?;
+    let bs = crate::kv::DEFAULT_BLOCK_SIZE;
+    let config = EngineConfig {
+        // Room for every sequence's own copy of everything, so no setup is squeezed.
+        kv_blocks: k * (prefix + suffix).div_ceil(bs) + 2 * k + 1,
+        block_size: bs,
+        scheduler: SchedulerConfig {
+            max_batch_tokens: prefix.max(k),
+            max_seqs: k,
+        },
+        prefix_cache: false,
+        cascade_min_blocks: (mode == TreeMode::Cascade).then_some(1),
+    };
+    let mut engine = Engine::new(model, None, config)?;
+    let vocab = model.config.vocab_size as u64;
+    let prompt: Vec<u32> = (0..prefix as u64)
+        .map(|i| ((i * 2_654_435_761 + 1000) % vocab) as u32)
+        .collect();
+
+    // Prefill (untimed): one prompt forked, or K prompts computed separately.
+    let seqs = match mode {
+        TreeMode::Independent => {
+            let ids = (0..k).map(|_| engine.add(prompt.clone())).collect::<Result<Vec<_>>>()?;
+            for &id in &ids {
+                engine.prefill(id)?;
+            }
+            engine.run_until_idle()?;
+            ids
+        }
+        _ => {
+            let root = engine.add(prompt.clone())?;
+            engine.prefill(root)?;
+            engine.run_until_idle()?;
+            let ids = engine.fork(root, k)?;
+            engine.release(root)?;
+            ids
+        }
+    };
+    for (i, &id) in seqs.iter().enumerate() {
+        let sampling = SamplingParams {
+            temperature: 1.0,
+            seed: 1000 + i as u64,
+            ..SamplingParams::default()
+        };
+        let stop = StopConditions {
+            max_new_tokens: suffix,
+            ..StopConditions::default()
+        };
+        engine.generate(id, sampling, stop)?;
+    }
+    let mut steps_ms = Vec::with_capacity(suffix);
+    while !engine.is_idle() {
+        let t = Instant::now();
+        engine.step()?;
+        steps_ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let pool = engine.stats().pool;
+    let mean_step_ms = steps_ms.iter().sum::<f64>() / steps_ms.len().max(1) as f64;
+    steps_ms.sort_by(|a, b| a.total_cmp(b));
+    Ok(TreeBenchResult {
+        mode,
+        sequences: k,
+        median_step_ms: steps_ms.get(steps_ms.len() / 2).copied().unwrap_or(0.0),
+        mean_step_ms,
+        blocks_used: pool.used,
+        blocks_shared: pool.shared,
+    })
+}

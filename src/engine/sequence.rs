@@ -1,0 +1,156 @@
+//! One sequence's state inside the engine: its tokens, how many of them have K/V in the
+//! cache, its block table, and the task it is running.
+//!
+//! Invariants between steps:
+//! * `table` covers exactly positions `0..computed` (a preempted sequence has an empty table
+//!   and `computed == 0`: it recomputes when it runs again).
+//! * `computed ≤ tokens.len()`; the tokens `computed..` are *pending* and go through the model
+//!   in later steps (a prompt chunk, or the one token a decoding sequence sampled last).
+//! * `next_logits` is `Some` only when `computed == tokens.len()`: the distribution of the next
+//!   token, shared (by `Arc`) between siblings forked after it was computed.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::sampler::Sampler;
+use super::stop::{StopConditions, StopMatcher};
+use crate::kv::BlockTable;
+use crate::tokenizer::TextStream;
+
+/// A sequence's handle. Ids are never reused within one engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SeqId(pub u64);
+
+impl std::fmt::Display for SeqId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "seq {}", self.0)
+    }
+}
+
+pub(crate) struct Sequence {
+    pub tokens: Vec<u32>,
+    pub computed: usize,
+    pub table: BlockTable,
+    pub next_logits: Option<Arc<Vec<f32>>>,
+    pub task: Task,
+    /// When the current task started (engine-wide counter): lower runs first, higher is
+    /// preempted first.
+    pub order: u64,
+    /// A fan-out child waits for its parent's prompt before it gets the parent's blocks.
+    pub waiting_for: Option<SeqId>,
+    /// Leading full blocks already offered to the prefix cache.
+    pub cached_blocks: usize,
+    /// Engine-internal (a fan-out parent or a candidate being scored): not visible to callers.
+    pub hidden: bool,
+}
+
+impl Sequence {
+    pub fn new(tokens: Vec<u32>, block_size: usize) -> Self {
+        Self {
+            tokens,
+            computed: 0,
+            table: BlockTable::new(block_size),
+            next_logits: None,
+            task: Task::Idle,
+            order: 0,
+            waiting_for: None,
+            cached_blocks: 0,
+            hidden: false,
+        }
+    }
+
+    /// A sibling sharing every block (and the next-token logits, if known) of `self`.
+    pub fn fork(&self) -> Self {
+        Self {
+            tokens: self.tokens.clone(),
+            computed: self.computed,
+            table: self.table.fork(),
+            next_logits: self.next_logits.clone(),
+            task: Task::Idle,
+            order: 0,
+            waiting_for: None,
+            cached_blocks: self.cached_blocks,
+            hidden: false,
+        }
+    }
+
+    pub fn pending(&self) -> usize {
+        self.tokens.len() - self.computed
+    }
+
+    /// Whether the sequence holds blocks.
+    pub fn is_resident(&self) -> bool {
+        !self.table.is_empty()
+    }
+
+    /// Whether the scheduler should give it rows now.
+    pub fn wants_rows(&self) -> bool {
+        self.waiting_for.is_none() && self.pending() > 0 && self.task.computes()
+    }
+
+    /// Drops the blocks; the tokens stay and are recomputed when the sequence runs again.
+    pub fn evict_kv(&mut self) {
+        self.table = BlockTable::new(self.table.block_size());
+        self.computed = 0;
+        self.next_logits = None;
+        self.cached_blocks = 0;
+    }
+}
+
+pub(crate) enum Task {
+    /// Nothing to do; holds its blocks for a later fork, continuation or score.
+    Idle,
+    /// Compute the pending tokens and keep the next-token logits (then `Idle`).
+    Prefill,
+    Generate(Box<Generating>),
+    /// Log-probabilities of candidate continuations.
+    Score(Scoring),
+    /// Engine-internal: a candidate's tokens after its parent, whose rows' logits are kept.
+    Candidate(Candidate),
+    /// Engine-internal: computes a prompt once, then hands its blocks to `children`.
+    FanOut {
+        children: Vec<SeqId>,
+    },
+}
+
+impl Task {
+    /// Whether this task runs pending tokens through the model.
+    pub fn computes(&self) -> bool {
+        match self {
+            Task::Idle => false,
+            Task::Score(s) => !s.started,
+            _ => true,
+        }
+    }
+}
+
+pub(crate) struct Generating {
+    pub sampler: Sampler,
+    pub stop: StopConditions,
+    pub matcher: StopMatcher,
+    pub text_stream: TextStream,
+    pub tokens: Vec<u32>,
+    pub logprobs: Vec<f32>,
+    pub text: String,
+    pub prompt_tokens: usize,
+    pub started: Instant,
+    pub first_token: Option<Instant>,
+}
+
+pub(crate) struct Scoring {
+    pub candidates: Vec<Vec<u32>>,
+    /// Per candidate: log p of each of its tokens once known.
+    pub results: Vec<Option<Vec<f32>>>,
+    /// Whether the first tokens were scored and the candidate children spawned.
+    pub started: bool,
+}
+
+pub(crate) struct Candidate {
+    pub parent: SeqId,
+    pub index: usize,
+    /// Position of the candidate's first token (= the parent's length).
+    pub base: usize,
+    pub tokens: Vec<u32>,
+    /// `logprobs[j]` = log p(tokens[j]); `[0]` comes from the parent's logits.
+    pub logprobs: Vec<f32>,
+}
