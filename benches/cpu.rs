@@ -1,5 +1,6 @@
 //! CPU criterion benchmarks: the INT4 matmul at SmolLM2-135M and LLaMA-3.1-8B shapes for
-//! M = 1, 8, 32 activation rows, and (when the default model is present) one decode step and
+//! M = 1, 8, 32 activation rows; one layer of paged attention for sibling sequences sharing a
+//! prefix, plain against cascade; and (when the default model is present) one decode step and
 //! a 512-token prefill of SmolLM2-135M. Throughput is reported in weights per second for the
 //! matmuls (M·N·K / time would double-count nothing: each weight is read once per call).
 //!
@@ -11,8 +12,8 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
-use qmtot::backend::cpu::{CpuBackend, MatmulPrecision};
-use qmtot::backend::Backend;
+use qmtot::backend::cpu::{CpuBackend, CpuTensor, MatmulPrecision};
+use qmtot::backend::{Backend, KvShape, QkvLayout, SharedPrefix, StepInput};
 use qmtot::bench::decode;
 use qmtot::config::ModelConfig;
 use qmtot::fetch::default_model_path;
@@ -68,8 +69,8 @@ fn int4_matmul(c: &mut Criterion) {
         // Real quantized weights (RTN, group 32 as in GGUF Q4_0/Q4_1).
         let w = Int4Matrix::quantize_rtn(n, k, 32, &values(n * k, 1)).expect("quantize");
         let w = backend.upload_linear(&[&WeightMatrix::Int4(w)]).expect("upload");
-        for m in [1usize, 8, 32] {
-            let x = qmtot::backend::cpu::CpuTensor {
+        for m in [1usize, 8, 16, 32] {
+            let x = CpuTensor {
                 rows: m,
                 cols: k,
                 data: values(m * k, 2),
@@ -83,6 +84,104 @@ fn int4_matmul(c: &mut Criterion) {
                         .expect("matmul")
                 })
             });
+        }
+    }
+    group.finish();
+}
+
+/// One layer of attention for `K` siblings decoding one token each after a shared prefix of
+/// `P` tokens and 32 tokens of their own, at SmolLM2-135M's shapes (9 query heads over 3 KV
+/// heads of 64, blocks of 16): "plain" reads the prefix once per sibling, "cascade" once for
+/// the group ([`SharedPrefix`]). Throughput counts the (sibling, position) pairs attended.
+fn attention(c: &mut Criterion) {
+    let backend = CpuBackend::new(threads()).expect("backend");
+    let layout = QkvLayout {
+        n_heads: 9,
+        n_kv_heads: 3,
+        head_dim: 64,
+    };
+    let (bs, suffix) = (16usize, 32usize);
+    let mut group = c.benchmark_group("attention");
+    group.sample_size(20);
+    for p in [512usize, 2048] {
+        for k in [4usize, 8, 16] {
+            // Blocks 0..P/16 hold the prefix; sibling s owns the next `suffix/16` blocks.
+            let shared = p / bs;
+            let own = suffix / bs;
+            let shape = KvShape {
+                n_layers: 1,
+                n_blocks: shared + k * own,
+                block_size: bs,
+                n_kv_heads: layout.n_kv_heads,
+                head_dim: layout.head_dim,
+            };
+            let mut kv = backend.alloc_kv(shape).expect("kv");
+            // Fill every slot of the pool with random K/V in one write.
+            let n_slots = shape.n_slots();
+            let fill = StepInput {
+                tokens: vec![0; n_slots],
+                positions: vec![0; n_slots],
+                slots: (0..n_slots as u32).collect(),
+                row_seq: vec![0; n_slots],
+                block_tables: vec![vec![0]],
+                ..Default::default()
+            };
+            let rows = CpuTensor {
+                rows: n_slots,
+                cols: layout.width(),
+                data: values(n_slots * layout.width(), 3),
+            };
+            backend
+                .kv_write(&mut kv, 0, &rows, layout, &backend.upload_step(&fill).expect("step"))
+                .expect("fill");
+            // The decode row of sibling s sits at position P + suffix − 1.
+            let pos = p + suffix - 1;
+            let tables: Vec<Vec<u32>> = (0..k)
+                .map(|s| {
+                    (0..shared)
+                        .chain((0..own).map(|b| shared + s * own + b))
+                        .map(|b| b as u32)
+                        .collect()
+                })
+                .collect();
+            let plain = StepInput {
+                tokens: vec![0; k],
+                positions: vec![pos as u32; k],
+                slots: tables
+                    .iter()
+                    .map(|t| t[pos / bs] * bs as u32 + (pos % bs) as u32)
+                    .collect(),
+                row_seq: (0..k as u32).collect(),
+                block_tables: tables,
+                logit_rows: vec![],
+                groups: vec![],
+            };
+            let cascade = StepInput {
+                groups: vec![SharedPrefix {
+                    seqs: (0..k as u32).collect(),
+                    blocks: shared as u32,
+                }],
+                ..plain.clone()
+            };
+            let q = CpuTensor {
+                rows: k,
+                cols: layout.width(),
+                data: values(k * layout.width(), 4),
+            };
+            let mut out = backend
+                .alloc_activations(k, layout.n_heads * layout.head_dim)
+                .expect("alloc");
+            group.throughput(Throughput::Elements((k * (pos + 1)) as u64));
+            for (name, step) in [("plain", &plain), ("cascade", &cascade)] {
+                let step = backend.upload_step(step).expect("step");
+                group.bench_function(BenchmarkId::new(name, format!("K={k}/P={p}")), |b| {
+                    b.iter(|| {
+                        backend
+                            .run(|| backend.attention(black_box(&q), &kv, 0, layout, &step, &mut out))
+                            .expect("attention")
+                    })
+                });
+            }
         }
     }
     group.finish();
@@ -113,5 +212,5 @@ fn smollm2(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, int4_matmul, smollm2);
+criterion_group!(benches, int4_matmul, attention, smollm2);
 criterion_main!(benches);

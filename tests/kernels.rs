@@ -56,7 +56,7 @@ fn matmul_matches_the_dequant_oracle_at_odd_shapes() {
         ] {
             let w = WeightMatrix::Int4(Int4Matrix::quantize_rtn(n, k, g, &rand_values(n * k, 3, 0.5)).unwrap());
             let lin = b.upload_linear(&[&w]).unwrap();
-            for &t in &[1, 2, 3, 4, 5, 7, 13, 64, 65, 130] {
+            for &t in &[1, 2, 3, 4, 5, 7, 8, 13, 16, 17, 64, 65, 130] {
                 let x = rand_values(t * k, 100 + t as u64, 1.0);
                 let mut out = b.alloc_activations(t, n).unwrap();
                 out.data.fill(f32::NAN); // every element must be written
@@ -247,6 +247,348 @@ fn paged_attention_matches_naive_attention_over_scattered_blocks() {
         assert!(
             out0.data.iter().all(|v| v.is_nan()),
             "{name}: unwritten (NaN-poisoned) slots were not read"
+        );
+    }
+}
+
+/// One sequence of a cascade test: `len` cached positions (its own after its group's prefix),
+/// and query rows at `rows` (positions) in the attention step.
+struct SeqSpec {
+    group: Option<usize>,
+    len: usize,
+    rows: Vec<usize>,
+}
+
+/// A step with sharing groups: `prefix_blocks[g]` shared blocks for group `g`.
+struct CascadeCase {
+    name: &'static str,
+    layout: QkvLayout,
+    block_size: usize,
+    prefix_blocks: Vec<usize>,
+    seqs: Vec<SeqSpec>,
+}
+
+fn seq(group: Option<usize>, len: usize, rows: impl IntoIterator<Item = usize>) -> SeqSpec {
+    SeqSpec {
+        group,
+        len,
+        rows: rows.into_iter().collect(),
+    }
+}
+
+/// Builds the pool of `case`, writes its K/V through `kv_write` (a shared prefix once, through
+/// its group's first member; each sequence's own positions through its own table; every other
+/// slot stays NaN) and runs attention with and without the groups on every backend: the
+/// cascade must match plain paged attention and both the f64 reference.
+fn check_cascade_case(case: &CascadeCase) {
+    let (layout, bs) = (case.layout, case.block_size);
+    let (w, qw) = (layout.width(), layout.n_heads * layout.head_dim);
+    let n_groups = case.prefix_blocks.len();
+    let prefix = |s: &SeqSpec| s.group.map_or(0, |g| case.prefix_blocks[g] * bs);
+    let own_blocks = |s: &SeqSpec| s.len.div_ceil(bs) - prefix(s) / bs;
+    // Physical blocks scattered over the pool by a stride coprime to its size, with 3 never
+    // used (NaN) among them.
+    let used = case.prefix_blocks.iter().sum::<usize>() + case.seqs.iter().map(own_blocks).sum::<usize>();
+    let n_blocks = used + 3;
+    let stride = (7..).find(|k| gcd(*k, n_blocks) == 1).unwrap();
+    let mut free = (0..n_blocks).map(|i| (i * stride % n_blocks) as u32);
+    let group_blocks: Vec<Vec<u32>> = case
+        .prefix_blocks
+        .iter()
+        .map(|&n| free.by_ref().take(n).collect())
+        .collect();
+    let tables: Vec<Vec<u32>> = case
+        .seqs
+        .iter()
+        .map(|s| {
+            let shared = s.group.map_or(vec![], |g| group_blocks[g].clone());
+            shared.into_iter().chain(free.by_ref().take(own_blocks(s))).collect()
+        })
+        .collect();
+    let slot = |s: usize, p: usize| tables[s][p / bs] * bs as u32 + (p % bs) as u32;
+    // Cached rows (only their K and V columns matter) per sequence: a member's prefix rows
+    // are its group's.
+    let group_rows: Vec<Vec<f32>> = (0..n_groups)
+        .map(|g| rand_values(case.prefix_blocks[g] * bs * w, 300 + g as u64, 1.0))
+        .collect();
+    let cached: Vec<Vec<f32>> = case
+        .seqs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let shared = s.group.map_or(&[][..], |g| &group_rows[g][..]);
+            let own = rand_values((s.len - prefix(s)) * w, 400 + i as u64, 1.0);
+            [shared, &own[..]].concat()
+        })
+        .collect();
+    // Writes: each group's prefix once, then each sequence's own positions.
+    let mut writes: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
+    for g in 0..n_groups {
+        if let Some(first) = case.seqs.iter().position(|s| s.group == Some(g)) {
+            writes.push((first, 0..case.prefix_blocks[g] * bs));
+        }
+    }
+    writes.extend(case.seqs.iter().enumerate().map(|(i, s)| (i, prefix(s)..s.len)));
+
+    // The attention step: the sequences' rows interleaved round-robin, so a group's rows are
+    // not contiguous; group members listed last to first.
+    let mut rows: Vec<(usize, usize)> = Vec::new();
+    for k in 0..case.seqs.iter().map(|s| s.rows.len()).max().unwrap_or(0) {
+        rows.extend(
+            case.seqs
+                .iter()
+                .enumerate()
+                .filter_map(|(i, s)| s.rows.get(k).map(|&p| (i, p))),
+        );
+    }
+    let t = rows.len();
+    let shape = KvShape {
+        n_layers: 1,
+        n_blocks,
+        block_size: bs,
+        n_kv_heads: layout.n_kv_heads,
+        head_dim: layout.head_dim,
+    };
+    let step = StepInput {
+        tokens: vec![0; t],
+        positions: rows.iter().map(|&(_, p)| p as u32).collect(),
+        slots: rows.iter().map(|&(s, p)| slot(s, p)).collect(),
+        row_seq: rows.iter().map(|&(s, _)| s as u32).collect(),
+        block_tables: tables.clone(),
+        logit_rows: vec![],
+        groups: (0..n_groups)
+            .map(|g| qmtot::backend::SharedPrefix {
+                seqs: (0..case.seqs.len() as u32)
+                    .rev()
+                    .filter(|&i| case.seqs[i as usize].group == Some(g))
+                    .collect(),
+                blocks: case.prefix_blocks[g] as u32,
+            })
+            .collect(),
+    };
+    // The test's own inputs obey the SharedPrefix invariants.
+    step.validate(1, 1 << 20, &shape).unwrap();
+    let plain = StepInput {
+        groups: vec![],
+        ..step.clone()
+    };
+    // Queries scaled so softmaxes are peaked (scores of a few units), not nearly uniform.
+    let q = tensor(t, w, rand_values(t * w, 500, 4.0));
+    let want: Vec<f32> = rows
+        .iter()
+        .enumerate()
+        .flat_map(|(r, &(s, p))| {
+            let at = |i: usize, from: usize, to: usize| cached[s][i * w + from..i * w + to].to_vec();
+            let keys: Vec<Vec<f32>> = (0..=p).map(|i| at(i, layout.k_offset(), layout.v_offset())).collect();
+            let values: Vec<Vec<f32>> = (0..=p).map(|i| at(i, layout.v_offset(), w)).collect();
+            let (nh, nkv, hd) = (layout.n_heads, layout.n_kv_heads, layout.head_dim);
+            reference_attention(&q.data[r * w..r * w + qw], &keys, &values, nh, nkv, hd)
+        })
+        .collect();
+
+    for (name, b) in cpu_backends() {
+        let what = format!("{name}: {}", case.name);
+        let mut kv = b.alloc_kv(shape).unwrap();
+        for (s, range) in &writes {
+            let n = range.len();
+            let write = StepInput {
+                tokens: vec![0; n],
+                positions: range.clone().map(|p| p as u32).collect(),
+                slots: range.clone().map(|p| slot(*s, p)).collect(),
+                row_seq: vec![0; n],
+                block_tables: vec![tables[*s].clone()],
+                logit_rows: vec![],
+                groups: vec![],
+            };
+            let rows = cached[*s][range.start * w..range.end * w].to_vec();
+            b.kv_write(&mut kv, 0, &tensor(n, w, rows), layout, &b.upload_step(&write).unwrap())
+                .unwrap();
+        }
+        let run = |step: &StepInput| {
+            let mut out = b.alloc_activations(t, qw).unwrap();
+            let st = b.upload_step(step).unwrap();
+            b.run(|| b.attention(&q, &kv, 0, layout, &st, &mut out)).unwrap();
+            out.data
+        };
+        let (cascade, reference) = (run(&step), run(&plain));
+        // Unused slots are NaN: reading one shows here (and fails assert_close below too).
+        assert!(cascade.iter().all(|v| v.is_finite()), "{what}: non-finite output");
+        // The same f32 sums in a different chunking and order: outputs are convex
+        // combinations of values in [-1, 1], so they differ by a few ulp of 1 (measured
+        // ≤ 3e-7; atol 1e-6) — relative error alone would not do for elements near 0 — or of
+        // the element (rtol 1e-5); a position read twice, missed or read through the wrong
+        // table is off by ≥ 1e-3.
+        assert_close(&format!("{what}: cascade vs plain"), &cascade, &reference, 1e-6, 1e-5);
+        // Against the f64 reference both carry the f32 rounding of scores and sums: measured
+        // ≤ 3e-7; 2e-6 leaves margin and is still far below a misread position.
+        assert_close(&format!("{what}: cascade vs f64"), &cascade, &want, 2e-6, 1e-5);
+        assert_close(&format!("{what}: plain vs f64"), &reference, &want, 2e-6, 1e-5);
+    }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+#[test]
+fn cascade_attention_equals_plain_attention() {
+    let gqa3 = QkvLayout {
+        n_heads: 6,
+        n_kv_heads: 2,
+        head_dim: 40,
+    };
+    // Group size 1 (one query head per KV head) and a head_dim off every multiple of 8.
+    let mha = QkvLayout {
+        n_heads: 4,
+        n_kv_heads: 4,
+        head_dim: 20,
+    };
+    let cases = [
+        // Two siblings, one decode row each; one suffix partly fills its block.
+        CascadeCase {
+            name: "1 group of 2",
+            layout: gqa3,
+            block_size: 16,
+            prefix_blocks: vec![2],
+            seqs: vec![seq(Some(0), 37, [36]), seq(Some(0), 48, [47])],
+        },
+        // Eight siblings over a 640-token prefix (several prefix chunks), suffixes of 1..=15.
+        CascadeCase {
+            name: "1 group of 8",
+            layout: gqa3,
+            block_size: 16,
+            prefix_blocks: vec![40],
+            seqs: (0..8).map(|i| seq(Some(0), 641 + 2 * i, [640 + 2 * i])).collect(),
+        },
+        // Odd block size: two groups (one with a member that has no row this step, one with
+        // a single block), a group sharing no blocks, and ungrouped sequences, one long enough
+        // for several own-position chunks and with several rows.
+        CascadeCase {
+            name: "two groups and ungrouped, block 5",
+            layout: mha,
+            block_size: 5,
+            prefix_blocks: vec![3, 1, 0],
+            seqs: vec![
+                seq(Some(0), 18, [17]),
+                seq(None, 300, [299, 256, 0, 131]),
+                seq(Some(1), 5 + 7, [11, 8]),
+                seq(Some(0), 16, [15]),
+                seq(Some(0), 21, []),
+                seq(None, 9, [8]),
+                seq(Some(1), 5, []),
+                seq(Some(1), 6, [5]),
+                seq(Some(2), 3, [2]),
+                seq(Some(0), 20, [15]),
+            ],
+        },
+        // A group whose members have several rows each (prefill chunks right after a
+        // 320-token prefix): 102 queries, so the prefix takes several query tiles.
+        CascadeCase {
+            name: "group with prefill chunks",
+            layout: gqa3,
+            block_size: 16,
+            prefix_blocks: vec![20],
+            seqs: vec![
+                seq(Some(0), 350, 320..350),
+                seq(Some(0), 323, 320..323),
+                seq(Some(0), 325, [324]),
+                seq(None, 40, 30..40),
+            ],
+        },
+        // Wide prefix tiles (≥ 8 queries, scored against the queries transposed) whose query
+        // count is off a multiple of 8 and whose prefix chunk is off a multiple of 4 keys:
+        // 9 rows at group size 1 and head_dim 20, and 3 rows at group size 3, block 5.
+        CascadeCase {
+            name: "wide tiles of 9 queries, block 5",
+            layout: mha,
+            block_size: 5,
+            prefix_blocks: vec![7, 41],
+            seqs: (0..9)
+                .map(|i| seq(Some(0), 36 + i, [35 + i]))
+                .chain((0..3).map(|i| seq(Some(1), 206 + 3 * i, [205 + 3 * i])))
+                .collect(),
+        },
+        CascadeCase {
+            name: "wide tile of 3 rows × 3 query heads, block 5",
+            layout: gqa3,
+            block_size: 5,
+            prefix_blocks: vec![41],
+            seqs: (0..3).map(|i| seq(Some(0), 206 + 3 * i, [205 + 3 * i])).collect(),
+        },
+        // Group size 1 with a long shared prefix (many prefix chunks of the 4-query group).
+        CascadeCase {
+            name: "group size 1, group of 4",
+            layout: mha,
+            block_size: 16,
+            prefix_blocks: vec![33],
+            seqs: (0..4).map(|i| seq(Some(0), 530 + 5 * i, [529 + 5 * i])).collect(),
+        },
+    ];
+    for case in &cases {
+        check_cascade_case(case);
+    }
+}
+
+#[test]
+fn cascade_attention_rejects_inconsistent_groups() {
+    let layout = QkvLayout {
+        n_heads: 2,
+        n_kv_heads: 1,
+        head_dim: 8,
+    };
+    let shape = KvShape {
+        n_layers: 1,
+        n_blocks: 8,
+        block_size: 4,
+        n_kv_heads: 1,
+        head_dim: 8,
+    };
+    let share = |seqs: Vec<u32>, blocks| qmtot::backend::SharedPrefix { seqs, blocks };
+    let good = StepInput {
+        tokens: vec![0, 0],
+        positions: vec![9, 8],
+        slots: vec![5 * 4 + 1, 6 * 4],
+        row_seq: vec![0, 1],
+        block_tables: vec![vec![0, 1, 5], vec![0, 1, 6]],
+        logit_rows: vec![],
+        groups: vec![share(vec![0, 1], 2)],
+    };
+    let bad = [
+        ("tables differ", vec![share(vec![0, 1], 3)]),
+        ("sequence out of range", vec![share(vec![0, 2], 2)]),
+        ("sequence in two groups", vec![share(vec![0, 1], 2), share(vec![1], 1)]),
+    ];
+    let inside = StepInput {
+        positions: vec![9, 7],
+        slots: vec![5 * 4 + 1, 4 + 3],
+        ..good.clone()
+    };
+    for (name, b) in cpu_backends() {
+        let kv = b.alloc_kv(shape).unwrap();
+        let q = tensor(2, layout.width(), vec![0.0; 2 * layout.width()]);
+        let mut out = b.alloc_activations(2, 16).unwrap();
+        // The well-formed step runs (reading NaN: nothing was written).
+        b.attention(&q, &kv, 0, layout, &b.upload_step(&good).unwrap(), &mut out)
+            .unwrap();
+        for (what, groups) in &bad {
+            let step = StepInput {
+                groups: groups.clone(),
+                ..good.clone()
+            };
+            let st = b.upload_step(&step).unwrap();
+            assert!(
+                b.attention(&q, &kv, 0, layout, &st, &mut out).is_err(),
+                "{name}: {what}"
+            );
+        }
+        let st = b.upload_step(&inside).unwrap();
+        assert!(
+            b.attention(&q, &kv, 0, layout, &st, &mut out).is_err(),
+            "{name}: a row inside the shared prefix"
         );
     }
 }
@@ -489,6 +831,33 @@ fn q8_matmul_stays_within_the_activation_rounding_bound() {
                     }
                 }
             }
+        }
+    }
+}
+
+#[test]
+fn f32_matmul_rows_are_bit_identical_whatever_the_batch_size() {
+    // Every schedule (GEMV for one row, multi-row GEMV for siblings, dequantized-tile GEMM for
+    // prompts) must do the same float operations in the same order per output, so a sibling
+    // decoded in a batch of 8 equals the same sibling decoded alone, bit for bit.
+    let k = 1088; // three 512-input blocks, the last partial
+    let w = WeightMatrix::Int4(Int4Matrix::quantize_rtn(21, k, 64, &rand_values(21 * k, 11, 0.5)).unwrap());
+    let w8 = int8_matrix(13, k, 12);
+    let x = rand_values(40 * k, 13, 1.0);
+    for (name, b) in cpu_backends() {
+        let lin = b.upload_linear(&[&w, &w8]).unwrap();
+        let mut alone = Vec::new();
+        for m in 0..40 {
+            let mut one = b.alloc_activations(1, 34).unwrap();
+            b.run(|| b.matmul(&tensor(1, k, x[m * k..(m + 1) * k].to_vec()), &lin, &mut one))
+                .unwrap();
+            alone.extend(one.data);
+        }
+        for t in (2..=20).chain([33, 40]) {
+            let mut batched = b.alloc_activations(t, 34).unwrap();
+            b.run(|| b.matmul(&tensor(t, k, x[..t * k].to_vec()), &lin, &mut batched))
+                .unwrap();
+            assert_eq!(batched.data, alone[..t * 34], "{name}: T={t} vs one row at a time");
         }
     }
 }

@@ -171,8 +171,9 @@ impl StepInput {
         self.validate_groups(kv.block_size)
     }
 
-    /// The [`SharedPrefix`] invariants.
-    fn validate_groups(&self, block_size: usize) -> Result<()> {
+    /// The [`SharedPrefix`] invariants (also checked by backends that read the groups, since
+    /// an op can be called without [`StepInput::validate`]).
+    pub fn validate_groups(&self, block_size: usize) -> Result<()> {
         use crate::error::Error;
         let bad = |m: String| Err(Error::InvalidArgument(format!("step groups: {m}")));
         let n_seqs = self.block_tables.len();

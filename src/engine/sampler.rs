@@ -168,52 +168,65 @@ impl Sampler {
     fn draw(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
         let inv_t = 1.0 / p.temperature as f64;
-        // Candidates sorted by logit, most likely first (ties: lower id first).
         let mut idx: Vec<u32> = (0..logits.len() as u32)
             .filter(|&i| !logits[i as usize].is_nan())
             .collect();
         if idx.is_empty() {
             return 0;
         }
+        // Most likely first; ties: lower id first.
         let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
         if p.top_k > 0 && p.top_k < idx.len() {
             idx.select_nth_unstable_by(p.top_k - 1, by_logit);
             idx.truncate(p.top_k);
         }
-        idx.sort_unstable_by(by_logit);
-        let max = logits[idx[0] as usize] as f64;
-        let mut probs: Vec<f64> = idx
+        // Only top-p needs the candidates in probability order; otherwise they stay in id order
+        // and a draw costs no sort of the vocabulary (it ran every decode step).
+        let nucleus = p.top_p < 1.0;
+        if nucleus {
+            idx.sort_unstable_by(by_logit);
+        }
+        let max = idx
+            .iter()
+            .map(|&i| logits[i as usize])
+            .fold(f32::NEG_INFINITY, f32::max) as f64;
+        // Tempered weights relative to the most likely candidate (whose weight is 1).
+        let mut weights: Vec<f64> = idx
             .iter()
             .map(|&i| ((logits[i as usize] as f64 - max) * inv_t).exp())
             .collect();
-        let total: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|q| *q /= total);
-        // min-p: relative to the most likely token (probs[0]).
-        let keep_min_p = probs
-            .iter()
-            .take_while(|&&q| q >= p.min_p as f64 * probs[0])
-            .count()
-            .max(1);
-        // top-p: the shortest prefix whose mass reaches top_p.
-        let mut mass = 0.0;
-        let mut keep_top_p = probs.len();
-        for (i, q) in probs.iter().enumerate() {
-            mass += q;
-            if mass >= p.top_p as f64 {
-                keep_top_p = i + 1;
-                break;
+        // min-p: drop candidates less likely than min_p × the most likely.
+        let floor = p.min_p as f64;
+        if floor > 0.0 {
+            weights.iter_mut().filter(|w| **w < floor).for_each(|w| *w = 0.0);
+        }
+        // top-p: the shortest most-likely-first prefix whose mass reaches top_p of the total.
+        let mut keep = weights.len();
+        if nucleus {
+            let total: f64 = weights.iter().sum();
+            let mut mass = 0.0;
+            for (i, w) in weights.iter().enumerate() {
+                mass += w;
+                if mass >= p.top_p as f64 * total {
+                    keep = i + 1;
+                    break;
+                }
             }
         }
-        let keep = keep_min_p.min(keep_top_p);
-        let kept_mass: f64 = probs[..keep].iter().sum();
+        let kept_mass: f64 = weights[..keep].iter().sum();
         let mut u = self.rng.next_f64() * kept_mass;
-        for (i, q) in probs[..keep].iter().enumerate() {
-            if u < *q {
+        let mut last = idx[0];
+        for (i, &w) in weights[..keep].iter().enumerate() {
+            if w == 0.0 {
+                continue;
+            }
+            if u < w {
                 return idx[i];
             }
-            u -= q;
+            u -= w;
+            last = idx[i];
         }
-        idx[keep - 1]
+        last
     }
 }
 

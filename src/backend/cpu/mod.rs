@@ -285,9 +285,10 @@ impl Backend for CpuBackend {
                 ));
             }
         }
+        step.validate_groups(s.block_size)?;
         self.pool
-            .install(|| attention::attention(self.isa, &qkv.data, kv, layer, layout, step, &mut out.data));
-        Ok(())
+            .install(|| attention::attention(self.isa, &qkv.data, kv, layer, layout, step, &mut out.data))
+            .map_err(|m| shape_err("attention", m))
     }
 
     fn silu_mul(&self, gate_up: &CpuTensor, out: &mut CpuTensor) -> Result<()> {
