@@ -167,6 +167,10 @@ struct BenchTreeArgs {
     /// Tokens each sibling generates (S).
     #[arg(long, default_value_t = 64)]
     suffix: usize,
+    /// Rounds over all setups, interleaved (each setup's median over rounds is reported, so a
+    /// noisy machine affects every setup alike).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
     #[command(flatten)]
     run: RunArgs,
 }
@@ -442,21 +446,39 @@ fn cmd_bench_tree(a: BenchTreeArgs) -> Result<()> {
         "{:<12} {:>5} {:>14} {:>12} {:>14} {:>12} {:>12}",
         "setup", "seqs", "median ms/step", "mean ms/step", "vs single", "KV blocks", "shared"
     );
+    let mut rounds: Vec<Vec<qmtot::bench::tree::TreeBenchResult>> = Vec::new();
+    for _ in 0..a.reps.max(1) {
+        let round = TreeMode::ALL
+            .iter()
+            .map(|&mode| qmtot::bench::tree::run(&model, mode, a.siblings, a.prefix, a.suffix))
+            .collect::<Result<Vec<_>>>()?;
+        rounds.push(round);
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|x, y| x.total_cmp(y));
+        v[v.len() / 2]
+    };
     let mut single_ms = None;
-    for mode in TreeMode::ALL {
-        let r = qmtot::bench::tree::run(&model, mode, a.siblings, a.prefix, a.suffix)?;
-        let base = *single_ms.get_or_insert(r.median_step_ms);
+    for (i, mode) in TreeMode::ALL.iter().enumerate() {
+        let step = median(rounds.iter().map(|r| r[i].median_step_ms).collect());
+        let mean = median(rounds.iter().map(|r| r[i].mean_step_ms).collect());
+        let r = &rounds[0][i];
+        let base = *single_ms.get_or_insert(step);
         println!(
             "{:<12} {:>5} {:>14.2} {:>12.2} {:>13.2}x {:>12} {:>12}",
             mode.name(),
             r.sequences,
-            r.median_step_ms,
-            r.mean_step_ms,
-            r.median_step_ms / base,
+            step,
+            mean,
+            step / base,
             r.blocks_used,
             r.blocks_shared
         );
     }
+    println!(
+        "(step times: median over {} interleaved rounds of each round's median step)",
+        rounds.len()
+    );
     let bound = a.prefix.div_ceil(DEFAULT_BLOCK_SIZE)
         + a.siblings * (a.suffix + DEFAULT_BLOCK_SIZE).div_ceil(DEFAULT_BLOCK_SIZE);
     println!(
