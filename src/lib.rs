@@ -7,10 +7,10 @@
 //! ```text
 //!  CLI (clap)                 src/main.rs
 //!    │
-//!  engine   generation loop, sampler, stop conditions        src/engine/
-//!    │
+//!  engine   sequences, fork, generate/score tasks, events;    src/engine/
+//!    │      continuous-batching scheduler; sampler; stops
 //!  kv       block pool (refcounted handles) · block tables    src/kv/
-//!    │      pure host code
+//!    │      (fork, copy-on-write) · radix prefix cache; host only
 //!  model    Llama<B: Backend>: weights + batched forward      src/model/
 //!    │
 //!  backend  trait Backend ── cpu (f32 reference, rayon, AVX2/FMA where present)
@@ -22,8 +22,9 @@
 //! [`formats`] (checkpoint readers and the GGUF writer), [`quant`] (host weight forms and the
 //! dequant oracle), [`tokenizer`] (BPE from GGUF or `tokenizer.json`, chat templates),
 //! [`backend`] (the op trait and its CPU implementation), [`kv`] (paged KV bookkeeping),
-//! [`model`] (the LLaMA forward), [`engine`] (sampling and generation), [`fetch`] (the default
-//! model), [`bench`] (`qmtot bench …`).
+//! [`model`] (the LLaMA forward), [`engine`] (many sequences in one batched step: fork,
+//! generate, score, scheduling, sampling), [`fetch`] (the default model), [`bench`]
+//! (`qmtot bench …`).
 
 pub mod backend;
 pub mod bench;

@@ -257,6 +257,12 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     if a.prompt.is_empty() {
         return Err(Error::EmptyPrompt);
     }
+    if a.n > 1 && a.temperature == 0.0 {
+        eprintln!(
+            "note: --temperature 0 is greedy, so all {} samples will be the same; try --temperature 0.8",
+            a.n
+        );
+    }
     let Loaded { model, tokenizer } = load(&a.run)?;
     let prompt = if a.chat {
         let mut messages = Vec::new();

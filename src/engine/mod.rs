@@ -602,6 +602,19 @@ impl<'m, B: Backend> Engine<'m, B> {
         }
     }
 
+    /// Removes the candidate forks scoring for `parent`.
+    fn remove_candidates(&mut self, parent: SeqId) {
+        let children: Vec<SeqId> = self
+            .seqs
+            .iter()
+            .filter(|(_, s)| matches!(&s.task, Task::Candidate(c) if c.parent == parent))
+            .map(|(&c, _)| c)
+            .collect();
+        for c in children {
+            self.remove(c);
+        }
+    }
+
     /// Removes a sequence with everything that depends on it (its candidates; a fan-out
     /// parent left without children).
     fn remove(&mut self, id: SeqId) {
@@ -611,15 +624,7 @@ impl<'m, B: Backend> Engine<'m, B> {
         };
         match seq.task {
             Task::Score(_) => {
-                let children: Vec<SeqId> = self
-                    .seqs
-                    .iter()
-                    .filter(|(_, s)| matches!(&s.task, Task::Candidate(c) if c.parent == id))
-                    .map(|(&c, _)| c)
-                    .collect();
-                for c in children {
-                    self.remove(c);
-                }
+                self.remove_candidates(id);
             }
             Task::FanOut { children } => {
                 for c in children {
@@ -665,15 +670,7 @@ impl<'m, B: Backend> Engine<'m, B> {
                 }
             }
             Task::Score(_) => {
-                let children: Vec<SeqId> = self
-                    .seqs
-                    .iter()
-                    .filter(|(_, s)| matches!(&s.task, Task::Candidate(c) if c.parent == id))
-                    .map(|(&c, _)| c)
-                    .collect();
-                for c in children {
-                    self.remove(c);
-                }
+                self.remove_candidates(id);
                 events.push(Event::Failed { seq: id, error });
             }
             _ => {
