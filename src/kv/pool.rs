@@ -32,7 +32,7 @@ pub struct PoolStats {
     pub total: usize,
     pub free: usize,
     pub used: usize,
-    /// Blocks with more than one owner.
+    /// Blocks with more than one owner (refcount > 1; a prefix-cache node counts as an owner).
     pub shared: usize,
     /// Blocks held by the prefix cache (possibly by sequences too).
     pub cached: usize,
