@@ -18,6 +18,7 @@
 //! Every op checks the shapes it is given and returns a typed error, never panics.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::error::Result;
 use crate::quant::WeightMatrix;

@@ -1,0 +1,64 @@
+// Data movement around the paged K/V store: embedding gather, K/V write into slots, batched
+// block copy (copy-on-write) and logit-row gather.
+//
+// K/V store layout per layer: [n_blocks, block_size, n_kv_heads, hd] f16, K and V separate;
+// slot s = block · block_size + offset addresses one token's [n_kv_heads, hd] values.
+#include "common.cuh"
+
+// out[r] = table[tokens[r]] (an f16 embedding table; INT4 tables are dequantized by the
+// matmul path's repack at upload).
+//   table   [vocab, d] f16
+//   tokens  [rows] int32 (checked < vocab by the launcher)
+//   out     [rows, d] f16
+// Grid: (rows), block (256).
+extern "C" __global__ void embed_f16(const __half* __restrict__ table, const int* __restrict__ tokens,
+                                     __half* __restrict__ out, int d) {
+    const __half* src = table + (size_t)tokens[blockIdx.x] * d;
+    __half* dst = out + (size_t)blockIdx.x * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) dst[i] = src[i];
+}
+
+// Writes the K and V heads of each row of the fused Q|K|V activation into the row's slot.
+//   qkv    [rows, (n_heads + 2·n_kv_heads)·hd] f16
+//   slots  [rows] int32
+//   k, v   [n_slots, n_kv_heads·hd] f16 (one layer)
+// Grid: (rows), block (128).
+extern "C" __global__ void kv_write_f16(const __half* __restrict__ qkv, const int* __restrict__ slots,
+                                        __half* __restrict__ k, __half* __restrict__ v,
+                                        int n_heads, int n_kv_heads, int hd) {
+    const int kvw = n_kv_heads * hd;
+    const __half* row = qkv + (size_t)blockIdx.x * (n_heads + 2 * n_kv_heads) * hd;
+    const size_t dst = (size_t)slots[blockIdx.x] * kvw;
+    for (int i = threadIdx.x; i < kvw; i += blockDim.x) {
+        k[dst + i] = row[n_heads * hd + i];
+        v[dst + i] = row[(n_heads + n_kv_heads) * hd + i];
+    }
+}
+
+// Copies whole blocks src → dst in every layer, K and V: one launch for all of a step's
+// copy-on-write copies. Sources and destinations are distinct blocks (the engine keeps
+// sources alive until the copies are applied), so the copies are independent.
+//   store   [n_layers, 2, n_blocks, block_elems] f16 (K then V per layer)
+//   pairs   [n_copies, 2] int32 (src, dst)
+// Grid: (n_copies, 2·n_layers), block (256); 16-byte vector copies (block_elems is a
+// multiple of 8: block_size·n_kv_heads·hd with hd a multiple of 8).
+extern "C" __global__ void copy_blocks_f16(__half* __restrict__ store, const int* __restrict__ pairs,
+                                           int n_blocks, int block_elems) {
+    const size_t plane = (size_t)blockIdx.y * n_blocks * block_elems;
+    const uint4* src = reinterpret_cast<const uint4*>(store + plane + (size_t)pairs[2 * blockIdx.x] * block_elems);
+    uint4* dst = reinterpret_cast<uint4*>(store + plane + (size_t)pairs[2 * blockIdx.x + 1] * block_elems);
+    for (int i = threadIdx.x; i < block_elems / 8; i += blockDim.x) dst[i] = src[i];
+}
+
+// out[i] = x[rows[i]] (the rows whose logits the step returns, before the output norm and
+// head).
+//   x     [T, d] f16
+//   rows  [R] int32
+//   out   [R, d] f16
+// Grid: (R), block (256).
+extern "C" __global__ void gather_rows_f16(const __half* __restrict__ x, const int* __restrict__ rows,
+                                           __half* __restrict__ out, int d) {
+    const __half* src = x + (size_t)rows[blockIdx.x] * d;
+    __half* dst = out + (size_t)blockIdx.x * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) dst[i] = src[i];
+}
