@@ -38,6 +38,10 @@ pub const SOURCES: &[KernelSource] = &[
         name: "kv_cache.cu",
         source: include_str!("../../../kernels/kv_cache.cu"),
     },
+    KernelSource {
+        name: "int4_matmul.cu",
+        source: include_str!("../../../kernels/int4_matmul.cu"),
+    },
 ];
 
 fn err(reason: String) -> Error {
