@@ -9,6 +9,9 @@
 
 #define QMTOT_WARP 32
 
+// −∞ in f32 (NVRTC has no <math.h> INFINITY).
+#define QMTOT_NEG_INF (-__int_as_float(0x7f800000))
+
 // Sum of `v` over the 32 lanes of a warp (every lane gets the total).
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

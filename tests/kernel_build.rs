@@ -49,7 +49,7 @@ fn every_kernel_compiles_for_sm90a_and_sm80_without_spills() {
                     } in report
                     {
                         eprintln!(
-                            "{arch} {:<18} {kernel:<24} {registers:>3} registers {shared_bytes:>6} B smem {stack_bytes:>4} B stack",
+                            "{arch} {:<18} {kernel:<30} {registers:>3} registers {shared_bytes:>6} B smem {stack_bytes:>4} B stack",
                             src.name
                         );
                         if spill_stores + spill_loads > 0 {

@@ -42,6 +42,10 @@ pub const SOURCES: &[KernelSource] = &[
         name: "int4_matmul.cu",
         source: include_str!("../../../kernels/int4_matmul.cu"),
     },
+    KernelSource {
+        name: "attention.cu",
+        source: include_str!("../../../kernels/attention.cu"),
+    },
 ];
 
 fn err(reason: String) -> Error {
