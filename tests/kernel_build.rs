@@ -81,3 +81,30 @@ fn a_kernel_with_an_error_is_a_typed_error_with_the_log() {
         other => panic!("expected a backend error, got {other:?}"),
     }
 }
+
+#[test]
+fn the_kernel_cache_compiles_once_and_survives_a_corrupt_entry() {
+    use qmtot::backend::cuda::kernel_cache::KernelCache;
+    if !nvrtc_or_skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cache = KernelCache::new(dir.path());
+    let src = &nvrtc::SOURCES[0];
+    let (cold, hit) = cache.get_or_compile(src, "sm_80").unwrap();
+    assert!(!hit, "an empty cache compiles");
+    let (warm, hit) = cache.get_or_compile(src, "sm_80").unwrap();
+    assert!(hit, "the second call reads the cache");
+    assert_eq!(cold, warm);
+    let (_, hit) = cache.get_or_compile(src, "sm_90a").unwrap();
+    assert!(!hit, "another architecture is another entry");
+    // Truncate every entry: the next call recompiles and gets the same cubin.
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    }
+    let (again, hit) = cache.get_or_compile(src, "sm_80").unwrap();
+    assert!(!hit, "a truncated entry is not trusted");
+    assert_eq!(again, cold);
+}

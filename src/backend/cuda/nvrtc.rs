@@ -90,6 +90,19 @@ pub fn cuda_include_dir() -> Option<PathBuf> {
         .find(|d| d.join("cuda_fp16.h").is_file())
 }
 
+/// NVRTC options for `arch` (see the module doc); part of the kernel cache's key.
+pub fn options(arch: &str, include: &std::path::Path, ptxas_verbose: bool) -> Vec<String> {
+    let mut options = vec![
+        format!("--gpu-architecture={arch}"),
+        "--std=c++17".to_string(),
+        format!("--include-path={}", include.display()),
+    ];
+    if ptxas_verbose {
+        options.push("--ptxas-options=-v".to_string());
+    }
+    options
+}
+
 /// A compiled kernel file.
 #[derive(Clone, Debug)]
 pub struct Compiled {
@@ -115,15 +128,7 @@ pub fn compile(src: &KernelSource, arch: &str, ptxas_verbose: bool) -> Result<Co
     let header_name = cstr(COMMON_HEADER.name)?;
     let headers = [header.as_ptr()];
     let header_names = [header_name.as_ptr()];
-    let mut options = vec![
-        format!("--gpu-architecture={arch}"),
-        "--std=c++17".to_string(),
-        format!("--include-path={}", include.display()),
-    ];
-    if ptxas_verbose {
-        options.push("--ptxas-options=-v".to_string());
-    }
-
+    let options = options(arch, &include, ptxas_verbose);
     let mut prog: sys::nvrtcProgram = std::ptr::null_mut();
     // SAFETY: all strings outlive the program (destroyed below); arrays hold one header.
     unsafe {
