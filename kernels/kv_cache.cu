@@ -62,3 +62,31 @@ extern "C" __global__ void gather_rows_f16(const __half* __restrict__ x, const i
     __half* dst = out + (size_t)blockIdx.x * d;
     for (int i = threadIdx.x; i < d; i += blockDim.x) dst[i] = src[i];
 }
+
+// out[r] = dequantized row tokens[r] of an INT4 embedding table (w = s·q + m, see
+// int4_matmul.cu for the layout).
+//   qweight  [vocab, d/8] u32
+//   scales   [vocab, d/group] f16
+//   mins     [vocab, d/group] f32
+//   tokens   [rows] int32 (checked < vocab by the launcher)
+//   out      [rows, d] f16
+// Grid: (rows), block (256).
+extern "C" __global__ void embed_int4_f16(const unsigned* __restrict__ qweight, const __half* __restrict__ scales,
+                                          const float* __restrict__ mins, const int* __restrict__ tokens,
+                                          __half* __restrict__ out, int d, int group) {
+    const size_t t = (size_t)tokens[blockIdx.x];
+    const int gpr = d / group;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        const unsigned q = (qweight[t * (d / 8) + i / 8] >> (4 * (i % 8))) & 0xfu;
+        const float s = __half2float(scales[t * gpr + i / group]);
+        out[(size_t)blockIdx.x * d + i] = __float2half(fmaf((float)q, s, mins[t * gpr + i / group]));
+    }
+}
+
+// x[i] = value for i < n (poisons unused K/V slots with NaN in tests; zeroes buffers).
+//   x  [n] f16
+// Grid: (ceil(n / 256)), block (256).
+extern "C" __global__ void fill_f16(__half* __restrict__ x, size_t n, float value) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] = __float2half(value);
+}

@@ -69,3 +69,11 @@ extern "C" __global__ void silu_mul_f16(const __half* __restrict__ gate_up, __ha
         o[j] = __float2half(g / (1.f + expf(-g)) * u);
     }
 }
+
+// x += y elementwise (the residual add when it is not fused into the next norm).
+//   x, y  [n] f16
+// Grid: (ceil(n / 256)), block (256).
+extern "C" __global__ void add_f16(__half* __restrict__ x, const __half* __restrict__ y, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] = __float2half(__half2float(x[i]) + __half2float(y[i]));
+}
