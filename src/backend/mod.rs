@@ -8,7 +8,7 @@
 //! and a CUDA backend device pointers, without a common "tensor" abstraction in between.
 //!
 //! * Activations are 2-D `[rows, cols]`: one row per token of the step's batch.
-//!   CPU: f32. CUDA (later): f16 activations with f32 accumulation, f32 logits.
+//!   CPU: f32. CUDA: f16 activations with f32 accumulation, f32 logits.
 //! * Linear weights are uploaded from the host forms of [`crate::quant`]; a backend repacks
 //!   them as its kernels like. `upload_linear` takes several parts and stacks their rows, so
 //!   Q|K|V and gate|up are one matmul each (parts may even differ in format).
@@ -241,6 +241,11 @@ pub trait Backend: Send + Sync {
     fn upload_linear(&self, parts: &[&WeightMatrix]) -> Result<Self::Linear>;
     fn upload_vector(&self, v: &[f32]) -> Result<Self::Vector>;
     fn alloc_activations(&self, rows: usize, cols: usize) -> Result<Self::Activations>;
+    /// Activations that hold logits `[rows, vocab]`: f32 on every backend (CUDA keeps other
+    /// activations in f16).
+    fn alloc_logits(&self, rows: usize, cols: usize) -> Result<Self::Activations> {
+        self.alloc_activations(rows, cols)
+    }
     /// A K/V store of `shape`; unwritten slots hold NaN so a kernel that reads one fails loudly.
     fn alloc_kv(&self, shape: KvShape) -> Result<Self::KvStore>;
     fn upload_step(&self, step: &StepInput) -> Result<Self::Step>;

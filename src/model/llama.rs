@@ -249,7 +249,7 @@ impl<B: Backend> Llama<B> {
         b.gather_logit_rows(&x, &step, &mut last)?; //                    rows that want logits
         let mut normed = b.alloc_activations(r, c.d_model)?;
         b.rmsnorm(&last, &self.out_norm, c.rms_eps, &mut normed)?; //    h = rmsnorm(x) ⊙ g_out
-        let mut logits = b.alloc_activations(r, c.vocab_size)?;
+        let mut logits = b.alloc_logits(r, c.vocab_size)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         b.matmul(&normed, head, &mut logits)?; //                         logits = h · W_outᵀ
         b.to_host(&logits, &mut logits_host)?;

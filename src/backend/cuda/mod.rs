@@ -1,7 +1,870 @@
-//! CUDA backend (in progress, issue 4): so far the kernel build — `kernels/*.cu` compiled at
-//! run time by NVRTC for a real architecture and resource-checked ([`nvrtc`]), with an
-//! on-disk cache of the results ([`kernel_cache`]). Device buffers, launchers and the
-//! [`crate::backend::Backend`] implementation come next; until then no command runs on a GPU.
+//! CUDA backend: the [`Backend`] ops as NVRTC-compiled kernels (`kernels/*.cu`) launched
+//! through cudarc on one device and one stream.
+//!
+//! Precision: activations and K/V in f16, accumulation in f32, logits in f32 (DESIGN
+//! "Precision"). Weights are uploaded once: INT4 parts keep the canonical nibbles (read as
+//! little-endian u32 words), f16 scales and f32 mins (exact); INT8 and dense parts become f16
+//! matrices. See `kernels/int4_matmul.cu` for the layout and partitioning.
+//!
+//! Status: compiled and resource-checked on machines without a GPU (tests/kernel_build.rs);
+//! the GPU tests against the CPU backend (tests/cuda.rs) skip without a device. Until they have
+//! passed on a GPU, no command selects this backend by default.
+//!
+//! libcuda is loaded dynamically: [`CudaBackend::new`] checks that it is present before any
+//! driver call (cudarc panics otherwise) and returns a typed error when it is not.
 
 pub mod kernel_cache;
+mod kernels;
 pub mod nvrtc;
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use half::f16;
+
+pub use kernels::arch_for;
+use kernels::{cuda_err, Kernels};
+
+use super::{Backend, KvShape, QkvLayout, StepInput};
+use crate::error::{Error, Result};
+use crate::quant::WeightMatrix;
+use kernel_cache::KernelCache;
+
+/// Whether the CUDA driver library can be loaded at all.
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to open the library.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// Number of CUDA devices (0 without a driver).
+pub fn device_count() -> usize {
+    if !driver_present() {
+        return 0;
+    }
+    CudaContext::device_count().map_or(0, |n| n.max(0) as usize)
+}
+
+/// Device storage of an activation: f16, or f32 for logits.
+pub enum DevBuf {
+    F16(CudaSlice<f16>),
+    F32(CudaSlice<f32>),
+}
+
+/// Activations `[rows, cols]` on the device.
+pub struct CudaTensor {
+    pub rows: usize,
+    pub cols: usize,
+    buf: DevBuf,
+}
+
+impl CudaTensor {
+    fn f16(&self, op: &str) -> Result<&CudaSlice<f16>> {
+        match &self.buf {
+            DevBuf::F16(b) => Ok(b),
+            DevBuf::F32(_) => Err(shape_err(op, "expected f16 activations, got f32".into())),
+        }
+    }
+
+    fn f16_mut(&mut self, op: &str) -> Result<&mut CudaSlice<f16>> {
+        match &mut self.buf {
+            DevBuf::F16(b) => Ok(b),
+            DevBuf::F32(_) => Err(shape_err(op, "expected f16 activations, got f32".into())),
+        }
+    }
+}
+
+/// One uploaded weight part.
+pub enum CudaWeight {
+    /// `qweight [rows, cols/8]` u32, `scales [rows, cols/group]` f16, `mins` f32.
+    Int4 {
+        rows: usize,
+        cols: usize,
+        group: usize,
+        qweight: CudaSlice<u32>,
+        scales: CudaSlice<f16>,
+        mins: CudaSlice<f32>,
+    },
+    /// `[rows, cols]` f16 (INT8 and dense parts, dequantized).
+    F16 {
+        rows: usize,
+        cols: usize,
+        data: CudaSlice<f16>,
+    },
+}
+
+impl CudaWeight {
+    fn rows(&self) -> usize {
+        match self {
+            CudaWeight::Int4 { rows, .. } | CudaWeight::F16 { rows, .. } => *rows,
+        }
+    }
+}
+
+/// A linear layer: parts stacked along the output dimension.
+pub struct CudaLinear {
+    rows: usize,
+    cols: usize,
+    parts: Vec<(usize, CudaWeight)>,
+}
+
+pub struct CudaVector {
+    data: CudaSlice<f32>,
+    len: usize,
+}
+
+/// Paged K/V: `[n_layers, 2 (K, V), n_slots, n_kv_heads·head_dim]` f16.
+pub struct CudaKv {
+    shape: KvShape,
+    store: CudaSlice<f16>,
+}
+
+impl CudaKv {
+    fn plane(&self) -> usize {
+        self.shape.n_slots() * self.shape.n_kv_heads * self.shape.head_dim
+    }
+}
+
+/// A step's index data on the device (i32), plus the host copy for checks.
+pub struct CudaStep {
+    host: StepInput,
+    tokens: CudaSlice<i32>,
+    positions: CudaSlice<i32>,
+    slots: CudaSlice<i32>,
+    row_seq: CudaSlice<i32>,
+    /// `[n_seqs, max_blocks]`, padded with 0.
+    block_tables: CudaSlice<i32>,
+    max_blocks: usize,
+    logit_rows: Option<CudaSlice<i32>>,
+}
+
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    kernels: Kernels,
+    device_name: String,
+    arch: String,
+}
+
+fn shape_err(op: &str, reason: String) -> Error {
+    Error::Backend {
+        backend: "cuda",
+        reason: format!("{op}: {reason}"),
+    }
+}
+
+fn i32s(v: &[u32]) -> Vec<i32> {
+    v.iter().map(|&x| x as i32).collect()
+}
+
+/// Threads per block of the row-wise kernels.
+const ROW_BLOCK: u32 = 256;
+/// Inputs per split of the matmul kernels (`KS` in the .cu files).
+const K_SLICE: usize = 1024;
+
+fn grid(x: usize, y: usize, block: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (x.max(1) as u32, y.max(1) as u32, 1),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+impl CudaBackend {
+    /// Opens device `ordinal`, compiles (or takes from the disk cache) every kernel for its
+    /// architecture and loads them.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        if !driver_present() {
+            return Err(cuda_err(
+                "driver",
+                "libcuda not found (no NVIDIA driver on this machine)",
+            ));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| cuda_err(&format!("device {ordinal}"), e))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| cuda_err("compute capability", e))?;
+        let arch = arch_for(major, minor);
+        let device_name = ctx.name().map_err(|e| cuda_err("device name", e))?;
+        let stream = ctx.default_stream();
+        let kernels = Kernels::load(&ctx, &arch, &KernelCache::new(KernelCache::default_dir()))?;
+        Ok(Self {
+            ctx,
+            stream,
+            kernels,
+            device_name,
+            arch,
+        })
+    }
+
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+
+    /// f16 activations `[rows, cols]` from host values (tests and benchmarks; the forward
+    /// makes its own through `embed`).
+    pub fn upload_activations(&self, rows: usize, cols: usize, values: &[f32]) -> Result<CudaTensor> {
+        if values.len() != rows * cols {
+            return Err(shape_err(
+                "upload_activations",
+                format!("{} values for [{rows}, {cols}]", values.len()),
+            ));
+        }
+        let halves: Vec<f16> = values.iter().map(|&v| f16::from_f32(v)).collect();
+        Ok(CudaTensor {
+            rows,
+            cols,
+            buf: DevBuf::F16(self.upload(&halves)?),
+        })
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(|e| cuda_err("synchronize", e))
+    }
+
+    fn upload<T: cudarc::driver::DeviceRepr>(&self, v: &[T]) -> Result<CudaSlice<T>> {
+        self.stream.clone_htod(v).map_err(|e| cuda_err("upload", e))
+    }
+
+    fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
+        self.stream.alloc_zeros(n.max(1)).map_err(|e| cuda_err("alloc", e))
+    }
+
+    fn upload_part(&self, w: &WeightMatrix) -> Result<CudaWeight> {
+        let (rows, cols) = (w.rows(), w.cols());
+        if cols % 32 != 0 {
+            return Err(shape_err(
+                "upload_linear",
+                format!("{cols} inputs: the kernels need a multiple of 32"),
+            ));
+        }
+        Ok(match w {
+            WeightMatrix::Int4(m) => {
+                let words: Vec<u32> = m
+                    .packed
+                    .chunks_exact(4)
+                    .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
+                CudaWeight::Int4 {
+                    rows,
+                    cols,
+                    group: m.group,
+                    qweight: self.upload(&words)?,
+                    scales: self.upload(&m.scales)?,
+                    mins: self.upload(&m.mins)?,
+                }
+            }
+            other => {
+                let mut row = vec![0f32; cols];
+                let mut data = Vec::with_capacity(rows * cols);
+                for r in 0..rows {
+                    other.dequant_row(r, &mut row);
+                    data.extend(row.iter().map(|&v| f16::from_f32(v)));
+                }
+                CudaWeight::F16 {
+                    rows,
+                    cols,
+                    data: self.upload(&data)?,
+                }
+            }
+        })
+    }
+
+    /// `out[rows, col0 .. col0+n] = x[rows] · Wᵀ` for one part `(col0, W[n, k])` and one tile
+    /// of at most 8 activation rows.
+    fn matmul_tile(
+        &self,
+        x: &CudaSlice<f16>,
+        (col0, w): (usize, &CudaWeight),
+        rows: std::ops::Range<usize>,
+        k: usize,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        let (m0, mt) = (rows.start, rows.len());
+        let n = w.rows();
+        let tile = [1usize, 2, 4, 8].into_iter().find(|&t| t >= mt).expect("mt ≤ 8");
+        let rows_per_warp = match tile {
+            1 | 2 => 4,
+            4 => 2,
+            _ => 1,
+        };
+        let splits = k.div_ceil(K_SLICE);
+        let mut partial = self.zeros::<f32>(splits * mt * n)?;
+        let xv = x.slice(m0 * k..);
+        let cfg = grid(n.div_ceil(4 * rows_per_warp), splits, 128);
+        let (mt_i, n_i, k_i) = (mt as i32, n as i32, k as i32);
+        match w {
+            CudaWeight::Int4 {
+                group,
+                qweight,
+                scales,
+                mins,
+                ..
+            } => {
+                let f = self.kernels.get(&format!("int4_matmul_m{tile}_f16"))?;
+                let g = *group as i32;
+                // SAFETY: shapes checked by `matmul`; the kernel reads x[mt, k], W[n, k] and
+                // writes partial[splits, mt, n].
+                unsafe {
+                    self.stream
+                        .launch_builder(f)
+                        .arg(&xv)
+                        .arg(qweight)
+                        .arg(scales)
+                        .arg(mins)
+                        .arg(&mut partial)
+                        .arg(&mt_i)
+                        .arg(&n_i)
+                        .arg(&k_i)
+                        .arg(&g)
+                        .launch(cfg)
+                }
+                .map_err(|e| cuda_err("int4_matmul", e))?;
+            }
+            CudaWeight::F16 { data, .. } => {
+                let f = self.kernels.get(&format!("dense_matmul_m{tile}_f16"))?;
+                // SAFETY: as above, with W[n, k] f16.
+                unsafe {
+                    self.stream
+                        .launch_builder(f)
+                        .arg(&xv)
+                        .arg(data)
+                        .arg(&mut partial)
+                        .arg(&mt_i)
+                        .arg(&n_i)
+                        .arg(&k_i)
+                        .launch(cfg)
+                }
+                .map_err(|e| cuda_err("dense_matmul", e))?;
+            }
+        }
+        let ldo = out.cols;
+        let offset = m0 * ldo + col0;
+        let (splits_i, ldo_i) = (splits as i32, ldo as i32);
+        let cfg = grid((mt * n).div_ceil(256), 1, 256);
+        match &mut out.buf {
+            DevBuf::F16(o) => {
+                let mut ov = o.slice_mut(offset..);
+                let f = self.kernels.get("splitk_reduce_f16")?;
+                // SAFETY: writes rows m0..m0+mt, columns col0..col0+n of out.
+                unsafe {
+                    self.stream
+                        .launch_builder(f)
+                        .arg(&partial)
+                        .arg(&mut ov)
+                        .arg(&splits_i)
+                        .arg(&mt_i)
+                        .arg(&n_i)
+                        .arg(&ldo_i)
+                        .launch(cfg)
+                }
+            }
+            DevBuf::F32(o) => {
+                let mut ov = o.slice_mut(offset..);
+                let f = self.kernels.get("splitk_reduce_f32")?;
+                // SAFETY: as above.
+                unsafe {
+                    self.stream
+                        .launch_builder(f)
+                        .arg(&partial)
+                        .arg(&mut ov)
+                        .arg(&splits_i)
+                        .arg(&mt_i)
+                        .arg(&n_i)
+                        .arg(&ldo_i)
+                        .launch(cfg)
+                }
+            }
+        }
+        .map_err(|e| cuda_err("splitk_reduce", e))?;
+        Ok(())
+    }
+}
+
+fn check(op: &str, what: &str, t: &CudaTensor, rows: usize, cols: usize) -> Result<()> {
+    if t.rows != rows || t.cols != cols {
+        return Err(shape_err(
+            op,
+            format!("{what} is [{}, {}], expected [{rows}, {cols}]", t.rows, t.cols),
+        ));
+    }
+    Ok(())
+}
+
+impl Backend for CudaBackend {
+    type Activations = CudaTensor;
+    type Linear = CudaLinear;
+    type Vector = CudaVector;
+    type KvStore = CudaKv;
+    type Step = CudaStep;
+
+    fn name(&self) -> String {
+        format!("cuda ({}, {})", self.device_name, self.arch)
+    }
+
+    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        f()
+    }
+
+    fn upload_linear(&self, parts: &[&WeightMatrix]) -> Result<CudaLinear> {
+        let Some(first) = parts.first() else {
+            return Err(Error::InvalidArgument("upload_linear: no parts".into()));
+        };
+        let cols = first.cols();
+        let mut row = 0;
+        let mut out = Vec::with_capacity(parts.len());
+        for p in parts {
+            if p.cols() != cols {
+                return Err(Error::InvalidArgument(format!(
+                    "upload_linear: parts of {} and {cols} inputs",
+                    p.cols()
+                )));
+            }
+            out.push((row, self.upload_part(p)?));
+            row += p.rows();
+        }
+        Ok(CudaLinear {
+            rows: row,
+            cols,
+            parts: out,
+        })
+    }
+
+    fn upload_vector(&self, v: &[f32]) -> Result<CudaVector> {
+        Ok(CudaVector {
+            data: self.upload(v)?,
+            len: v.len(),
+        })
+    }
+
+    fn alloc_activations(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
+        Ok(CudaTensor {
+            rows,
+            cols,
+            buf: DevBuf::F16(self.zeros(rows * cols)?),
+        })
+    }
+
+    fn alloc_logits(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
+        Ok(CudaTensor {
+            rows,
+            cols,
+            buf: DevBuf::F32(self.zeros(rows * cols)?),
+        })
+    }
+
+    fn alloc_kv(&self, shape: KvShape) -> Result<CudaKv> {
+        let n = 2 * shape.n_layers * shape.n_slots() * shape.n_kv_heads * shape.head_dim;
+        let mut store = self.zeros::<f16>(n)?;
+        let f = self.kernels.get("fill_f16")?;
+        let (n_u, nan) = (n, f32::NAN);
+        // SAFETY: writes n elements of store.
+        unsafe {
+            self.stream
+                .launch_builder(f)
+                .arg(&mut store)
+                .arg(&n_u)
+                .arg(&nan)
+                .launch(grid(n.div_ceil(256), 1, 256))
+        }
+        .map_err(|e| cuda_err("fill_f16", e))?;
+        Ok(CudaKv { shape, store })
+    }
+
+    fn upload_step(&self, step: &StepInput) -> Result<CudaStep> {
+        let max_blocks = step.block_tables.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        let mut tables = vec![0i32; step.block_tables.len().max(1) * max_blocks];
+        for (s, t) in step.block_tables.iter().enumerate() {
+            for (i, &b) in t.iter().enumerate() {
+                tables[s * max_blocks + i] = b as i32;
+            }
+        }
+        Ok(CudaStep {
+            host: step.clone(),
+            tokens: self.upload(&i32s(&step.tokens))?,
+            positions: self.upload(&i32s(&step.positions))?,
+            slots: self.upload(&i32s(&step.slots))?,
+            row_seq: self.upload(&i32s(&step.row_seq))?,
+            block_tables: self.upload(&tables)?,
+            max_blocks,
+            logit_rows: if step.logit_rows.is_empty() {
+                None
+            } else {
+                Some(self.upload(&i32s(&step.logit_rows))?)
+            },
+        })
+    }
+
+    fn embed(&self, table: &CudaLinear, step: &CudaStep, out: &mut CudaTensor) -> Result<()> {
+        let rows = step.host.rows();
+        check("embed", "out", out, rows, table.cols)?;
+        if let Some(&t) = step.host.tokens.iter().find(|&&t| t as usize >= table.rows) {
+            return Err(Error::TokenOutOfRange {
+                id: t,
+                vocab: table.rows,
+            });
+        }
+        let [(_, part)] = table.parts.as_slice() else {
+            return Err(shape_err("embed", "the table must be a single part".into()));
+        };
+        let d = table.cols as i32;
+        let o = out.f16_mut("embed")?;
+        let cfg = grid(rows, 1, ROW_BLOCK);
+        // SAFETY: tokens checked < vocab; writes out[rows, d].
+        match part {
+            CudaWeight::Int4 {
+                group,
+                qweight,
+                scales,
+                mins,
+                ..
+            } => {
+                let g = *group as i32;
+                unsafe {
+                    self.stream
+                        .launch_builder(self.kernels.get("embed_int4_f16")?)
+                        .arg(qweight)
+                        .arg(scales)
+                        .arg(mins)
+                        .arg(&step.tokens)
+                        .arg(o)
+                        .arg(&d)
+                        .arg(&g)
+                        .launch(cfg)
+                }
+            }
+            CudaWeight::F16 { data, .. } => unsafe {
+                self.stream
+                    .launch_builder(self.kernels.get("embed_f16")?)
+                    .arg(data)
+                    .arg(&step.tokens)
+                    .arg(o)
+                    .arg(&d)
+                    .launch(cfg)
+            },
+        }
+        .map_err(|e| cuda_err("embed", e))?;
+        Ok(())
+    }
+
+    fn rmsnorm(&self, x: &CudaTensor, w: &CudaVector, eps: f32, out: &mut CudaTensor) -> Result<()> {
+        check("rmsnorm", "out", out, x.rows, x.cols)?;
+        if w.len != x.cols {
+            return Err(shape_err(
+                "rmsnorm",
+                format!("weight of {} for width {}", w.len, x.cols),
+            ));
+        }
+        let (d, null) = (x.cols as i32, 0u64);
+        let xs = x.f16("rmsnorm")?;
+        let o = out.f16_mut("rmsnorm")?;
+        // SAFETY: add = null, so x is only read; writes out[rows, d].
+        unsafe {
+            self.stream
+                .launch_builder(self.kernels.get("rmsnorm_residual_f16")?)
+                .arg(xs)
+                .arg(&null)
+                .arg(&w.data)
+                .arg(o)
+                .arg(&d)
+                .arg(&eps)
+                .launch(grid(x.rows, 1, ROW_BLOCK))
+        }
+        .map_err(|e| cuda_err("rmsnorm", e))?;
+        Ok(())
+    }
+
+    fn matmul(&self, x: &CudaTensor, w: &CudaLinear, out: &mut CudaTensor) -> Result<()> {
+        if x.cols != w.cols {
+            return Err(shape_err(
+                "matmul",
+                format!("x has {} columns, W has {} inputs", x.cols, w.cols),
+            ));
+        }
+        check("matmul", "out", out, x.rows, w.rows)?;
+        let xs = x.f16("matmul")?;
+        for (col0, part) in &w.parts {
+            for m0 in (0..x.rows).step_by(8) {
+                let rows = m0..(m0 + 8).min(x.rows);
+                self.matmul_tile(xs, (*col0, part), rows, w.cols, out)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn rope(
+        &self,
+        qkv: &mut CudaTensor,
+        layout: QkvLayout,
+        cos: &CudaVector,
+        sin: &CudaVector,
+        half_split: bool,
+        step: &CudaStep,
+    ) -> Result<()> {
+        check("rope", "qkv", qkv, step.host.rows(), layout.width())?;
+        let half = (layout.head_dim / 2).max(1);
+        let max_pos = cos.len / half;
+        if cos.len != sin.len || cos.len % half != 0 {
+            return Err(shape_err("rope", "cos/sin tables differ or are ragged".into()));
+        }
+        if let Some(&p) = step.host.positions.iter().find(|&&p| p as usize >= max_pos) {
+            return Err(shape_err("rope", format!("position {p} beyond the table of {max_pos}")));
+        }
+        let (h, kv, hd, hs) = (
+            layout.n_heads as i32,
+            layout.n_kv_heads as i32,
+            layout.head_dim as i32,
+            half_split as i32,
+        );
+        let rows = qkv.rows;
+        let q = qkv.f16_mut("rope")?;
+        // SAFETY: positions checked against the tables; rotates Q and K heads in place.
+        unsafe {
+            self.stream
+                .launch_builder(self.kernels.get("rope_f16")?)
+                .arg(q)
+                .arg(&step.positions)
+                .arg(&cos.data)
+                .arg(&sin.data)
+                .arg(&h)
+                .arg(&kv)
+                .arg(&hd)
+                .arg(&hs)
+                .launch(grid(rows, 1, 128))
+        }
+        .map_err(|e| cuda_err("rope", e))?;
+        Ok(())
+    }
+
+    fn kv_write(
+        &self,
+        kv: &mut CudaKv,
+        layer: usize,
+        qkv: &CudaTensor,
+        layout: QkvLayout,
+        step: &CudaStep,
+    ) -> Result<()> {
+        check("kv_write", "qkv", qkv, step.host.rows(), layout.width())?;
+        let s = kv.shape;
+        if layer >= s.n_layers || layout.n_kv_heads != s.n_kv_heads || layout.head_dim != s.head_dim {
+            return Err(shape_err(
+                "kv_write",
+                format!("layer {layer} / {layout:?} vs store {s:?}"),
+            ));
+        }
+        if let Some(&slot) = step.host.slots.iter().find(|&&x| x as usize >= s.n_slots()) {
+            return Err(shape_err("kv_write", format!("slot {slot} outside the store")));
+        }
+        let plane = kv.plane();
+        let (h, n_kv, hd) = (layout.n_heads as i32, layout.n_kv_heads as i32, layout.head_dim as i32);
+        let mut layer_kv = kv.store.slice_mut(2 * layer * plane..2 * (layer + 1) * plane);
+        let (mut k, mut v) = layer_kv.split_at_mut(plane);
+        // SAFETY: slots checked; writes one [n_kv·hd] row of K and V per row.
+        unsafe {
+            self.stream
+                .launch_builder(self.kernels.get("kv_write_f16")?)
+                .arg(qkv.f16("kv_write")?)
+                .arg(&step.slots)
+                .arg(&mut k)
+                .arg(&mut v)
+                .arg(&h)
+                .arg(&n_kv)
+                .arg(&hd)
+                .launch(grid(qkv.rows, 1, 128))
+        }
+        .map_err(|e| cuda_err("kv_write", e))?;
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        qkv: &CudaTensor,
+        kv: &CudaKv,
+        layer: usize,
+        layout: QkvLayout,
+        step: &CudaStep,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        check("attention", "qkv", qkv, step.host.rows(), layout.width())?;
+        check(
+            "attention",
+            "out",
+            out,
+            step.host.rows(),
+            layout.n_heads * layout.head_dim,
+        )?;
+        let s = kv.shape;
+        if layer >= s.n_layers || layout.n_kv_heads != s.n_kv_heads || layout.head_dim != s.head_dim {
+            return Err(shape_err(
+                "attention",
+                format!("layer {layer} / {layout:?} vs store {s:?}"),
+            ));
+        }
+        for (r, &pos) in step.host.positions.iter().enumerate() {
+            let table = step
+                .host
+                .block_tables
+                .get(step.host.row_seq[r] as usize)
+                .ok_or_else(|| shape_err("attention", format!("row {r} has no block table")))?;
+            if table.len() * s.block_size <= pos as usize || table.iter().any(|&b| b as usize >= s.n_blocks) {
+                return Err(shape_err(
+                    "attention",
+                    format!("row {r}: block table does not cover position {pos}"),
+                ));
+            }
+        }
+        let group = layout.n_heads / layout.n_kv_heads;
+        let name = format!("paged_attention_hd{}_g{group}_f16", layout.head_dim);
+        let f = self.kernels.get(&name).map_err(|_| {
+            shape_err(
+                "attention",
+                format!("no kernel for head_dim {} and GQA group {group}", layout.head_dim),
+            )
+        })?;
+        let plane = kv.plane();
+        let k = kv.store.slice(2 * layer * plane..(2 * layer + 1) * plane);
+        let v = kv.store.slice((2 * layer + 1) * plane..(2 * layer + 2) * plane);
+        let (n_kv, bs, mb) = (layout.n_kv_heads as i32, s.block_size as i32, step.max_blocks as i32);
+        let rows = qkv.rows;
+        // SAFETY: block tables cover every row's positions (checked); reads K/V of this layer.
+        unsafe {
+            self.stream
+                .launch_builder(f)
+                .arg(qkv.f16("attention")?)
+                .arg(&k)
+                .arg(&v)
+                .arg(&step.block_tables)
+                .arg(&step.row_seq)
+                .arg(&step.positions)
+                .arg(out.f16_mut("attention")?)
+                .arg(&n_kv)
+                .arg(&bs)
+                .arg(&mb)
+                .launch(grid(rows, layout.n_kv_heads, 128))
+        }
+        .map_err(|e| cuda_err("attention", e))?;
+        Ok(())
+    }
+
+    fn silu_mul(&self, gate_up: &CudaTensor, out: &mut CudaTensor) -> Result<()> {
+        if gate_up.cols % 2 != 0 {
+            return Err(shape_err("silu_mul", format!("gate_up has odd width {}", gate_up.cols)));
+        }
+        check("silu_mul", "out", out, gate_up.rows, gate_up.cols / 2)?;
+        let f = (out.cols) as i32;
+        let rows = out.rows;
+        // SAFETY: shapes checked.
+        unsafe {
+            self.stream
+                .launch_builder(self.kernels.get("silu_mul_f16")?)
+                .arg(gate_up.f16("silu_mul")?)
+                .arg(out.f16_mut("silu_mul")?)
+                .arg(&f)
+                .launch(grid(rows, 1, ROW_BLOCK))
+        }
+        .map_err(|e| cuda_err("silu_mul", e))?;
+        Ok(())
+    }
+
+    fn add_assign(&self, x: &mut CudaTensor, y: &CudaTensor) -> Result<()> {
+        check("add_assign", "y", y, x.rows, x.cols)?;
+        let n = x.rows * x.cols;
+        let n_i = n as i32;
+        // SAFETY: shapes checked.
+        unsafe {
+            self.stream
+                .launch_builder(self.kernels.get("add_f16")?)
+                .arg(x.f16_mut("add_assign")?)
+                .arg(y.f16("add_assign")?)
+                .arg(&n_i)
+                .launch(grid(n.div_ceil(256), 1, 256))
+        }
+        .map_err(|e| cuda_err("add_assign", e))?;
+        Ok(())
+    }
+
+    fn gather_logit_rows(&self, x: &CudaTensor, step: &CudaStep, out: &mut CudaTensor) -> Result<()> {
+        let r = step.host.logit_rows.len();
+        check("gather_logit_rows", "out", out, r, x.cols)?;
+        if let Some(&bad) = step.host.logit_rows.iter().find(|&&i| i as usize >= x.rows) {
+            return Err(shape_err("gather_logit_rows", format!("row {bad} of {}", x.rows)));
+        }
+        let Some(rows) = &step.logit_rows else {
+            return Ok(());
+        };
+        let d = x.cols as i32;
+        // SAFETY: rows checked.
+        unsafe {
+            self.stream
+                .launch_builder(self.kernels.get("gather_rows_f16")?)
+                .arg(x.f16("gather_logit_rows")?)
+                .arg(rows)
+                .arg(out.f16_mut("gather_logit_rows")?)
+                .arg(&d)
+                .launch(grid(r, 1, ROW_BLOCK))
+        }
+        .map_err(|e| cuda_err("gather_logit_rows", e))?;
+        Ok(())
+    }
+
+    fn copy_blocks(&self, kv: &mut CudaKv, copies: &[(u32, u32)]) -> Result<()> {
+        if copies.is_empty() {
+            return Ok(());
+        }
+        let s = kv.shape;
+        if let Some(&(a, b)) = copies
+            .iter()
+            .find(|&&(a, b)| a as usize >= s.n_blocks || b as usize >= s.n_blocks || a == b)
+        {
+            return Err(shape_err(
+                "copy_blocks",
+                format!("copy {a} → {b} in a pool of {}", s.n_blocks),
+            ));
+        }
+        let block_elems = s.block_size * s.n_kv_heads * s.head_dim;
+        if block_elems % 8 != 0 {
+            return Err(shape_err(
+                "copy_blocks",
+                format!("{block_elems} values per block: need a multiple of 8"),
+            ));
+        }
+        let pairs: Vec<i32> = copies.iter().flat_map(|&(a, b)| [a as i32, b as i32]).collect();
+        let pairs = self.upload(&pairs)?;
+        let (nb, be) = (s.n_blocks as i32, block_elems as i32);
+        // SAFETY: ids checked; every (layer, K/V) plane copies whole blocks.
+        unsafe {
+            self.stream
+                .launch_builder(self.kernels.get("copy_blocks_f16")?)
+                .arg(&mut kv.store)
+                .arg(&pairs)
+                .arg(&nb)
+                .arg(&be)
+                .launch(grid(copies.len(), 2 * s.n_layers, 256))
+        }
+        .map_err(|e| cuda_err("copy_blocks", e))?;
+        Ok(())
+    }
+
+    fn to_host(&self, x: &CudaTensor, out: &mut Vec<f32>) -> Result<()> {
+        let n = x.rows * x.cols;
+        out.clear();
+        match &x.buf {
+            DevBuf::F16(b) => {
+                let v = self.stream.clone_dtoh(b).map_err(|e| cuda_err("to_host", e))?;
+                out.extend(v[..n].iter().map(|h| h.to_f32()));
+            }
+            DevBuf::F32(b) => {
+                let v = self.stream.clone_dtoh(b).map_err(|e| cuda_err("to_host", e))?;
+                out.extend_from_slice(&v[..n]);
+            }
+        }
+        Ok(())
+    }
+}
+
+// The context must outlive every buffer: they hold their own `Arc`s to it, and `ctx` is kept
+// here so the backend's device stays current for the thread that uses it.
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        let _ = self.ctx.synchronize();
+    }
+}
