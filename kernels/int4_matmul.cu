@@ -1,5 +1,6 @@
-// INT4 × f16 matmul for small batches (decode and sibling batches, M ≤ 8 per launch):
-// out[M, N] = x[M, K] · W[N, K]ᵀ, f32 accumulation, deterministic split-K.
+// INT4 × f16 (and f16 × f16) matmul for small batches (decode and sibling batches, M ≤ 8 per
+// launch): out[M, N] = x[M, K] · W[N, K]ᵀ, f32 accumulation, deterministic split-K. One
+// partitioning, two weight formats (`Int4Weights`, `F16Weights`).
 //
 // Weight layout (repacked at upload; see src/backend/cuda): W is stored row by row.
 //   qweight [N, K/8] u32   word i of a row holds inputs 8i..8i+7, input 8i+j in bits 4j..4j+3
@@ -23,49 +24,69 @@
 
 #define KS 1024  // inputs per K-slice (= 32 lanes × 32 inputs)
 
-template <int MT, int RW>
-__device__ __forceinline__ void int4_matmul_tile(const __half* __restrict__ x, const uint4* __restrict__ qweight,
-                                                 const __half* __restrict__ scales, const float* __restrict__ mins,
-                                                 float* __restrict__ partial, int m_rows, int n, int k, int group) {
+// The 32 weights of row `row`, inputs e .. e+31, for each weight format.
+struct Int4Weights {
+    const uint4* __restrict__ qweight;  // [n, k/32] (= [n, k/8] u32)
+    const __half* __restrict__ scales;  // [n, k/group]
+    const float* __restrict__ mins;     // [n, k/group]
+    int k, group;
+    __device__ __forceinline__ void load(int row, int e, float w[32]) const {
+        const uint4 q = qweight[((size_t)row * k + e) / 32];
+        const int gi = row * (k / group) + e / group;  // one group: g ≥ 32 and e % 32 == 0
+        const float s = __half2float(scales[gi]), mn = mins[gi];
+        const unsigned words[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+        for (int wi = 0; wi < 4; ++wi)
+#pragma unroll
+            for (int j = 0; j < 8; ++j) w[wi * 8 + j] = fmaf((float)((words[wi] >> (4 * j)) & 0xfu), s, mn);
+    }
+};
+
+struct F16Weights {
+    const uint4* __restrict__ data;  // [n, k/8]: 8 halves per uint4
+    int k;
+    __device__ __forceinline__ void load(int row, int e, float w[32]) const {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            const uint4 v = data[((size_t)row * k + e) / 8 + c];
+            const __half* h = reinterpret_cast<const __half*>(&v);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) w[c * 8 + j] = __half2float(h[j]);
+        }
+    }
+};
+
+// The partitioning described at the top, for any weight format W.
+template <int MT, int RW, class W>
+__device__ __forceinline__ void small_batch_matmul(const __half* __restrict__ x, const W& weights,
+                                                   float* __restrict__ partial, int m_rows, int n, int k) {
     __shared__ float xs[MT][32][33];  // [m][k % 32][k / 32], padded: transposed staging
     const int lane = threadIdx.x % QMTOT_WARP, warp = threadIdx.x / QMTOT_WARP;
     const int k0 = blockIdx.y * KS;
     const int kl = min(KS, k - k0);  // a multiple of 32
     for (int i = threadIdx.x; i < MT * KS; i += blockDim.x) {
         const int m = i / KS, kk = i % KS;
-        const float v = (m < m_rows && kk < kl) ? __half2float(x[(size_t)m * k + k0 + kk]) : 0.f;
-        xs[m][kk % 32][kk / 32] = v;
+        xs[m][kk % 32][kk / 32] = (m < m_rows && kk < kl) ? __half2float(x[(size_t)m * k + k0 + kk]) : 0.f;
     }
     __syncthreads();
 
     const int row0 = (blockIdx.x * 4 + warp) * RW;
-    const int words = k / 8, gpr = k / group;
     float acc[RW][MT];
 #pragma unroll
     for (int r = 0; r < RW; ++r)
 #pragma unroll
         for (int m = 0; m < MT; ++m) acc[r][m] = 0.f;
-
     if (lane * 32 < kl) {
-        const int e = k0 + lane * 32;  // this lane's first input
 #pragma unroll
         for (int r = 0; r < RW; ++r) {
             const int row = row0 + r;
             if (row >= n) break;
-            const uint4 q = qweight[((size_t)row * words + e / 8) / 4];
-            const float s = __half2float(scales[(size_t)row * gpr + e / group]);
-            const float mn = mins[(size_t)row * gpr + e / group];
-            const unsigned w[4] = {q.x, q.y, q.z, q.w};
+            float w[32];
+            weights.load(row, k0 + lane * 32, w);  // inputs k0 + lane·32 + kk
 #pragma unroll
-            for (int wi = 0; wi < 4; ++wi) {
+            for (int kk = 0; kk < 32; ++kk)
 #pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    const float wv = fmaf((float)((w[wi] >> (4 * j)) & 0xfu), s, mn);
-                    const int kk = wi * 8 + j;  // input e + kk = k0 + lane·32 + kk
-#pragma unroll
-                    for (int m = 0; m < MT; ++m) acc[r][m] = fmaf(wv, xs[m][kk][lane], acc[r][m]);
-                }
-            }
+                for (int m = 0; m < MT; ++m) acc[r][m] = fmaf(w[kk], xs[m][kk][lane], acc[r][m]);
         }
     }
 #pragma unroll
@@ -92,12 +113,28 @@ __device__ __forceinline__ void int4_matmul_tile(const __half* __restrict__ x, c
     extern "C" __global__ void __launch_bounds__(128) int4_matmul_m##MT##_f16(                             \
         const __half* __restrict__ x, const uint4* __restrict__ qweight, const __half* __restrict__ scales, \
         const float* __restrict__ mins, float* __restrict__ partial, int m_rows, int n, int k, int group) { \
-        int4_matmul_tile<MT, RW>(x, qweight, scales, mins, partial, m_rows, n, k, group);                \
+        small_batch_matmul<MT, RW>(x, Int4Weights{qweight, scales, mins, k, group}, partial, m_rows, n, k); \
     }
 INT4_MATMUL_ENTRY(1, 4)
 INT4_MATMUL_ENTRY(2, 4)
 INT4_MATMUL_ENTRY(4, 2)
 INT4_MATMUL_ENTRY(8, 1)
+
+// The same for f16 weights (the tied lm_head, INT8 and dense parts uploaded as f16).
+//   x        [m_rows, k] f16, m_rows ≤ MT
+//   w        [n, k] f16 (as uint4: [n, k/8])
+//   partial  [ceil(k/1024), m_rows, n] f32
+// Grid: (ceil(n / (4·RW)), ceil(k / 1024)), block (128). k a multiple of 32.
+#define DENSE_MATMUL_ENTRY(MT, RW)                                                                       \
+    extern "C" __global__ void __launch_bounds__(128) dense_matmul_m##MT##_f16(                        \
+        const __half* __restrict__ x, const uint4* __restrict__ w, float* __restrict__ partial, int m_rows, \
+        int n, int k) {                                                                                 \
+        small_batch_matmul<MT, RW>(x, F16Weights{w, k}, partial, m_rows, n, k);                         \
+    }
+DENSE_MATMUL_ENTRY(1, 4)
+DENSE_MATMUL_ENTRY(2, 4)
+DENSE_MATMUL_ENTRY(4, 2)
+DENSE_MATMUL_ENTRY(8, 1)
 
 // out[m, j] = Σ_s partial[s, m, j] in s order (f16 activations).
 //   partial  [splits, rows, n] f32

@@ -214,6 +214,44 @@ impl StepInput {
     }
 }
 
+/// Stacked parts of a linear layer as a backend stores them: `(first output row, part)` in row
+/// order, with the total rows and the shared input width.
+pub struct StackedParts<W> {
+    pub rows: usize,
+    pub cols: usize,
+    pub parts: Vec<(usize, W)>,
+}
+
+/// Checks that `parts` share their input width and uploads each with `upload`, stacking them
+/// along the output dimension ([`Backend::upload_linear`] on every backend).
+pub fn stack_parts<W>(
+    parts: &[&WeightMatrix],
+    mut upload: impl FnMut(&WeightMatrix) -> Result<W>,
+) -> Result<StackedParts<W>> {
+    use crate::error::Error;
+    let Some(first) = parts.first() else {
+        return Err(Error::InvalidArgument("upload_linear: no parts".into()));
+    };
+    let cols = first.cols();
+    let mut row = 0;
+    let mut out = Vec::with_capacity(parts.len());
+    for p in parts {
+        if p.cols() != cols {
+            return Err(Error::InvalidArgument(format!(
+                "upload_linear: parts have {cols} and {} columns",
+                p.cols()
+            )));
+        }
+        out.push((row, upload(p)?));
+        row += p.rows();
+    }
+    Ok(StackedParts {
+        rows: row,
+        cols,
+        parts: out,
+    })
+}
+
 /// The ops a model runs on. See the module doc.
 pub trait Backend: Send + Sync {
     /// Activations `[rows, cols]`.

@@ -53,7 +53,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::q8;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::quant::{WeightMatrix, INT8_GROUP};
 
 /// Activation rows from which the GEMM path is used (below it, GEMV; from 2 rows on, the
@@ -226,27 +226,11 @@ pub struct CpuLinear {
 
 impl CpuLinear {
     pub(crate) fn upload(parts: &[&WeightMatrix]) -> Result<Self> {
-        let Some(first) = parts.first() else {
-            return Err(Error::InvalidArgument("upload_linear: no parts".into()));
-        };
-        let cols = first.cols();
-        let mut row = 0;
-        let mut out = Vec::with_capacity(parts.len());
-        for p in parts {
-            if p.cols() != cols {
-                return Err(Error::InvalidArgument(format!(
-                    "upload_linear: parts have {} and {} columns",
-                    cols,
-                    p.cols()
-                )));
-            }
-            out.push((row, CpuWeight::from_host(p)));
-            row += p.rows();
-        }
+        let stacked = crate::backend::stack_parts(parts, |p| Ok(CpuWeight::from_host(p)))?;
         Ok(Self {
-            rows: row,
-            cols,
-            parts: out,
+            rows: stacked.rows,
+            cols: stacked.cols,
+            parts: stacked.parts,
         })
     }
 

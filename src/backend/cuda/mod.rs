@@ -156,6 +156,12 @@ fn i32s(v: &[u32]) -> Vec<i32> {
     v.iter().map(|&x| x as i32).collect()
 }
 
+/// The output view of a split-K reduce, in the output's dtype.
+enum ReduceOut<'a> {
+    F16(cudarc::driver::CudaViewMut<'a, f16>),
+    F32(cudarc::driver::CudaViewMut<'a, f32>),
+}
+
 /// Threads per block of the row-wise kernels.
 const ROW_BLOCK: u32 = 256;
 /// Inputs per split of the matmul kernels (`KS` in the .cu files).
@@ -341,41 +347,21 @@ impl CudaBackend {
         let offset = m0 * ldo + col0;
         let (splits_i, ldo_i) = (splits as i32, ldo as i32);
         let cfg = grid((mt * n).div_ceil(256), 1, 256);
-        match &mut out.buf {
-            DevBuf::F16(o) => {
-                let mut ov = o.slice_mut(offset..);
-                let f = self.kernels.get("splitk_reduce_f16")?;
-                // SAFETY: writes rows m0..m0+mt, columns col0..col0+n of out.
-                unsafe {
-                    self.stream
-                        .launch_builder(f)
-                        .arg(&partial)
-                        .arg(&mut ov)
-                        .arg(&splits_i)
-                        .arg(&mt_i)
-                        .arg(&n_i)
-                        .arg(&ldo_i)
-                        .launch(cfg)
-                }
-            }
-            DevBuf::F32(o) => {
-                let mut ov = o.slice_mut(offset..);
-                let f = self.kernels.get("splitk_reduce_f32")?;
-                // SAFETY: as above.
-                unsafe {
-                    self.stream
-                        .launch_builder(f)
-                        .arg(&partial)
-                        .arg(&mut ov)
-                        .arg(&splits_i)
-                        .arg(&mt_i)
-                        .arg(&n_i)
-                        .arg(&ldo_i)
-                        .launch(cfg)
-                }
-            }
-        }
-        .map_err(|e| cuda_err("splitk_reduce", e))?;
+        // The reduce writes rows m0..m0+mt, columns col0..col0+n of out, in out's dtype.
+        let (name, mut builder_out) = match &mut out.buf {
+            DevBuf::F16(o) => ("splitk_reduce_f16", ReduceOut::F16(o.slice_mut(offset..))),
+            DevBuf::F32(o) => ("splitk_reduce_f32", ReduceOut::F32(o.slice_mut(offset..))),
+        };
+        let f = self.kernels.get(name)?;
+        let mut launch = self.stream.launch_builder(f);
+        launch.arg(&partial);
+        match &mut builder_out {
+            ReduceOut::F16(v) => launch.arg(v),
+            ReduceOut::F32(v) => launch.arg(v),
+        };
+        launch.arg(&splits_i).arg(&mt_i).arg(&n_i).arg(&ldo_i);
+        // SAFETY: partial is [splits, mt, n]; the view covers the written rows and columns.
+        unsafe { launch.launch(cfg) }.map_err(|e| cuda_err("splitk_reduce", e))?;
         Ok(())
     }
 }
@@ -406,26 +392,11 @@ impl Backend for CudaBackend {
     }
 
     fn upload_linear(&self, parts: &[&WeightMatrix]) -> Result<CudaLinear> {
-        let Some(first) = parts.first() else {
-            return Err(Error::InvalidArgument("upload_linear: no parts".into()));
-        };
-        let cols = first.cols();
-        let mut row = 0;
-        let mut out = Vec::with_capacity(parts.len());
-        for p in parts {
-            if p.cols() != cols {
-                return Err(Error::InvalidArgument(format!(
-                    "upload_linear: parts of {} and {cols} inputs",
-                    p.cols()
-                )));
-            }
-            out.push((row, self.upload_part(p)?));
-            row += p.rows();
-        }
+        let stacked = super::stack_parts(parts, |p| self.upload_part(p))?;
         Ok(CudaLinear {
-            rows: row,
-            cols,
-            parts: out,
+            rows: stacked.rows,
+            cols: stacked.cols,
+            parts: stacked.parts,
         })
     }
 

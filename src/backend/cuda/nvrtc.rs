@@ -43,10 +43,6 @@ pub const SOURCES: &[KernelSource] = &[
         source: include_str!("../../../kernels/int4_matmul.cu"),
     },
     KernelSource {
-        name: "dense_matmul.cu",
-        source: include_str!("../../../kernels/dense_matmul.cu"),
-    },
-    KernelSource {
         name: "attention.cu",
         source: include_str!("../../../kernels/attention.cu"),
     },
