@@ -9,6 +9,8 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use qmtot::backend::cpu::{CpuBackend, MatmulPrecision};
+use qmtot::backend::cuda::{self, CudaBackend};
+use qmtot::backend::Backend;
 use qmtot::bench::tree::TreeMode;
 use qmtot::config::ModelConfig;
 use qmtot::engine::{
@@ -62,6 +64,71 @@ struct RunArgs {
     /// 32 values with integer dot products, as llama.cpp does: faster, slightly less exact).
     #[arg(long, value_enum, default_value_t = CpuMatmul::F32)]
     cpu_matmul: CpuMatmul,
+    /// Where to run: cpu, cuda (device 0), cuda:N, or auto (CUDA when a device is usable,
+    /// else CPU; says which it chose). The CUDA backend has not yet been verified on a GPU, so
+    /// the default stays cpu.
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    device: DeviceArg,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DeviceArg {
+    Cpu,
+    Cuda(usize),
+    Auto,
+}
+
+fn parse_device(s: &str) -> std::result::Result<DeviceArg, String> {
+    match s {
+        "cpu" => Ok(DeviceArg::Cpu),
+        "cuda" => Ok(DeviceArg::Cuda(0)),
+        "auto" => Ok(DeviceArg::Auto),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(DeviceArg::Cuda)
+            .ok_or_else(|| format!("{s:?}: expected cpu, cuda, cuda:N or auto")),
+    }
+}
+
+/// The backend `--device` resolves to.
+enum Picked {
+    Cpu,
+    Cuda(usize),
+}
+
+fn pick_device(d: DeviceArg) -> Picked {
+    match d {
+        DeviceArg::Cpu => Picked::Cpu,
+        DeviceArg::Cuda(n) => Picked::Cuda(n),
+        DeviceArg::Auto => {
+            let n = cuda::device_count();
+            if n > 0 {
+                eprintln!("device auto: using cuda:0 ({n} CUDA device(s) found)");
+                Picked::Cuda(0)
+            } else {
+                eprintln!("device auto: no usable CUDA device, using the CPU");
+                Picked::Cpu
+            }
+        }
+    }
+}
+
+/// Loads the model on the backend `--device` picks and runs `$body` with it bound to
+/// `$loaded` (a `Loaded<B>`, so `$body` is compiled once per backend).
+macro_rules! with_model {
+    ($run:expr, $loaded:ident => $body:expr) => {
+        match pick_device($run.device) {
+            Picked::Cpu => {
+                let $loaded = load(cpu_backend(&$run)?, &$run)?;
+                $body
+            }
+            Picked::Cuda(n) => {
+                let $loaded = load(CudaBackend::new(n)?, &$run)?;
+                $body
+            }
+        }
+    };
 }
 
 /// KV cache and scheduler settings.
@@ -208,18 +275,21 @@ fn main() -> ExitCode {
 }
 
 /// A loaded model with its tokenizer.
-struct Loaded {
-    model: Llama<CpuBackend>,
+struct Loaded<B: Backend> {
+    model: Llama<B>,
     tokenizer: Tokenizer,
 }
 
-fn load(run: &RunArgs) -> Result<Loaded> {
+fn cpu_backend(run: &RunArgs) -> Result<CpuBackend> {
     let threads = run.threads.unwrap_or_else(CpuBackend::default_threads);
     let precision = match run.cpu_matmul {
         CpuMatmul::F32 => MatmulPrecision::F32,
         CpuMatmul::Q8 => MatmulPrecision::Q8,
     };
-    let backend = CpuBackend::new(threads)?.with_precision(precision);
+    Ok(CpuBackend::new(threads)?.with_precision(precision))
+}
+
+fn load<B: Backend>(backend: B, run: &RunArgs) -> Result<Loaded<B>> {
     let path = resolve_model(run.model.model.as_deref())?;
     let gguf = GgufFile::open(&path)?;
     let config = ModelConfig::from_gguf(&gguf)?;
@@ -263,7 +333,11 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
             a.n
         );
     }
-    let Loaded { model, tokenizer } = load(&a.run)?;
+    with_model!(a.run, loaded => generate_on(&a, sampling, loaded))
+}
+
+fn generate_on<B: Backend>(a: &GenerateArgs, sampling: SamplingParams, loaded: Loaded<B>) -> Result<()> {
+    let Loaded { model, tokenizer } = loaded;
     let prompt = if a.chat {
         let mut messages = Vec::new();
         if let Some(s) = &a.system {
@@ -278,7 +352,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let stop = StopConditions {
         max_new_tokens: a.max_tokens,
         stop_tokens: tokenizer.eos_ids().to_vec(),
-        stop_strings: a.stop,
+        stop_strings: a.stop.clone(),
     };
     let mut engine = Engine::new(&model, Some(&tokenizer), a.engine.config())?;
     let started = std::time::Instant::now();
@@ -412,7 +486,11 @@ fn cmd_info(a: ModelArgs) -> Result<()> {
 }
 
 fn cmd_bench_decode(a: BenchDecodeArgs) -> Result<()> {
-    let Loaded { model, .. } = load(&a.run)?;
+    with_model!(a.run, loaded => bench_decode_on(&a, loaded))
+}
+
+fn bench_decode_on<B: Backend>(a: &BenchDecodeArgs, loaded: Loaded<B>) -> Result<()> {
+    let model = loaded.model;
     let r = qmtot::bench::decode::run(&model, a.prompt_tokens, a.decode_tokens, a.reps)?;
     println!("backend:  {}", model.backend_name());
     println!("cpu:      {}", cpu_model());
@@ -441,7 +519,11 @@ fn cpu_model() -> String {
 }
 
 fn cmd_bench_tree(a: BenchTreeArgs) -> Result<()> {
-    let Loaded { model, .. } = load(&a.run)?;
+    with_model!(a.run, loaded => bench_tree_on(&a, loaded))
+}
+
+fn bench_tree_on<B: Backend>(a: &BenchTreeArgs, loaded: Loaded<B>) -> Result<()> {
+    let model = loaded.model;
     println!("backend:  {}", model.backend_name());
     println!("cpu:      {}", cpu_model());
     println!(

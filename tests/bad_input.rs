@@ -255,6 +255,7 @@ fn every_command_has_help() {
         &["info", "--help"],
         &["bench", "--help"],
         &["bench", "decode", "--help"],
+        &["bench", "tree", "--help"],
     ] {
         let (code, stdout, _) = qmtot(args);
         assert_eq!(code, 0, "{args:?}");
@@ -271,6 +272,9 @@ fn every_command_has_help() {
         "--seed",
         "--model",
         "--threads",
+        "--device",
+        "--n",
+        "--kv-blocks",
     ] {
         assert!(stdout.contains(flag), "generate --help lacks {flag}");
     }
@@ -299,6 +303,14 @@ fn cli_rejects_bad_input_with_a_message_and_status_1() {
             "temperature",
         ),
         (&["info", "--model", "/nonexistent/x.gguf"], "/nonexistent/x.gguf"),
+        (
+            &["generate", "--prompt", "hi", "--n", "0", "--model", model],
+            "n must be at least 1",
+        ),
+        (
+            &["generate", "--prompt", "hi", "--kv-blocks", "1", "--model", model],
+            "KV blocks",
+        ),
     ];
     for (args, needle) in cases {
         let (code, _, stderr) = qmtot(args);
@@ -306,6 +318,43 @@ fn cli_rejects_bad_input_with_a_message_and_status_1() {
         assert!(stderr.contains(needle), "{args:?}: stderr lacks {needle:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
+}
+
+#[test]
+fn asking_for_cuda_without_a_driver_is_an_error_not_a_panic() {
+    if qmtot::backend::cuda::driver_present() {
+        eprintln!("skipped: this machine has a CUDA driver");
+        return;
+    }
+    let model = common::model_path();
+    let (code, _, stderr) = qmtot(&[
+        "generate",
+        "--prompt",
+        "hi",
+        "--device",
+        "cuda",
+        "--model",
+        model.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("error: backend cuda") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+    // auto falls back to the CPU and says so.
+    let (code, _, stderr) = qmtot(&[
+        "generate",
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "2",
+        "--device",
+        "auto",
+        "--model",
+        model.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("using the CPU"), "{stderr}");
 }
 
 #[test]
