@@ -97,6 +97,10 @@ pub enum Error {
         total_blocks: usize,
     },
 
+    // ---- datasets -------------------------------------------------------------------------
+    #[error("{path}:{line}: {reason}")]
+    Dataset { path: PathBuf, line: usize, reason: String },
+
     // ---- backend --------------------------------------------------------------------------
     #[error("backend {backend}: {reason}")]
     Backend { backend: &'static str, reason: String },

@@ -22,7 +22,7 @@
 //! [`formats`] (checkpoint readers and the GGUF writer), [`quant`] (host weight forms and the
 //! dequant oracle), [`tokenizer`] (BPE from GGUF or `tokenizer.json`, chat templates),
 //! [`backend`] (the op trait and its CPU implementation), [`kv`] (paged KV bookkeeping),
-//! [`model`] (the LLaMA forward), [`engine`] (many sequences in one batched step: fork,
+//! [`eval`] (question sets), [`model`] (the LLaMA forward), [`engine`] (many sequences in one batched step: fork,
 //! generate, score, scheduling, sampling), [`fetch`] (the default model), [`bench`]
 //! (`qmtot bench …`).
 
@@ -31,6 +31,7 @@ pub mod bench;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod fetch;
 pub mod formats;
 pub mod kv;
