@@ -167,3 +167,57 @@ fn the_full_mmlu_medical_subset_has_1089_questions_in_six_topics() {
     let ids: std::collections::HashSet<_> = d.questions.iter().map(|q| &q.id).collect();
     assert_eq!(ids.len(), 1089, "ids are unique");
 }
+
+#[test]
+fn direct_scores_equal_an_unbatched_forward_per_option() {
+    use qmtot::backend::cpu::CpuBackend;
+    use qmtot::config::ModelConfig;
+    use qmtot::engine::sampler::log_softmax;
+    use qmtot::engine::{Engine, EngineConfig, SequenceKv};
+    use qmtot::eval::baselines::{self, direct_prompt};
+    use qmtot::formats::gguf::GgufFile;
+    use qmtot::model::Llama;
+    use qmtot::tokenizer::Tokenizer;
+
+    let g = GgufFile::open(common::model_path()).unwrap();
+    let tok = Tokenizer::from_gguf(&g).unwrap();
+    let model = Llama::load(
+        CpuBackend::new(2).unwrap(),
+        ModelConfig::from_gguf(&g).unwrap(),
+        &g,
+        |_, _| {},
+    )
+    .unwrap();
+    let mut questions = datasets::load(data_path("medqa-sample.jsonl"), &LoadOptions::default())
+        .unwrap()
+        .questions;
+    questions.extend(
+        datasets::load(data_path("mmlu-medical-sample.jsonl"), &LoadOptions::default())
+            .unwrap()
+            .questions
+            .into_iter()
+            .take(4),
+    );
+    let mut engine = Engine::new(&model, Some(&tok), EngineConfig::default()).unwrap();
+    let results = baselines::direct(&mut engine, &tok, &questions).unwrap();
+    assert_eq!(results.len(), questions.len());
+    for (q, r) in questions.iter().zip(&results) {
+        assert_eq!(r.id, q.id);
+        let prompt = tok.encode(&direct_prompt(q), true).unwrap();
+        let logits = SequenceKv::new(&model, prompt.len())
+            .unwrap()
+            .extend(&model, &prompt, false)
+            .unwrap();
+        let lp = log_softmax(&logits);
+        for (&(letter, got), cand) in r.scores.iter().zip(baselines::letter_tokens(&tok, q).unwrap()) {
+            assert_eq!(cand.len(), 1, "\" {letter}\" is one token");
+            let want = lp[cand[0] as usize];
+            // Same f32 forward; batched prefill differs only in cascade summation order.
+            assert!((got - want).abs() < 1e-4, "{}: {letter}: {got} vs {want}", q.id);
+        }
+        let best = r.scores.iter().map(|s| s.1).fold(f32::NEG_INFINITY, f32::max);
+        assert_eq!(r.scores.iter().find(|s| s.1 == best).unwrap().0, r.predicted);
+    }
+    // Every question was computed once (no sequence left behind).
+    assert_eq!(engine.stats().sequences, 0);
+}

@@ -486,18 +486,24 @@ impl<'m, B: Backend> Engine<'m, B> {
         Ok(events)
     }
 
+    /// [`Engine::step`] for callers waiting on tasks: a step that neither ran a forward nor
+    /// produced an event while tasks remain is an error (an internal stall), never a hang.
+    pub fn step_with_progress(&mut self) -> Result<Vec<Event>> {
+        let before = self.stats.steps;
+        let events = self.step()?;
+        if events.is_empty() && self.stats.steps == before && !self.is_idle() {
+            return Err(Error::InvalidArgument(
+                "the engine made no progress (internal error)".into(),
+            ));
+        }
+        Ok(events)
+    }
+
     /// Steps until no task is left; returns every event.
     pub fn run_until_idle(&mut self) -> Result<Vec<Event>> {
         let mut all = Vec::new();
         while !self.is_idle() {
-            let before = self.stats.steps;
-            let events = self.step()?;
-            if events.is_empty() && self.stats.steps == before {
-                return Err(Error::InvalidArgument(
-                    "engine made no progress (internal error)".into(),
-                ));
-            }
-            all.extend(events);
+            all.extend(self.step_with_progress()?);
         }
         Ok(all)
     }
@@ -916,15 +922,8 @@ pub fn generate<B: Backend>(
         sampling: req.sampling.clone(),
         stop: req.stop.clone(),
     })?;
-    loop {
-        let before = engine.stats.steps;
-        let events = engine.step()?;
-        if events.is_empty() && engine.stats.steps == before {
-            return Err(Error::InvalidArgument(
-                "generation made no progress (internal error)".into(),
-            ));
-        }
-        for event in events {
+    while !engine.is_idle() {
+        for event in engine.step_with_progress()? {
             match event {
                 Event::Token { text, .. } if !text.is_empty() => on_text(&text)?,
                 Event::Finished { generation, .. } => return Ok(generation),
@@ -933,4 +932,7 @@ pub fn generate<B: Backend>(
             }
         }
     }
+    Err(Error::InvalidArgument(
+        "generation ended without a result (internal error)".into(),
+    ))
 }

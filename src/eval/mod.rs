@@ -1,4 +1,5 @@
-//! Evaluation over medical multiple-choice question sets: the datasets so far (the harness,
-//! baselines and QM-ToT runs come with issue 6).
+//! Evaluation over medical multiple-choice question sets: the datasets and the `direct`
+//! baseline so far (the harness, the other baselines and QM-ToT runs come with issue 6).
 
+pub mod baselines;
 pub mod datasets;
