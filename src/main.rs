@@ -41,9 +41,47 @@ enum Command {
     Generate(GenerateArgs),
     /// Print a model's configuration and tensor summary.
     Info(ModelArgs),
+    /// Run a method over a question set (MedQA / MMLU / MedMCQA JSONL), resumably, and report
+    /// accuracy.
+    Eval(EvalArgs),
     /// Throughput benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum EvalMethod {
+    /// Log-likelihood of each option letter after the question (lm-evaluation-harness style).
+    Direct,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// Question file (JSONL; the format is detected from its first line).
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long, value_enum, default_value_t = EvalMethod::Direct)]
+    method: EvalMethod,
+    /// Results folder: results.jsonl (one line per finished question; a rerun skips those),
+    /// report.md and report.json.
+    #[arg(long)]
+    out: PathBuf,
+    /// Only the first N questions.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Only questions of this topic (MMLU `topic`, MedMCQA `subject_name`); repeatable.
+    #[arg(long = "subset")]
+    subset: Vec<String>,
+    /// Skip malformed lines (counted) instead of stopping at the first.
+    #[arg(long)]
+    skip_bad: bool,
+    /// Questions in flight at once (scored in the same engine steps).
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    #[command(flatten)]
+    run: RunArgs,
+    #[command(flatten)]
+    engine: EngineArgs,
 }
 
 #[derive(Args)]
@@ -262,6 +300,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(a) => cmd_generate(a),
         Command::Info(a) => cmd_info(a),
+        Command::Eval(a) => cmd_eval(a),
         Command::Bench(BenchCommand::Decode(a)) => cmd_bench_decode(a),
         Command::Bench(BenchCommand::Tree(a)) => cmd_bench_tree(a),
     };
@@ -571,6 +610,67 @@ fn bench_tree_on<B: Backend>(a: &BenchTreeArgs, loaded: Loaded<B>) -> Result<()>
         + a.siblings * (a.suffix + DEFAULT_BLOCK_SIZE).div_ceil(DEFAULT_BLOCK_SIZE);
     println!(
         "bound for shared setups (prefix blocks + per-sibling suffix blocks incl. a copied partial block): {bound}"
+    );
+    Ok(())
+}
+
+fn cmd_eval(a: EvalArgs) -> Result<()> {
+    use qmtot::eval::datasets;
+    let opts = datasets::LoadOptions {
+        skip_bad: a.skip_bad,
+        topics: (!a.subset.is_empty()).then(|| a.subset.clone()),
+        ..Default::default()
+    };
+    let mut set = datasets::load(&a.data, &opts)?;
+    if !set.skipped_bad.is_empty() {
+        eprintln!(
+            "skipped {} malformed line(s): {:?}",
+            set.skipped_bad.len(),
+            set.skipped_bad
+        );
+    }
+    if let Some(n) = a.limit {
+        set.questions.truncate(n);
+    }
+    if set.questions.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "{}: no questions to run",
+            a.data.display()
+        )));
+    }
+    with_model!(a.run, loaded => eval_on(&a, &set.questions, loaded))
+}
+
+fn eval_on<B: Backend>(a: &EvalArgs, questions: &[qmtot::eval::datasets::Question], loaded: Loaded<B>) -> Result<()> {
+    use qmtot::eval::harness;
+    let Loaded { model, tokenizer } = loaded;
+    let mut engine = Engine::new(&model, Some(&tokenizer), a.engine.config())?;
+    let bar = ProgressBar::new(questions.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} questions, eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message("direct");
+    let records = match a.method {
+        EvalMethod::Direct => {
+            harness::run_direct(&mut engine, &tokenizer, questions, &a.out, a.concurrency, |done, _| {
+                bar.set_position(done as u64)
+            })?
+        }
+    };
+    bar.finish_and_clear();
+    let report = harness::report("direct", &a.data, &records);
+    harness::write_report(&a.out, &report)?;
+    println!(
+        "direct on {}: accuracy {:.1}% ({}/{}), 95% CI {:.1}-{:.1}% | results in {}",
+        a.data.display(),
+        100.0 * report.overall.accuracy,
+        report.overall.correct,
+        report.overall.total,
+        100.0 * report.overall.ci95.0,
+        100.0 * report.overall.ci95.1,
+        a.out.display()
     );
     Ok(())
 }
