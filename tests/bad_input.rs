@@ -7,33 +7,21 @@ use std::process::Command;
 
 use qmtot::backend::cpu::CpuBackend;
 use qmtot::backend::StepInput;
-use qmtot::config::ModelConfig;
 use qmtot::engine::{generate, GenerateRequest, SamplingParams, StopConditions};
 use qmtot::error::Error;
-use qmtot::formats::gguf::GgufFile;
 use qmtot::model::Llama;
 use qmtot::tokenizer::Tokenizer;
 
-use common::{write_tiny_model, TinySpec};
+use common::TinySpec;
 
 fn tiny() -> (tempfile::NamedTempFile, Llama<CpuBackend>, Tokenizer) {
-    let file = write_tiny_model(
+    common::load_tiny_model(
         TinySpec {
             context: 64,
             ..TinySpec::default()
         },
         3,
-    );
-    let g = GgufFile::open(file.path()).unwrap();
-    let model = Llama::load(
-        CpuBackend::new(1).unwrap(),
-        ModelConfig::from_gguf(&g).unwrap(),
-        &g,
-        |_, _| {},
     )
-    .unwrap();
-    let tok = Tokenizer::from_gguf(&g).unwrap();
-    (file, model, tok)
 }
 
 fn request(prompt: Vec<u32>, max_new: usize) -> GenerateRequest {

@@ -11,15 +11,13 @@
 mod common;
 
 use qmtot::backend::cpu::CpuBackend;
-use qmtot::config::ModelConfig;
 use qmtot::engine::sampler::log_softmax;
 use qmtot::engine::{
     Engine, EngineConfig, Event, Prompt, Request, SamplingParams, SchedulerConfig, SeqId, SequenceKv, StopConditions,
 };
-use qmtot::formats::gguf::GgufFile;
 use qmtot::model::Llama;
 
-use common::{write_tiny_model, TinySpec};
+use common::{load_tiny_model, TinySpec};
 
 /// splitmix64: a tiny deterministic generator for the test's choices.
 struct Rng(u64);
@@ -70,15 +68,7 @@ fn check_owners(engine: &Engine<'_, CpuBackend>, what: &str) {
 
 fn run(seed: u64, ops: usize) {
     let spec = TinySpec::default();
-    let file = write_tiny_model(spec, 3);
-    let g = GgufFile::open(file.path()).unwrap();
-    let model = Llama::load(
-        CpuBackend::new(1).unwrap(),
-        ModelConfig::from_gguf(&g).unwrap(),
-        &g,
-        |_, _| {},
-    )
-    .unwrap();
+    let (_file, model, _) = load_tiny_model(spec, 3);
     let config = EngineConfig {
         kv_blocks: 24,
         block_size: 4,

@@ -189,3 +189,21 @@ pub fn write_tiny_model(spec: TinySpec, seed: u64) -> tempfile::NamedTempFile {
         .expect("write tiny model");
     file
 }
+
+/// A tiny random model on one CPU thread, with its tokenizer; keep the file handle alive.
+pub fn load_tiny_model(
+    spec: TinySpec,
+    seed: u64,
+) -> (
+    tempfile::NamedTempFile,
+    qmtot::model::Llama<CpuBackend>,
+    qmtot::tokenizer::Tokenizer,
+) {
+    let file = write_tiny_model(spec, seed);
+    let g = qmtot::formats::gguf::GgufFile::open(file.path()).expect("tiny model parses");
+    let config = qmtot::config::ModelConfig::from_gguf(&g).expect("tiny config");
+    let model = qmtot::model::Llama::load(CpuBackend::new(1).expect("one thread"), config, &g, |_, _| {})
+        .expect("tiny model loads");
+    let tok = qmtot::tokenizer::Tokenizer::from_gguf(&g).expect("tiny tokenizer");
+    (file, model, tok)
+}
