@@ -663,13 +663,9 @@ fn eval_on<B: Backend>(a: &EvalArgs, questions: &[qmtot::eval::datasets::Questio
     let report = harness::report("direct", &a.data, &records);
     harness::write_report(&a.out, &report)?;
     println!(
-        "direct on {}: accuracy {:.1}% ({}/{}), 95% CI {:.1}-{:.1}% | results in {}",
+        "direct on {}: {} | results in {}",
         a.data.display(),
-        100.0 * report.overall.accuracy,
-        report.overall.correct,
-        report.overall.total,
-        100.0 * report.overall.ci95.0,
-        100.0 * report.overall.ci95.1,
+        report.accuracy_line(),
         a.out.display()
     );
     Ok(())

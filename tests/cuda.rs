@@ -12,13 +12,11 @@ mod common;
 use qmtot::backend::cpu::{CpuBackend, CpuTensor};
 use qmtot::backend::cuda::{self, CudaBackend};
 use qmtot::backend::{Backend, QkvLayout, StepInput};
-use qmtot::config::ModelConfig;
 use qmtot::engine::sampler::{argmax, log_softmax};
-use qmtot::formats::gguf::GgufFile;
 use qmtot::model::Llama;
 use qmtot::quant::{Int4Matrix, WeightMatrix};
 
-use common::{assert_close, rand_values};
+use common::{assert_close, load_smollm2, rand_values};
 
 /// The device, or `None` (with a notice) when there is none and none is required.
 fn gpu() -> Option<CudaBackend> {
@@ -160,11 +158,6 @@ fn paged_attention_matches_the_cpu_backend_over_scattered_blocks() {
     }
 }
 
-fn load<B: Backend>(backend: B) -> Llama<B> {
-    let f = GgufFile::open(common::model_path()).unwrap();
-    Llama::load(backend, ModelConfig::from_gguf(&f).unwrap(), &f, |_, _| {}).unwrap()
-}
-
 /// Next-token logits at every position of `prompt` (one prefill step).
 fn prefill_logits<B: Backend>(model: &Llama<B>, prompt: &[u32]) -> Vec<f32> {
     qmtot::engine::SequenceKv::new(model, prompt.len())
@@ -176,8 +169,7 @@ fn prefill_logits<B: Backend>(model: &Llama<B>, prompt: &[u32]) -> Vec<f32> {
 #[test]
 fn the_forward_on_cuda_tracks_the_cpu_logits_and_greedy_text() {
     let Some(g) = gpu() else { return };
-    let (gm, cm) = (load(g), load(cpu()));
-    let tok = qmtot::tokenizer::Tokenizer::from_gguf(&GgufFile::open(common::model_path()).unwrap()).unwrap();
+    let ((gm, tok), (cm, _)) = (load_smollm2(g), load_smollm2(cpu()));
     let prompt = tok.encode("The capital of France is", true).unwrap();
     let (lg, lc) = (prefill_logits(&gm, &prompt), prefill_logits(&cm, &prompt));
     let vocab = gm.config.vocab_size;
@@ -209,7 +201,7 @@ fn the_forward_on_cuda_tracks_the_cpu_logits_and_greedy_text() {
 fn forked_siblings_on_cuda_equal_unshared_runs() {
     use qmtot::engine::{Engine, EngineConfig, Event};
     let Some(g) = gpu() else { return };
-    let model = load(g);
+    let (model, _) = load_smollm2(g);
     let mut engine = Engine::new(&model, None, EngineConfig::default()).unwrap();
     let root = engine.add((1..=37).collect()).unwrap();
     engine.prefill(root).unwrap();

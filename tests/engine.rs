@@ -7,25 +7,16 @@ mod common;
 
 use qmtot::backend::cpu::CpuBackend;
 use qmtot::backend::Backend;
-use qmtot::config::ModelConfig;
 use qmtot::engine::sampler::log_softmax;
 use qmtot::engine::{
     Engine, EngineConfig, Event, FinishReason, Generation, Prompt, Request, SamplingParams, SchedulerConfig, SeqId,
     SequenceKv, StopConditions,
 };
 use qmtot::error::Error;
-use qmtot::formats::gguf::GgufFile;
 use qmtot::model::Llama;
 use qmtot::tokenizer::Tokenizer;
 
-use common::{assert_close, cpu_backends};
-
-fn load<B: Backend>(backend: B) -> (Llama<B>, Tokenizer) {
-    let g = GgufFile::open(common::model_path()).unwrap();
-    let config = ModelConfig::from_gguf(&g).unwrap();
-    let tok = Tokenizer::from_gguf(&g).unwrap();
-    (Llama::load(backend, config, &g, |_, _| {}).unwrap(), tok)
-}
+use common::{assert_close, cpu_backends, load_smollm2};
 
 fn prompt(tok: &Tokenizer, text: &str) -> Vec<u32> {
     tok.encode(text, true).unwrap()
@@ -70,7 +61,7 @@ fn prefill_and_compare<B: Backend>(engine: &mut Engine<'_, B>, model: &Llama<B>,
 #[test]
 fn forked_children_match_running_alone_including_copy_on_write_and_grandchildren() {
     for (name, backend) in cpu_backends() {
-        let (model, tok) = load(backend);
+        let (model, tok) = load_smollm2(backend);
         let mut engine = Engine::new(&model, Some(&tok), small_config(64)).unwrap();
         // 37 tokens: two full blocks and a partly filled third, which the children share and
         // must copy before writing.
@@ -141,7 +132,7 @@ fn forked_children_match_running_alone_including_copy_on_write_and_grandchildren
 
 #[test]
 fn forked_decoding_matches_decoding_alone() {
-    let (model, tok) = load(CpuBackend::new(2).unwrap());
+    let (model, tok) = load_smollm2(CpuBackend::new(2).unwrap());
     let mut engine = Engine::new(&model, Some(&tok), small_config(64)).unwrap();
     let root = engine
         .add(prompt(
@@ -188,7 +179,7 @@ fn forked_decoding_matches_decoding_alone() {
 #[test]
 fn a_cached_prefix_is_not_recomputed_and_gives_cold_logits() {
     for (name, backend) in cpu_backends().into_iter().step_by(3) {
-        let (model, tok) = load(backend);
+        let (model, tok) = load_smollm2(backend);
         let mut engine = Engine::new(&model, Some(&tok), small_config(64)).unwrap();
         let question = prompt(
             &tok,
@@ -256,7 +247,7 @@ fn finished(events: Vec<Event>) -> Vec<(SeqId, Generation)> {
 
 #[test]
 fn every_request_completes_correctly_when_the_pool_is_too_small_for_all() {
-    let (model, tok) = load(CpuBackend::new(2).unwrap());
+    let (model, tok) = load_smollm2(CpuBackend::new(2).unwrap());
     let prompts: Vec<Vec<u32>> = [
         "The liver produces",
         "Insulin is secreted by the",
@@ -309,7 +300,7 @@ fn every_request_completes_correctly_when_the_pool_is_too_small_for_all() {
 
 #[test]
 fn n_samples_share_the_prompt_and_greedy_samples_agree() {
-    let (model, tok) = load(CpuBackend::new(2).unwrap());
+    let (model, tok) = load_smollm2(CpuBackend::new(2).unwrap());
     let mut engine = Engine::new(&model, Some(&tok), small_config(64)).unwrap();
     let p = prompt(&tok, "The function of the kidney is to");
     let (sampling, stop) = greedy(10);
@@ -333,7 +324,7 @@ fn n_samples_share_the_prompt_and_greedy_samples_agree() {
 
 #[test]
 fn scores_are_log_softmax_of_running_alone() {
-    let (model, tok) = load(CpuBackend::new(2).unwrap());
+    let (model, tok) = load_smollm2(CpuBackend::new(2).unwrap());
     let mut engine = Engine::new(&model, Some(&tok), small_config(64)).unwrap();
     let p = prompt(
         &tok,
@@ -369,7 +360,7 @@ fn scores_are_log_softmax_of_running_alone() {
 
 #[test]
 fn oversize_requests_are_typed_errors_and_cancel_frees_blocks() {
-    let (model, tok) = load(CpuBackend::new(2).unwrap());
+    let (model, tok) = load_smollm2(CpuBackend::new(2).unwrap());
     let config = EngineConfig {
         kv_blocks: 4,
         prefix_cache: false,

@@ -10,9 +10,8 @@ use qmtot::engine::{generate, FinishReason, GenerateRequest, SamplingParams, Seq
 use qmtot::formats::gguf::{GgmlType, GgufFile};
 use qmtot::kv::{BlockPool, BlockTable};
 use qmtot::model::Llama;
-use qmtot::tokenizer::Tokenizer;
 
-use common::{assert_close, cpu_backends, data_path, write_tiny_model, TinySpec};
+use common::{assert_close, cpu_backends, data_path, load_smollm2, write_tiny_model, TinySpec};
 
 #[derive(serde::Deserialize)]
 struct Reference {
@@ -33,13 +32,6 @@ fn reference() -> (Reference, Vec<f32>) {
         .collect();
     assert_eq!(logits.len(), r.logits_rows.len() * 49152);
     (r, logits)
-}
-
-fn load_smollm2<B: Backend>(backend: B) -> (Llama<B>, Tokenizer) {
-    let g = GgufFile::open(common::model_path()).unwrap();
-    let config = ModelConfig::from_gguf(&g).unwrap();
-    let tok = Tokenizer::from_gguf(&g).unwrap();
-    (Llama::load(backend, config, &g, |_, _| {}).unwrap(), tok)
 }
 
 const VOCAB: usize = 49152;

@@ -155,6 +155,21 @@ pub struct Report {
     pub seconds_per_question: f64,
 }
 
+impl Report {
+    /// `accuracy 38.9% (7/18), 95% CI 20.3–61.4%`.
+    pub fn accuracy_line(&self) -> String {
+        let a = &self.overall;
+        format!(
+            "accuracy {:.1}% ({}/{}), 95% CI {:.1}–{:.1}%",
+            100.0 * a.accuracy,
+            a.correct,
+            a.total,
+            100.0 * a.ci95.0,
+            100.0 * a.ci95.1
+        )
+    }
+}
+
 pub fn report(method: &str, data: &Path, records: &[EvalRecord]) -> Report {
     let scored: Vec<&EvalRecord> = records.iter().filter(|r| r.gold.is_some()).collect();
     let hit = |r: &EvalRecord| r.gold == r.predicted;
@@ -181,14 +196,10 @@ pub fn write_report(out: &Path, r: &Report) -> Result<()> {
     let path = out.join("report.json");
     std::fs::write(&path, json).map_err(|e| Error::io(&path, e))?;
     let mut md = format!(
-        "# {} on {}\n\naccuracy {:.1}% ({}/{}), 95% CI {:.1}–{:.1}%; {:.3} s per question\n\n| topic | accuracy | n |\n|---|---|---|\n",
+        "# {} on {}\n\n{}; {:.3} s per question\n\n| topic | accuracy | n |\n|---|---|---|\n",
         r.method,
         r.data.display(),
-        100.0 * r.overall.accuracy,
-        r.overall.correct,
-        r.overall.total,
-        100.0 * r.overall.ci95.0,
-        100.0 * r.overall.ci95.1,
+        r.accuracy_line(),
         r.seconds_per_question
     );
     for (t, a) in &r.per_topic {

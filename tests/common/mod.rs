@@ -190,6 +190,17 @@ pub fn write_tiny_model(spec: TinySpec, seed: u64) -> tempfile::NamedTempFile {
     file
 }
 
+/// The default model (SmolLM2-135M-Instruct) on `backend`, with its tokenizer.
+pub fn load_smollm2<B: Backend>(backend: B) -> (qmtot::model::Llama<B>, qmtot::tokenizer::Tokenizer) {
+    let g = qmtot::formats::gguf::GgufFile::open(model_path()).expect("the default model parses");
+    let config = qmtot::config::ModelConfig::from_gguf(&g).expect("default config");
+    let tok = qmtot::tokenizer::Tokenizer::from_gguf(&g).expect("default tokenizer");
+    (
+        qmtot::model::Llama::load(backend, config, &g, |_, _| {}).expect("the default model loads"),
+        tok,
+    )
+}
+
 /// A tiny random model on one CPU thread, with its tokenizer; keep the file handle alive.
 pub fn load_tiny_model(
     spec: TinySpec,
