@@ -38,5 +38,6 @@ pub mod kv;
 pub mod model;
 pub mod quant;
 pub mod tokenizer;
+pub mod tot;
 
 pub use error::{Error, Result};

@@ -44,6 +44,12 @@ enum Command {
     /// Run a method over a question set (MedQA / MMLU / MedMCQA JSONL), resumably, and report
     /// accuracy.
     Eval(EvalArgs),
+    /// Solve one question by tree of thoughts, showing the tree as it grows.
+    Tot(cli::tot::TotArgs),
+    /// Draw a tree trace (from `tot --trace`) as a self-contained HTML page.
+    Draw(cli::tot::DrawArgs),
+    /// Export tree-derived reasoning as SFT data (chat-messages JSONL).
+    Distill(cli::tot::DistillArgs),
     /// Throughput benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -53,6 +59,12 @@ enum Command {
 enum EvalMethod {
     /// Log-likelihood of each option letter after the question (lm-evaluation-harness style).
     Direct,
+    /// Greedy chain of thought, then the letter by log-likelihood.
+    Cot,
+    /// Self-consistency: --samples sampled chains, each answered, majority vote.
+    Sc,
+    /// QM-ToT tree search (defaults: the published rollout).
+    Tot,
 }
 
 #[derive(Args)]
@@ -75,9 +87,11 @@ struct EvalArgs {
     /// Skip malformed lines (counted) instead of stopping at the first.
     #[arg(long)]
     skip_bad: bool,
-    /// Questions in flight at once (scored in the same engine steps).
+    /// Questions in flight at once (their work shares the same engine steps).
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
+    #[command(flatten)]
+    search: SearchArgs,
     #[command(flatten)]
     run: RunArgs,
     #[command(flatten)]
@@ -85,14 +99,14 @@ struct EvalArgs {
 }
 
 #[derive(Args)]
-struct ModelArgs {
+pub(crate) struct ModelArgs {
     /// GGUF model file (default: the SmolLM2-135M-Instruct Q4_1 model, fetched if missing).
     #[arg(long)]
     model: Option<PathBuf>,
 }
 
 #[derive(Args)]
-struct RunArgs {
+pub(crate) struct RunArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// CPU threads (default: all available cores).
@@ -130,12 +144,12 @@ fn parse_device(s: &str) -> std::result::Result<DeviceArg, String> {
 }
 
 /// The backend `--device` resolves to.
-enum Picked {
+pub(crate) enum Picked {
     Cpu,
     Cuda(usize),
 }
 
-fn pick_device(d: DeviceArg) -> Picked {
+pub(crate) fn pick_device(d: DeviceArg) -> Picked {
     match d {
         DeviceArg::Cpu => Picked::Cpu,
         DeviceArg::Cuda(n) => Picked::Cuda(n),
@@ -169,9 +183,12 @@ macro_rules! with_model {
     };
 }
 
+mod cli;
+use cli::search_args::{SearchArgs, TreeMethod};
+
 /// KV cache and scheduler settings.
 #[derive(Args)]
-struct EngineArgs {
+pub(crate) struct EngineArgs {
     /// KV cache size in blocks of 16 tokens.
     #[arg(long, default_value_t = 1024)]
     kv_blocks: usize,
@@ -259,6 +276,9 @@ enum BenchCommand {
     /// Decode step time and KV blocks of K sequences continuing one prefix: a single chain,
     /// K independent copies, K forked siblings, and forked siblings with cascade attention.
     Tree(BenchTreeArgs),
+    /// ToT over a question set with sharing and batching, then with every node a fresh
+    /// request one question at a time: wall time, tokens computed, thoughts per second.
+    Tot(Box<cli::tot::BenchTotArgs>),
 }
 
 #[derive(Args)]
@@ -301,6 +321,10 @@ fn main() -> ExitCode {
         Command::Generate(a) => cmd_generate(a),
         Command::Info(a) => cmd_info(a),
         Command::Eval(a) => cmd_eval(a),
+        Command::Tot(a) => cli::tot::cmd_tot(a),
+        Command::Draw(a) => cli::tot::cmd_draw(a),
+        Command::Distill(a) => cli::tot::cmd_distill(a),
+        Command::Bench(BenchCommand::Tot(a)) => cli::tot::cmd_bench_tot(*a),
         Command::Bench(BenchCommand::Decode(a)) => cmd_bench_decode(a),
         Command::Bench(BenchCommand::Tree(a)) => cmd_bench_tree(a),
     };
@@ -314,12 +338,12 @@ fn main() -> ExitCode {
 }
 
 /// A loaded model with its tokenizer.
-struct Loaded<B: Backend> {
+pub(crate) struct Loaded<B: Backend> {
     model: Llama<B>,
     tokenizer: Tokenizer,
 }
 
-fn cpu_backend(run: &RunArgs) -> Result<CpuBackend> {
+pub(crate) fn cpu_backend(run: &RunArgs) -> Result<CpuBackend> {
     let threads = run.threads.unwrap_or_else(CpuBackend::default_threads);
     let precision = match run.cpu_matmul {
         CpuMatmul::F32 => MatmulPrecision::F32,
@@ -328,7 +352,7 @@ fn cpu_backend(run: &RunArgs) -> Result<CpuBackend> {
     Ok(CpuBackend::new(threads)?.with_precision(precision))
 }
 
-fn load<B: Backend>(backend: B, run: &RunArgs) -> Result<Loaded<B>> {
+pub(crate) fn load<B: Backend>(backend: B, run: &RunArgs) -> Result<Loaded<B>> {
     let path = resolve_model(run.model.model.as_deref())?;
     let gguf = GgufFile::open(&path)?;
     let config = ModelConfig::from_gguf(&gguf)?;
@@ -545,7 +569,7 @@ fn bench_decode_on<B: Backend>(a: &BenchDecodeArgs, loaded: Loaded<B>) -> Result
 }
 
 /// The CPU's model name from /proc/cpuinfo where there is one.
-fn cpu_model() -> String {
+pub(crate) fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -644,26 +668,48 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
 fn eval_on<B: Backend>(a: &EvalArgs, questions: &[qmtot::eval::datasets::Question], loaded: Loaded<B>) -> Result<()> {
     use qmtot::eval::harness;
     let Loaded { model, tokenizer } = loaded;
-    let mut engine = Engine::new(&model, Some(&tokenizer), a.engine.config())?;
-    let bar = ProgressBar::new(questions.len() as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} questions, eta {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    bar.set_message("direct");
-    let records = match a.method {
-        EvalMethod::Direct => {
-            harness::run_direct(&mut engine, &tokenizer, questions, &a.out, a.concurrency, |done, _| {
-                bar.set_position(done as u64)
-            })?
+    let tree_method = match a.method {
+        EvalMethod::Direct => None,
+        EvalMethod::Cot => Some(TreeMethod::Cot),
+        EvalMethod::Sc => Some(TreeMethod::Sc),
+        EvalMethod::Tot => Some(TreeMethod::Tot),
+    };
+    let method = tree_method.map_or("direct", TreeMethod::name);
+    let mut engine_config = a.engine.config();
+    if a.search.no_sharing {
+        engine_config.prefix_cache = false;
+        engine_config.cascade_min_blocks = None;
+    }
+    let mut engine = Engine::new(&model, Some(&tokenizer), engine_config)?;
+    let bar = cli::tot::progress_bar(questions.len(), method);
+    let progress = |p: harness::Progress| cli::tot::show_progress(&bar, p);
+    let (records, run) = match tree_method {
+        None => (
+            harness::run_direct(&mut engine, &tokenizer, questions, &a.out, a.concurrency, progress)?,
+            None,
+        ),
+        Some(m) => {
+            let prompts = a.search.rendered(&tokenizer)?;
+            let config = a.search.runner_config(m)?;
+            let (records, run) = harness::run_search(
+                &mut engine,
+                &tokenizer,
+                &prompts,
+                config,
+                method,
+                questions,
+                &a.out,
+                a.concurrency,
+                progress,
+            )?;
+            (records, Some(run))
         }
     };
     bar.finish_and_clear();
-    let report = harness::report("direct", &a.data, &records);
+    let report = harness::report(method, &a.data, &records, run.as_ref());
     harness::write_report(&a.out, &report)?;
     println!(
-        "direct on {}: {} | results in {}",
+        "{method} on {}: {} | results in {}",
         a.data.display(),
         report.accuracy_line(),
         a.out.display()

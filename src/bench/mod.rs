@@ -2,4 +2,5 @@
 //! benchmarks join these with the CUDA backend.
 
 pub mod decode;
+pub mod tot;
 pub mod tree;

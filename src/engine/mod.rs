@@ -254,6 +254,11 @@ impl<'m, B: Backend> Engine<'m, B> {
         (tables, cached)
     }
 
+    /// The physical KV blocks of a sequence, in position order (for checks of sharing).
+    pub fn block_ids(&self, id: SeqId) -> Result<Vec<u32>> {
+        Ok(self.visible(id)?.table.block_ids())
+    }
+
     /// The pool (for stats and invariant checks).
     pub fn pool(&self) -> &BlockPool {
         &self.pool
@@ -297,6 +302,31 @@ impl<'m, B: Backend> Engine<'m, B> {
         seq.tokens.extend_from_slice(tokens);
         if !tokens.is_empty() {
             seq.next_logits = None;
+        }
+        Ok(())
+    }
+
+    /// Cuts idle sequence `id` back to its first `len` tokens (say, to drop a sampled stop
+    /// token before continuing). Blocks past `len` go back to the pool unless shared.
+    pub fn truncate(&mut self, id: SeqId, len: usize) -> Result<()> {
+        let bs = self.config.block_size;
+        let have = self.idle(id)?.tokens.len();
+        if len == 0 || len > have {
+            return Err(Error::InvalidArgument(format!(
+                "truncate {id} to {len} tokens: it has {have} (and must keep at least one)"
+            )));
+        }
+        let seq = self.seqs.get_mut(&id).expect("checked above");
+        if len < have {
+            seq.tokens.truncate(len);
+            seq.next_logits = None;
+            if seq.computed >= len {
+                // The last kept token is recomputed so that its next-token logits are known
+                // again (they were consumed, or belong to a longer sequence).
+                seq.computed = len - 1;
+                seq.table.truncate(len - 1);
+                seq.cached_blocks = seq.cached_blocks.min((len - 1) / bs);
+            }
         }
         Ok(())
     }

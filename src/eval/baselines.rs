@@ -39,6 +39,8 @@ pub struct DirectResult {
     pub scores: Vec<(char, f32)>,
     /// The most likely letter (the first on ties).
     pub predicted: char,
+    /// Tokens computed for it: the prompt and the candidates.
+    pub prompt_tokens: usize,
 }
 
 /// The token ids of `" A"`, `" B"`, … for a question's letters: each must be one token, as
@@ -64,18 +66,23 @@ pub fn direct<B: Backend>(
     tokenizer: &Tokenizer,
     questions: &[Question],
 ) -> Result<Vec<DirectResult>> {
-    let mut pending: HashMap<SeqId, usize> = HashMap::new();
+    let mut pending: HashMap<SeqId, (usize, usize)> = HashMap::new();
     for (i, q) in questions.iter().enumerate() {
-        let seq = engine.add(tokenizer.encode(&direct_prompt(q), true)?)?;
-        engine.score(seq, letter_tokens(tokenizer, q)?)?;
-        pending.insert(seq, i);
+        let prompt = tokenizer.encode(&direct_prompt(q), true)?;
+        let letters = letter_tokens(tokenizer, q)?;
+        let n = prompt.len() + letters.iter().map(Vec::len).sum::<usize>();
+        let seq = engine.add(prompt)?;
+        engine.score(seq, letters)?;
+        pending.insert(seq, (i, n));
     }
     let mut results: Vec<Option<DirectResult>> = vec![None; questions.len()];
     while !pending.is_empty() {
         for event in engine.step_with_progress()? {
             match event {
                 Event::Scored { seq, scores } => {
-                    let Some(i) = pending.remove(&seq) else { continue };
+                    let Some((i, prompt_tokens)) = pending.remove(&seq) else {
+                        continue;
+                    };
                     let q = &questions[i];
                     let scores: Vec<(char, f32)> = q
                         .options
@@ -94,6 +101,7 @@ pub fn direct<B: Backend>(
                         id: q.id.clone(),
                         scores,
                         predicted,
+                        prompt_tokens,
                     });
                     engine.release(seq)?;
                 }

@@ -18,6 +18,7 @@ use crate::backend::Backend;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
+use crate::tot::{Rendered, RunStats, Runner, RunnerConfig, TokenCounts, Tree};
 
 /// One finished question, as written to `results.jsonl`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -25,12 +26,43 @@ pub struct EvalRecord {
     pub id: String,
     pub method: String,
     pub gold: Option<char>,
+    /// `None` = no valid answer (counted wrong, reported apart).
     pub predicted: Option<char>,
-    /// `(letter, score)` per option.
+    /// `(letter, score)` per option: log-likelihood for `direct`, votes for tree methods.
     pub scores: Vec<(char, f32)>,
     pub topic: Option<String>,
-    /// Wall time of the batch this question ran in, divided among its questions.
+    /// `direct`: the batch's wall time divided among its questions; tree methods: the
+    /// question's own time from first job to decision (questions overlap).
     pub seconds: f64,
+    #[serde(default)]
+    pub tokens: TokenCounts,
+    /// Thoughts in the tree (0 for `direct`).
+    #[serde(default)]
+    pub thoughts: usize,
+    /// The whole tree (tree methods).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tree: Option<Tree>,
+}
+
+impl EvalRecord {
+    pub fn new(q: &Question, method: &str) -> Self {
+        Self {
+            id: q.id.clone(),
+            method: method.into(),
+            gold: q.answer,
+            predicted: None,
+            scores: Vec::new(),
+            topic: q.meta.get("topic").or_else(|| q.meta.get("subject_name")).cloned(),
+            seconds: 0.0,
+            tokens: TokenCounts::default(),
+            thoughts: 0,
+            tree: None,
+        }
+    }
+
+    pub fn correct(&self) -> bool {
+        self.gold.is_some() && self.gold == self.predicted
+    }
 }
 
 pub const RESULTS: &str = "results.jsonl";
@@ -66,6 +98,76 @@ pub fn read_results(path: &Path) -> Result<Vec<EvalRecord>> {
         .collect()
 }
 
+/// The results file of a run folder, opened for appending after reading what it holds.
+struct ResultsFile {
+    path: PathBuf,
+    file: std::fs::File,
+    records: Vec<EvalRecord>,
+}
+
+impl ResultsFile {
+    fn open(out: &Path) -> Result<Self> {
+        std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+        let path = out.join(RESULTS);
+        let records = read_results(&path)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        Ok(Self { path, file, records })
+    }
+
+    /// The questions not yet in the file, in order.
+    fn todo<'q>(&self, questions: &'q [Question]) -> Vec<&'q Question> {
+        let done: HashSet<&str> = self.records.iter().map(|r| r.id.as_str()).collect();
+        questions.iter().filter(|q| !done.contains(q.id.as_str())).collect()
+    }
+
+    /// Appends whole lines and flushes them to disk before returning.
+    fn append(&mut self, new: Vec<EvalRecord>) -> Result<()> {
+        let mut lines = String::new();
+        for rec in &new {
+            lines.push_str(&serde_json::to_string(rec).expect("records serialize"));
+            lines.push('\n');
+        }
+        self.file
+            .write_all(lines.as_bytes())
+            .and_then(|()| self.file.flush())
+            .and_then(|()| self.file.sync_data())
+            .map_err(|e| Error::io(&self.path, e))?;
+        self.records.extend(new);
+        Ok(())
+    }
+
+    fn progress(&self, total: usize) -> Progress {
+        Progress {
+            done: self.records.len(),
+            total,
+            correct: self.records.iter().filter(|r| r.correct()).count(),
+            scored: self.records.iter().filter(|r| r.gold.is_some()).count(),
+        }
+    }
+
+    /// Every record of `questions`, in question order.
+    fn finish(mut self, questions: &[Question]) -> Vec<EvalRecord> {
+        let order: BTreeMap<&str, usize> = questions.iter().enumerate().map(|(i, q)| (q.id.as_str(), i)).collect();
+        self.records.retain(|r| order.contains_key(r.id.as_str()));
+        self.records.sort_by_key(|r| order[r.id.as_str()]);
+        self.records
+    }
+}
+
+/// Where a run stands, for progress displays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Progress {
+    pub done: usize,
+    pub total: usize,
+    pub correct: usize,
+    /// Finished questions with a gold answer.
+    pub scored: usize,
+}
+
 /// Runs `direct` over the questions not yet in `<out>/results.jsonl`, `concurrency` at a time;
 /// returns every record (old and new) in question order.
 pub fn run_direct<B: Backend>(
@@ -74,49 +176,77 @@ pub fn run_direct<B: Backend>(
     questions: &[Question],
     out: &Path,
     concurrency: usize,
-    mut progress: impl FnMut(usize, usize),
+    mut progress: impl FnMut(Progress),
 ) -> Result<Vec<EvalRecord>> {
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let path = out.join(RESULTS);
-    let mut records = read_results(&path)?;
-    let done: HashSet<String> = records.iter().map(|r| r.id.clone()).collect();
-    let todo: Vec<&Question> = questions.iter().filter(|q| !done.contains(&q.id)).collect();
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .map_err(|e| Error::io(&path, e))?;
-    progress(questions.len() - todo.len(), questions.len());
+    let mut results = ResultsFile::open(out)?;
+    let todo: Vec<Question> = results.todo(questions).into_iter().cloned().collect();
+    progress(results.progress(questions.len()));
     for batch in todo.chunks(concurrency.max(1)) {
         let t = Instant::now();
-        let owned: Vec<Question> = batch.iter().map(|q| (*q).clone()).collect();
-        let results = baselines::direct(engine, tokenizer, &owned)?;
+        let scored = baselines::direct(engine, tokenizer, batch)?;
         let seconds = t.elapsed().as_secs_f64() / batch.len() as f64;
-        let mut lines = String::new();
-        for (q, r) in owned.iter().zip(results) {
-            let rec = EvalRecord {
-                id: q.id.clone(),
-                method: "direct".into(),
-                gold: q.answer,
+        let new = batch
+            .iter()
+            .zip(scored)
+            .map(|(q, r)| EvalRecord {
                 predicted: Some(r.predicted),
                 scores: r.scores,
-                topic: q.meta.get("topic").or_else(|| q.meta.get("subject_name")).cloned(),
                 seconds,
-            };
-            lines.push_str(&serde_json::to_string(&rec).expect("records serialize"));
-            lines.push('\n');
-            records.push(rec);
-        }
-        file.write_all(lines.as_bytes())
-            .and_then(|()| file.flush())
-            .and_then(|()| file.sync_data())
-            .map_err(|e| Error::io(&path, e))?;
-        progress(records.len(), questions.len());
+                tokens: TokenCounts {
+                    prefilled: r.prompt_tokens,
+                    ..Default::default()
+                },
+                ..EvalRecord::new(q, "direct")
+            })
+            .collect();
+        results.append(new)?;
+        progress(results.progress(questions.len()));
     }
-    let order: BTreeMap<&str, usize> = questions.iter().enumerate().map(|(i, q)| (q.id.as_str(), i)).collect();
-    records.retain(|r| order.contains_key(r.id.as_str()));
-    records.sort_by_key(|r| order[r.id.as_str()]);
-    Ok(records)
+    Ok(results.finish(questions))
+}
+
+/// Runs a tree method (`tot`, or `cot` / `sc` as chains) over the questions not yet in
+/// `<out>/results.jsonl`, keeping `concurrency` questions in flight; each question's record is
+/// appended and flushed as soon as it is decided. Returns every record in question order, and
+/// this invocation's run statistics.
+#[allow(clippy::too_many_arguments)]
+pub fn run_search<'m, B: Backend>(
+    engine: &mut Engine<'m, B>,
+    tokenizer: &'m Tokenizer,
+    prompts: &Rendered,
+    config: RunnerConfig,
+    method: &str,
+    questions: &[Question],
+    out: &Path,
+    concurrency: usize,
+    mut progress: impl FnMut(Progress),
+) -> Result<(Vec<EvalRecord>, RunStats)> {
+    let mut results = ResultsFile::open(out)?;
+    let todo: Vec<Question> = results.todo(questions).into_iter().cloned().collect();
+    progress(results.progress(questions.len()));
+    let mut runner = Runner::new(engine, tokenizer, prompts, config)?;
+    let stats = runner.solve_all(
+        &todo,
+        concurrency,
+        |solved| {
+            let q = &todo[solved.index];
+            let decision = solved.tree.decision.clone();
+            let rec = EvalRecord {
+                predicted: decision.as_ref().and_then(|d| d.answer),
+                scores: decision.map(|d| d.votes).unwrap_or_default(),
+                seconds: solved.seconds,
+                tokens: solved.tokens,
+                thoughts: solved.tree.thought_count(),
+                tree: Some(solved.tree),
+                ..EvalRecord::new(q, method)
+            };
+            results.append(vec![rec])?;
+            progress(results.progress(questions.len()));
+            Ok(())
+        },
+        |_, _| {},
+    )?;
+    Ok((results.finish(questions), stats))
 }
 
 /// Accuracy with a 95% Wilson interval.
@@ -145,14 +275,39 @@ impl Accuracy {
     }
 }
 
+/// Mean tokens per question.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct TokenMeans {
+    pub generated: f64,
+    pub prefilled: f64,
+    pub reused: f64,
+}
+
+/// This invocation's throughput (a resumed run reports only its own part).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Throughput {
+    pub stats: RunStats,
+    pub thoughts_per_second: f64,
+    pub generated_tokens_per_second: f64,
+    /// Share of the model's input tokens the radix prefix cache supplied.
+    pub prefix_cache_hit_rate: f64,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
     pub method: String,
     pub data: PathBuf,
+    /// Invalid answers count as wrong.
     pub overall: Accuracy,
+    /// Questions without a valid answer.
+    pub invalid: usize,
+    pub invalid_rate: f64,
     /// Questions without a gold answer are not counted.
     pub per_topic: BTreeMap<String, Accuracy>,
     pub seconds_per_question: f64,
+    pub tokens_per_question: TokenMeans,
+    pub thoughts_per_question: f64,
+    pub throughput: Option<Throughput>,
 }
 
 impl Report {
@@ -170,23 +325,39 @@ impl Report {
     }
 }
 
-pub fn report(method: &str, data: &Path, records: &[EvalRecord]) -> Report {
+pub fn report(method: &str, data: &Path, records: &[EvalRecord], run: Option<&RunStats>) -> Report {
     let scored: Vec<&EvalRecord> = records.iter().filter(|r| r.gold.is_some()).collect();
-    let hit = |r: &EvalRecord| r.gold == r.predicted;
     let mut topics: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     for r in &scored {
         let e = topics
             .entry(r.topic.clone().unwrap_or_else(|| "(none)".into()))
             .or_default();
-        e.0 += hit(r) as usize;
+        e.0 += r.correct() as usize;
         e.1 += 1;
     }
+    let n = records.len().max(1) as f64;
+    let mean = |f: &dyn Fn(&EvalRecord) -> f64| records.iter().map(f).sum::<f64>() / n;
+    let invalid = records.iter().filter(|r| r.predicted.is_none()).count();
     Report {
         method: method.into(),
         data: data.to_path_buf(),
-        overall: Accuracy::of(scored.iter().filter(|r| hit(r)).count(), scored.len()),
+        overall: Accuracy::of(scored.iter().filter(|r| r.correct()).count(), scored.len()),
+        invalid,
+        invalid_rate: invalid as f64 / n,
         per_topic: topics.into_iter().map(|(t, (c, n))| (t, Accuracy::of(c, n))).collect(),
-        seconds_per_question: records.iter().map(|r| r.seconds).sum::<f64>() / records.len().max(1) as f64,
+        seconds_per_question: mean(&|r| r.seconds),
+        tokens_per_question: TokenMeans {
+            generated: mean(&|r| r.tokens.generated as f64),
+            prefilled: mean(&|r| r.tokens.prefilled as f64),
+            reused: mean(&|r| r.tokens.reused as f64),
+        },
+        thoughts_per_question: mean(&|r| r.thoughts as f64),
+        throughput: run.map(|s| Throughput {
+            stats: s.clone(),
+            thoughts_per_second: s.thoughts_per_second(),
+            generated_tokens_per_second: s.generated_per_second(),
+            prefix_cache_hit_rate: s.cache_hit_rate(),
+        }),
     }
 }
 
@@ -195,15 +366,45 @@ pub fn write_report(out: &Path, r: &Report) -> Result<()> {
     let json = serde_json::to_string_pretty(r).expect("reports serialize");
     let path = out.join("report.json");
     std::fs::write(&path, json).map_err(|e| Error::io(&path, e))?;
+    let t = &r.tokens_per_question;
     let mut md = format!(
-        "# {} on {}\n\n{}; {:.3} s per question\n\n| topic | accuracy | n |\n|---|---|---|\n",
+        "# {} on {}\n\n{}\n\n\
+         - invalid answers: {} ({:.1}%, counted wrong)\n\
+         - per question: {:.2} s, {:.1} thoughts, tokens generated {:.0} / prefilled {:.0} / reused {:.0}\n",
         r.method,
         r.data.display(),
         r.accuracy_line(),
-        r.seconds_per_question
+        r.invalid,
+        100.0 * r.invalid_rate,
+        r.seconds_per_question,
+        r.thoughts_per_question,
+        t.generated,
+        t.prefilled,
+        t.reused,
     );
-    for (t, a) in &r.per_topic {
-        md.push_str(&format!("| {t} | {:.1}% | {} |\n", 100.0 * a.accuracy, a.total));
+    if let Some(tp) = &r.throughput {
+        let s = &tp.stats;
+        md.push_str(&format!(
+            "- this invocation: {} questions in {:.1} s wall, {:.2} thoughts/s, {:.1} generated tok/s, \
+             prefix-cache hit rate {:.1}%, peak KV blocks {} of {}\n",
+            s.questions,
+            s.wall_seconds,
+            tp.thoughts_per_second,
+            tp.generated_tokens_per_second,
+            100.0 * tp.prefix_cache_hit_rate,
+            s.peak_kv_blocks,
+            s.kv_blocks,
+        ));
+    }
+    md.push_str("\n| topic | accuracy | 95% CI | n |\n|---|---|---|---|\n");
+    for (name, a) in &r.per_topic {
+        md.push_str(&format!(
+            "| {name} | {:.1}% | {:.1}–{:.1}% | {} |\n",
+            100.0 * a.accuracy,
+            100.0 * a.ci95.0,
+            100.0 * a.ci95.1,
+            a.total
+        ));
     }
     let path = out.join("report.md");
     std::fs::write(&path, md).map_err(|e| Error::io(&path, e))
@@ -238,6 +439,9 @@ mod tests {
             scores: vec![('A', -1.0), ('B', -0.5)],
             topic: None,
             seconds: 0.1,
+            tokens: TokenCounts::default(),
+            thoughts: 0,
+            tree: None,
         };
         let line = serde_json::to_string(&rec).unwrap();
         std::fs::write(&path, format!("{line}\n{}", &line[..10])).unwrap();

@@ -3,4 +3,5 @@
 
 pub mod baselines;
 pub mod datasets;
+pub mod distill;
 pub mod harness;

@@ -75,6 +75,17 @@ impl BlockTable {
         self.clone()
     }
 
+    /// Keeps positions `0..len` and drops the blocks past them. A kept partial last block may
+    /// hold stale K/V beyond `len`: the next append overwrites it (in place when the block is
+    /// private, after a copy when shared), so nothing reads it.
+    pub fn truncate(&mut self, len: usize) {
+        if len >= self.len {
+            return;
+        }
+        self.blocks.truncate(len.div_ceil(self.block_size));
+        self.len = len;
+    }
+
     /// Reserves positions `len .. len + n`, allocating blocks as needed (all or nothing). If
     /// the last block is shared with another table and not full, it is first replaced by a
     /// private copy, reported in `copies`.
@@ -140,5 +151,25 @@ mod tests {
         let b = parent.append(&pool, 1).unwrap();
         assert!(b.copies.is_empty());
         assert_eq!(b.slots, vec![4 + 2]);
+    }
+
+    #[test]
+    fn truncate_drops_trailing_blocks_and_a_shared_partial_block_is_copied_on_append() {
+        let pool = BlockPool::new(8, 4).unwrap();
+        let mut parent = BlockTable::new(4);
+        parent.append(&pool, 8).unwrap(); // blocks 0, 1 full
+        let mut child = parent.fork();
+        child.truncate(5); // block 1 kept, partial, still shared with the parent
+        assert_eq!((child.len(), child.block_ids()), (5, vec![0, 1]));
+        let a = child.append(&pool, 1).unwrap();
+        assert_eq!(
+            a.copies,
+            vec![(1, 2)],
+            "writing position 5 must not touch the parent's block"
+        );
+        child.truncate(2);
+        assert_eq!(child.block_ids(), vec![0]);
+        drop(a);
+        assert_eq!(pool.stats().used, 2, "the child's copy went back to the pool");
     }
 }

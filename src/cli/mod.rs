@@ -1,0 +1,2 @@
+pub mod search_args;
+pub mod tot;
