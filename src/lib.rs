@@ -5,8 +5,11 @@
 //! through copy-on-write blocks and decode as one batch.
 //!
 //! ```text
-//!  CLI (clap)                 src/main.rs
+//!  CLI (clap)                 src/main.rs, src/cli/
 //!    │
+//!  eval     datasets → method (direct | cot | sc | tot) → resumable results → report
+//!  tot      search (bfs/beam/dfs) over a tree; jobs run by the runner:  src/tot/
+//!    │      every node a sequence, expand = fork, prune = release
 //!  engine   sequences, fork, generate/score tasks, events;    src/engine/
 //!    │      continuous-batching scheduler; sampler; stops
 //!  kv       block pool (refcounted handles) · block tables    src/kv/
@@ -14,7 +17,7 @@
 //!  model    Llama<B: Backend>: weights + batched forward      src/model/
 //!    │
 //!  backend  trait Backend ── cpu (f32 reference, rayon, AVX2/FMA where present)
-//!                        └── cuda (later)
+//!                        └── cuda (cudarc + NVRTC kernels; not yet run on a GPU)
 //!  weights: formats (gguf) → quant (canonical INT4 / grouped INT8 / dense) → backend upload
 //! ```
 //!
@@ -22,7 +25,8 @@
 //! [`formats`] (checkpoint readers and the GGUF writer), [`quant`] (host weight forms and the
 //! dequant oracle), [`tokenizer`] (BPE from GGUF or `tokenizer.json`, chat templates),
 //! [`backend`] (the op trait and its CPU implementation), [`kv`] (paged KV bookkeeping),
-//! [`eval`] (question sets), [`model`] (the LLaMA forward), [`engine`] (many sequences in one batched step: fork,
+//! [`eval`] (question sets, baselines, the resumable harness, distillation), [`tot`] (tree
+//! search, prompts, the engine runner, drawing), [`model`] (the LLaMA forward), [`engine`] (many sequences in one batched step: fork,
 //! generate, score, scheduling, sampling), [`fetch`] (the default model), [`bench`]
 //! (`qmtot bench …`).
 

@@ -115,3 +115,91 @@ pub fn write_sft(
     f.write_all(out.as_bytes()).map_err(|e| Error::io(path, e))?;
     Ok(picks.len())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tot::NodeStatus;
+
+    /// A tree whose leaves answer `answers` with P(letter) = `p` and path score 1.
+    fn tree(id: &str, gold: char, answers: &[(char, f32)]) -> Tree {
+        let mut t = Tree::new(id, "stem", vec![('A', "a".into()), ('B', "b".into())], Some(gold));
+        for &(a, p) in answers {
+            let n = t.add_child(Tree::ROOT);
+            let node = t.node_mut(n);
+            node.thought = format!("Step 1: think {a}");
+            node.status = NodeStatus::Leaf;
+            node.answer = Some(a);
+            node.letters = Some(if a == 'A' { vec![p, 1.0 - p] } else { vec![1.0 - p, p] });
+            node.path_score = Some(1.0);
+        }
+        t
+    }
+
+    fn record(id: &str, gold: char, predicted: char, tree: Option<Tree>) -> EvalRecord {
+        let q = Question {
+            id: id.into(),
+            stem: "stem".into(),
+            options: vec![('A', "a".into()), ('B', "b".into())],
+            answer: Some(gold),
+            meta: Default::default(),
+        };
+        EvalRecord {
+            predicted: Some(predicted),
+            tree,
+            ..EvalRecord::new(&q, "x")
+        }
+    }
+
+    #[test]
+    fn picks_correct_paths_cot_failures_first_and_caps_the_fraction() {
+        let tot = vec![
+            record(
+                "q1",
+                'A',
+                'A',
+                Some(tree("q1", 'A', &[('A', 0.9), ('A', 0.6), ('B', 0.8)])),
+            ),
+            record("q2", 'B', 'A', Some(tree("q2", 'B', &[('A', 0.9)]))), // never reached B
+            record("q3", 'B', 'B', Some(tree("q3", 'B', &[('B', 0.55)]))),
+            record("q4", 'A', 'A', Some(tree("q4", 'A', &[('A', 0.7)]))),
+        ];
+        let cot = vec![
+            record("q1", 'A', 'A', None),
+            record("q3", 'B', 'A', None), // cot wrong: goes first despite its low score
+            record("q4", 'A', 'A', None),
+        ];
+        let picks = select(&tot, &cot, 1.0, 4);
+        let ids: Vec<&str> = picks.iter().map(|p| p.id.as_str()).collect();
+        assert_eq!(ids, vec!["q3", "q1", "q4"], "q2 never reached its answer");
+        assert!(picks[0].cot_wrong && !picks[1].cot_wrong);
+        assert_eq!(picks[1].leaf, 1, "q1's best correct leaf is the 0.9 one");
+        assert_eq!(select(&tot, &cot, 0.5, 4).len(), 2);
+    }
+
+    #[test]
+    fn writes_chat_messages_jsonl() {
+        let tok_free_prompts = Rendered::plain(crate::tot::Prompts::builtin());
+        let q = Question {
+            id: "q1".into(),
+            stem: "Which?".into(),
+            options: vec![('A', "a".into()), ('B', "b".into())],
+            answer: Some('A'),
+            meta: Default::default(),
+        };
+        let tot = vec![record("q1", 'A', 'A', Some(tree("q1", 'A', &[('A', 0.9)])))];
+        let picks = select(&tot, &[], 1.0, 1);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sft.jsonl");
+        assert_eq!(write_sft(&path, &picks, &tot, &[q], &tok_free_prompts).unwrap(), 1);
+        let line: serde_json::Value = serde_json::from_str(std::fs::read_to_string(&path).unwrap().trim()).unwrap();
+        let m = line["messages"].as_array().unwrap();
+        let roles: Vec<&str> = m.iter().map(|x| x["role"].as_str().unwrap()).collect();
+        assert_eq!(roles, vec!["system", "user", "assistant"]);
+        assert!(m[1]["content"]
+            .as_str()
+            .unwrap()
+            .contains("Question: Which?\nA. a\nB. b"));
+        assert_eq!(m[2]["content"].as_str().unwrap(), "Step 1: think A\nThe answer is A.");
+    }
+}

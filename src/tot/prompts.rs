@@ -139,16 +139,21 @@ const ASSISTANT: &str = "\u{27E6}qmtot:assistant\u{27E7}";
 const ASK: &str = "\u{27E6}qmtot:ask\u{27E7}";
 
 impl Rendered {
+    /// Plain-text pieces, for models without a chat template.
+    pub fn plain(prompts: Prompts) -> Self {
+        Self {
+            prompts,
+            head: String::new(),
+            user_end: "\n\n".into(),
+            turn: "\n\n".into(),
+            tail: "\n".into(),
+            templated: false,
+        }
+    }
+
     pub fn new(prompts: Prompts, tokenizer: &Tokenizer) -> Result<Self> {
         if tokenizer.chat_template().is_none() {
-            return Ok(Self {
-                prompts,
-                head: String::new(),
-                user_end: "\n\n".into(),
-                turn: "\n\n".into(),
-                tail: "\n".into(),
-                templated: false,
-            });
+            return Ok(Self::plain(prompts));
         }
         let mut messages = vec![
             ChatMessage::new("user", USER),

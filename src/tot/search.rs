@@ -30,7 +30,8 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
-use super::tree::{Decision, NodeId, NodeStatus, StepValue, Tree};
+use super::aggregate;
+use super::tree::{NodeId, NodeStatus, StepValue, Tree};
 use crate::error::{Error, Result};
 
 /// DFS prunes children whose value is below this unless `value_threshold` says otherwise.
@@ -392,32 +393,9 @@ impl Search {
 
     /// A leaf is complete: score its path and release it.
     fn finish_leaf(&mut self, leaf: NodeId) {
-        let score = self.path_score(leaf);
+        let score = aggregate::path_score(&self.tree, leaf);
         self.tree.node_mut(leaf).path_score = Some(score);
         self.queue.push_back(Action::Release(leaf));
-    }
-
-    /// Mean of the available path evidence: the judge's P(yes) and the mean step value along
-    /// the path; 1 when there is none.
-    fn path_score(&self, leaf: NodeId) -> f32 {
-        let values: Vec<f32> = self
-            .tree
-            .path(leaf)
-            .iter()
-            .filter_map(|&n| self.tree.node(n).value.map(|v| v.value))
-            .collect();
-        let mut parts = Vec::new();
-        if let Some(j) = self.tree.node(leaf).judge {
-            parts.push(j);
-        }
-        if !values.is_empty() {
-            parts.push(values.iter().sum::<f32>() / values.len() as f32);
-        }
-        if parts.is_empty() {
-            1.0
-        } else {
-            parts.iter().sum::<f32>() / parts.len() as f32
-        }
     }
 
     /// Called after every completion: when nothing is running or queued, the strategy's next
@@ -481,80 +459,13 @@ impl Search {
             self.run(Tree::ROOT, JobKind::Answer);
             return;
         }
-        self.tree.decision = Some(self.decide());
+        self.tree.decision = Some(aggregate::decide(&self.tree, self.config.vote));
         self.done = true;
     }
 
     fn value_of(&self, n: NodeId) -> f32 {
         self.tree.node(n).value.map_or(0.0, |v| v.value)
     }
-
-    /// Aggregates the leaves' answers by the configured vote.
-    fn decide(&self) -> Decision {
-        let letters = self.tree.letters();
-        let mut votes: Vec<(char, f32)> = letters.iter().map(|&l| (l, 0.0)).collect();
-        let mut mass = vec![0.0f32; letters.len()];
-        // (leaf, letter index, weight = path score × P(letter))
-        let mut scored: Vec<(NodeId, usize, f32)> = Vec::new();
-        for leaf in self.tree.leaves() {
-            let (Some(answer), Some(p)) = (leaf.answer, leaf.letters.as_ref()) else {
-                continue;
-            };
-            let i = letters
-                .iter()
-                .position(|&l| l == answer)
-                .expect("answers are option letters");
-            for (m, q) in mass.iter_mut().zip(p) {
-                *m += q;
-            }
-            let weight = leaf.path_score.unwrap_or(1.0) * p[i];
-            scored.push((leaf.id, i, weight));
-            votes[i].1 += match self.config.vote {
-                Vote::Majority => 1.0,
-                Vote::Weighted | Vote::Best => weight,
-            };
-        }
-        let winner = match self.config.vote {
-            Vote::Best => scored
-                .iter()
-                .fold(None::<(usize, f32)>, |best, &(_, i, w)| match best {
-                    Some((_, b)) if b >= w => best,
-                    _ => Some((i, w)),
-                })
-                .map(|(i, _)| i),
-            _ => (0..letters.len())
-                .filter(|&i| votes[i].1 > 0.0)
-                .fold(None::<usize>, |best, i| match best {
-                    Some(b) if (votes[b].1, mass[b]) >= (votes[i].1, mass[i]) => best,
-                    _ => Some(i),
-                }),
-        };
-        let leaf = winner.and_then(|w| {
-            scored
-                .iter()
-                .filter(|&&(_, i, _)| i == w)
-                .fold(None::<(NodeId, f32)>, |best, &(n, _, s)| match best {
-                    Some((_, b)) if b >= s => best,
-                    _ => Some((n, s)),
-                })
-                .map(|(n, _)| n)
-        });
-        Decision {
-            answer: winner.map(|i| letters[i]),
-            vote: self.config.vote,
-            votes,
-            leaf,
-        }
-    }
 }
 
-/// Index of the largest value (the first on ties).
-pub fn argmax(p: &[f32]) -> usize {
-    p.iter()
-        .enumerate()
-        .fold(
-            (0, f32::NEG_INFINITY),
-            |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) },
-        )
-        .0
-}
+pub use super::aggregate::argmax;
