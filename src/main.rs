@@ -645,24 +645,8 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
         topics: (!a.subset.is_empty()).then(|| a.subset.clone()),
         ..Default::default()
     };
-    let mut set = datasets::load(&a.data, &opts)?;
-    if !set.skipped_bad.is_empty() {
-        eprintln!(
-            "skipped {} malformed line(s): {:?}",
-            set.skipped_bad.len(),
-            set.skipped_bad
-        );
-    }
-    if let Some(n) = a.limit {
-        set.questions.truncate(n);
-    }
-    if set.questions.is_empty() {
-        return Err(Error::InvalidArgument(format!(
-            "{}: no questions to run",
-            a.data.display()
-        )));
-    }
-    with_model!(a.run, loaded => eval_on(&a, &set.questions, loaded))
+    let questions = cli::load_questions(&a.data, &opts, a.limit, false)?;
+    with_model!(a.run, loaded => eval_on(&a, &questions, loaded))
 }
 
 fn eval_on<B: Backend>(a: &EvalArgs, questions: &[qmtot::eval::datasets::Question], loaded: Loaded<B>) -> Result<()> {

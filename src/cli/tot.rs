@@ -296,18 +296,8 @@ pub fn cmd_distill(a: DistillArgs) -> Result<()> {
             a.fraction
         )));
     }
-    let mut set = datasets::load(&a.data, &Default::default())?;
-    set.questions.retain(|q| q.answer.is_some());
-    if let Some(n) = a.limit {
-        set.questions.truncate(n);
-    }
-    if set.questions.is_empty() {
-        return Err(Error::InvalidArgument(format!(
-            "{}: no questions with answers",
-            a.data.display()
-        )));
-    }
-    with_model!(a.run, loaded => distill_on(&a, &set.questions, loaded))
+    let questions = super::load_questions(&a.data, &Default::default(), a.limit, true)?;
+    with_model!(a.run, loaded => distill_on(&a, &questions, loaded))
 }
 
 fn distill_on<B: Backend>(a: &DistillArgs, questions: &[Question], loaded: Loaded<B>) -> Result<()> {
@@ -374,12 +364,8 @@ pub struct BenchTotArgs {
 }
 
 pub fn cmd_bench_tot(a: BenchTotArgs) -> Result<()> {
-    let mut set = datasets::load(&a.data, &Default::default())?;
-    set.questions.truncate(a.questions);
-    if set.questions.is_empty() {
-        return Err(Error::InvalidArgument(format!("{}: no questions", a.data.display())));
-    }
-    with_model!(a.run, loaded => bench_tot_on(&a, &set.questions, loaded))
+    let questions = super::load_questions(&a.data, &Default::default(), Some(a.questions), false)?;
+    with_model!(a.run, loaded => bench_tot_on(&a, &questions, loaded))
 }
 
 fn bench_tot_on<B: Backend>(a: &BenchTotArgs, questions: &[Question], loaded: Loaded<B>) -> Result<()> {
