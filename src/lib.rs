@@ -41,6 +41,7 @@ pub mod formats;
 pub mod kv;
 pub mod model;
 pub mod quant;
+pub mod server;
 pub mod tokenizer;
 pub mod tot;
 

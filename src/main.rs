@@ -50,6 +50,9 @@ enum Command {
     Draw(cli::tot::DrawArgs),
     /// Export tree-derived reasoning as SFT data (chat-messages JSONL).
     Distill(cli::tot::DistillArgs),
+    /// An OpenAI-compatible HTTP server (completions, chat completions, streaming, n > 1
+    /// sharing the prompt, Prometheus metrics).
+    Serve(ServeArgs),
     /// Throughput benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -269,6 +272,25 @@ struct GenerateArgs {
     engine: EngineArgs,
 }
 
+#[derive(Args)]
+struct ServeArgs {
+    /// Address to bind (loopback by default: expose it deliberately).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY` on every endpoint but /health.
+    #[arg(long, env = "QMTOT_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Requests accepted at once (running or waiting); more are answered 429.
+    #[arg(long, default_value_t = 256)]
+    max_queue: usize,
+    #[command(flatten)]
+    run: RunArgs,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
 #[derive(Subcommand)]
 enum BenchCommand {
     /// Prefill and decode throughput on a real model (like llama-bench's pp512 / tg128).
@@ -322,6 +344,7 @@ fn main() -> ExitCode {
         Command::Info(a) => cmd_info(a),
         Command::Eval(a) => cmd_eval(a),
         Command::Tot(a) => cli::tot::cmd_tot(a),
+        Command::Serve(a) => cmd_serve(a),
         Command::Draw(a) => cli::tot::cmd_draw(a),
         Command::Distill(a) => cli::tot::cmd_distill(a),
         Command::Bench(BenchCommand::Tot(a)) => cli::tot::cmd_bench_tot(*a),
@@ -498,6 +521,40 @@ fn generate_on<B: Backend>(a: &GenerateArgs, sampling: SamplingParams, loaded: L
         DEFAULT_BLOCK_SIZE, st.pool.total, st.block_copies, st.computed_tokens,
     );
     Ok(())
+}
+
+fn cmd_serve(a: ServeArgs) -> Result<()> {
+    if a.max_queue == 0 {
+        return Err(Error::InvalidArgument("--max-queue must be at least 1".into()));
+    }
+    let addr = format!("{}:{}", a.host, a.port);
+    let listener = std::net::TcpListener::bind(&addr).map_err(|e| Error::io(&addr, e))?;
+    with_model!(a.run, loaded => serve_on(&a, listener, loaded))
+}
+
+fn serve_on<B: Backend>(a: &ServeArgs, listener: std::net::TcpListener, loaded: Loaded<B>) -> Result<()> {
+    let Loaded { model, tokenizer } = loaded;
+    let model_name = resolve_model(a.run.model.model.as_deref())
+        .ok()
+        .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "qmtot".into());
+    eprintln!(
+        "serving {model_name} on http://{} [{}]{}",
+        listener.local_addr().map_err(|e| Error::io("<listener>", e))?,
+        model.backend_name(),
+        if a.api_key.is_some() { " (API key required)" } else { "" }
+    );
+    qmtot::server::serve(
+        &model,
+        &tokenizer,
+        listener,
+        qmtot::server::ServerConfig {
+            api_key: a.api_key.clone(),
+            max_queue: a.max_queue,
+            model_name,
+            engine: a.engine.config(),
+        },
+    )
 }
 
 fn cmd_info(a: ModelArgs) -> Result<()> {

@@ -1,0 +1,202 @@
+//! The OpenAI wire format: request bodies (parsed strictly: an unknown field is an error, so a
+//! client's typo is not silently ignored), responses, streamed chunks and errors.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::engine::{FinishReason, SamplingParams};
+
+/// A string or a list of strings (`stop`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+/// Fields both endpoints share.
+#[derive(Clone, Debug, Default)]
+pub struct Common {
+    pub model: Option<String>,
+    pub n: Option<usize>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub stop: Option<OneOrMany>,
+    pub seed: Option<u64>,
+    pub stream: Option<bool>,
+    /// Accepted and ignored (OpenAI clients may send it).
+    pub user: Option<String>,
+    /// Only 0 is supported.
+    pub presence_penalty: Option<f32>,
+    /// Only 0 is supported.
+    pub frequency_penalty: Option<f32>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompletionRequest {
+    pub prompt: String,
+    pub max_tokens: Option<usize>,
+    /// Return the sampled tokens' log-probabilities (top alternatives are not computed: any
+    /// value asks for the sampled ones).
+    pub logprobs: Option<u32>,
+    pub echo: Option<bool>,
+    // flattened by hand: serde's `flatten` and `deny_unknown_fields` do not combine
+    pub model: Option<String>,
+    pub n: Option<usize>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub stop: Option<OneOrMany>,
+    pub seed: Option<u64>,
+    pub stream: Option<bool>,
+    pub user: Option<String>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatMessageIn {
+    pub role: String,
+    pub content: String,
+    pub name: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatRequest {
+    pub messages: Vec<ChatMessageIn>,
+    pub max_tokens: Option<usize>,
+    pub max_completion_tokens: Option<usize>,
+    pub logprobs: Option<bool>,
+    pub top_logprobs: Option<u32>,
+    pub model: Option<String>,
+    pub n: Option<usize>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub stop: Option<OneOrMany>,
+    pub seed: Option<u64>,
+    pub stream: Option<bool>,
+    pub user: Option<String>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+}
+
+impl CompletionRequest {
+    pub fn common(&self) -> Common {
+        Common {
+            model: self.model.clone(),
+            n: self.n,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            stop: self.stop.clone(),
+            seed: self.seed,
+            stream: self.stream,
+            user: self.user.clone(),
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+        }
+    }
+}
+
+impl ChatRequest {
+    pub fn common(&self) -> Common {
+        Common {
+            model: self.model.clone(),
+            n: self.n,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            stop: self.stop.clone(),
+            seed: self.seed,
+            stream: self.stream,
+            user: self.user.clone(),
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+        }
+    }
+}
+
+/// Most samples per request.
+pub const MAX_N: usize = 128;
+
+impl Common {
+    /// Sampling parameters with OpenAI's defaults (temperature 1, top_p 1), checked.
+    pub fn sampling(&self) -> Result<SamplingParams, ApiError> {
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if v.is_some_and(|p| p != 0.0) {
+                return Err(ApiError::bad(format!("{name} is not supported (only 0)"), Some(name)));
+            }
+        }
+        let p = SamplingParams {
+            temperature: self.temperature.unwrap_or(1.0),
+            top_p: self.top_p.unwrap_or(1.0),
+            seed: self.seed.unwrap_or(0),
+            ..Default::default()
+        };
+        p.validate()
+            .map_err(|e| ApiError::bad(e.to_string(), Some("temperature")))?;
+        Ok(p)
+    }
+
+    pub fn n(&self) -> Result<usize, ApiError> {
+        match self.n.unwrap_or(1) {
+            0 => Err(ApiError::bad("n must be at least 1", Some("n"))),
+            n if n > MAX_N => Err(ApiError::bad(format!("n must be at most {MAX_N}"), Some("n"))),
+            n => Ok(n),
+        }
+    }
+}
+
+/// An error in OpenAI's shape, with its HTTP status.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ApiError {
+    pub status: u16,
+    pub message: String,
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn bad(message: impl Into<String>, param: Option<&str>) -> Self {
+        Self {
+            status: 400,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: param.map(str::to_string),
+            code: None,
+        }
+    }
+
+    pub fn body(&self) -> Value {
+        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
+    }
+}
+
+/// OpenAI's name for why a choice ended.
+pub fn finish_reason(f: &FinishReason) -> &'static str {
+    match f {
+        FinishReason::Length => "length",
+        FinishReason::StopToken(_) | FinishReason::StopString(_) => "stop",
+        FinishReason::Cancelled => "cancelled",
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}

@@ -1,0 +1,317 @@
+//! `qmtot serve` over loopback with a hand-rolled HTTP/1.1 client (so the test depends on no
+//! client library): every endpoint, streaming and not, the error cases, the API key, n > 1
+//! sharing the prompt's blocks, a client that disconnects mid-stream, and a full queue.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use qmtot::backend::cpu::CpuBackend;
+use qmtot::engine::EngineConfig;
+use qmtot::server::{serve, ServerConfig};
+use serde_json::{json, Value};
+
+const KEY: &str = "test-key-123";
+
+/// Starts a server on an ephemeral loopback port in its own thread; returns the port.
+fn start(max_queue: usize) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let (model, tok) = common::load_smollm2(CpuBackend::new(2).unwrap());
+        let config = ServerConfig {
+            api_key: Some(KEY.into()),
+            max_queue,
+            model_name: "smollm2-test".into(),
+            engine: EngineConfig::default(),
+        };
+        serve(&model, &tok, listener, config).unwrap();
+    });
+    // Ready when /health answers.
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(60) {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() && get(port, "/health", None).0 == 200 {
+            return port;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("the server did not come up");
+}
+
+struct Reply {
+    status: u16,
+    headers: HashMap<String, String>,
+    body: String,
+}
+
+/// Undoes `Transfer-Encoding: chunked`.
+fn dechunk(mut raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = raw.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let size = usize::from_str_radix(std::str::from_utf8(&raw[..eol]).unwrap().trim(), 16).unwrap_or(0);
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&raw[eol + 2..eol + 2 + size]);
+        raw = &raw[eol + 2 + size + 2..];
+    }
+}
+
+fn send(port: u16, method: &str, path: &str, key: Option<&str>, body: Option<&str>) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    if let Some(k) = key {
+        req.push_str(&format!("Authorization: Bearer {k}\r\n"));
+    }
+    let body = body.unwrap_or("");
+    if method == "POST" {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).unwrap();
+    s
+}
+
+fn read_reply(mut s: TcpStream) -> Reply {
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a header block");
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let mut lines = head.lines();
+    let status: u16 = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let headers: HashMap<String, String> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let body = &raw[split + 4..];
+    let body = if headers.get("transfer-encoding").is_some_and(|v| v == "chunked") {
+        dechunk(body)
+    } else {
+        body.to_vec()
+    };
+    Reply {
+        status,
+        headers,
+        body: String::from_utf8(body).unwrap(),
+    }
+}
+
+fn get(port: u16, path: &str, key: Option<&str>) -> (u16, String) {
+    let r = read_reply(send(port, "GET", path, key, None));
+    (r.status, r.body)
+}
+
+fn post(port: u16, path: &str, body: &Value) -> Reply {
+    read_reply(send(port, "POST", path, Some(KEY), Some(&body.to_string())))
+}
+
+/// The `data:` payloads of a server-sent-event body.
+fn sse_data(body: &str) -> Vec<String> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")))
+        .map(|d| d.trim().to_string())
+        .collect()
+}
+
+fn metric(port: u16, name: &str) -> f64 {
+    let (status, text) = get(port, "/metrics", Some(KEY));
+    assert_eq!(status, 200);
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no metric {name}"))
+        .parse()
+        .unwrap()
+}
+
+/// Waits until the engine holds no sequence (bounded).
+fn wait_idle(port: u16) {
+    let t = Instant::now();
+    while metric(port, "qmtot_sequences") > 0.0 || metric(port, "qmtot_requests_running") > 0.0 {
+        assert!(t.elapsed() < Duration::from_secs(60), "requests never finished");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn assert_error(r: &Reply, status: u16, needle: &str) {
+    assert_eq!(r.status, status, "{}", r.body);
+    let v: Value = serde_json::from_str(&r.body).unwrap();
+    let msg = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(v["error"]["type"].is_string(), "OpenAI error shape: {v}");
+    assert!(msg.contains(needle), "{msg:?} should mention {needle:?}");
+}
+
+#[test]
+fn endpoints_streaming_errors_sharing_and_disconnects() {
+    let port = start(64);
+
+    // Health needs no key; everything else does.
+    assert_eq!(get(port, "/health", None).0, 200);
+    assert_eq!(get(port, "/v1/models", None).0, 401);
+    assert_eq!(get(port, "/v1/models", Some("wrong")).0, 401);
+    let (status, models) = get(port, "/v1/models", Some(KEY));
+    assert_eq!(status, 200);
+    assert_eq!(
+        serde_json::from_str::<Value>(&models).unwrap()["data"][0]["id"],
+        "smollm2-test"
+    );
+
+    // Chat, greedy: the model's known answer.
+    let chat = json!({"messages": [{"role": "user", "content": "What is the capital of France?"}],
+                      "max_tokens": 12, "temperature": 0});
+    let r = post(port, "/v1/chat/completions", &chat);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v: Value = serde_json::from_str(&r.body).unwrap();
+    let text = v["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    assert!(text.contains("Paris"), "{text:?}");
+    assert_eq!(v["object"], "chat.completion");
+    let usage = &v["usage"];
+    assert_eq!(
+        usage["total_tokens"].as_u64().unwrap(),
+        usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
+    );
+
+    // The same streamed: chunks concatenate to the same text, then [DONE].
+    let mut streamed = chat.clone();
+    streamed["stream"] = json!(true);
+    let r = post(port, "/v1/chat/completions", &streamed);
+    assert_eq!(r.status, 200);
+    assert!(r.headers["content-type"].starts_with("text/event-stream"));
+    let data = sse_data(&r.body);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let joined: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(joined, text, "streamed text equals the whole answer");
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    assert!(chunks.last().unwrap()["choices"][0]["finish_reason"].is_string());
+
+    // Completions with logprobs and a stop string.
+    let r = post(
+        port,
+        "/v1/completions",
+        &json!({"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0, "logprobs": 1, "stop": ["."]}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v: Value = serde_json::from_str(&r.body).unwrap();
+    let c = &v["choices"][0];
+    assert!(c["text"].as_str().unwrap().contains("Paris") && !c["text"].as_str().unwrap().contains('.'));
+    assert_eq!(c["finish_reason"], "stop");
+    let lps = c["logprobs"]["token_logprobs"].as_array().unwrap();
+    assert!(!lps.is_empty() && lps.iter().all(|l| l.as_f64().unwrap() <= 0.0));
+
+    // n = 8 shares the prompt: peak KV blocks ≈ one prompt + 8 suffixes, not 8 prompts.
+    let prompt = "Medicine is the science and practice of caring for patients. ".repeat(12);
+    let r = post(
+        port,
+        "/v1/completions",
+        &json!({"prompt": prompt, "n": 8, "max_tokens": 8, "temperature": 0.9, "seed": 3}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v: Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(v["choices"].as_array().unwrap().len(), 8);
+    let prompt_tokens = v["usage"]["prompt_tokens"].as_u64().unwrap() as f64;
+    let prompt_blocks = (prompt_tokens / 16.0).ceil();
+    let peak = metric(port, "qmtot_kv_blocks_peak");
+    assert!(
+        peak <= prompt_blocks + 8.0 * 2.0 + 8.0, // + blocks the prefix cache kept from earlier requests
+        "peak {peak} blocks for a {prompt_blocks}-block prompt and 8 short samples"
+    );
+    assert!(peak < 8.0 * prompt_blocks, "not 8 copies of the prompt");
+
+    // Errors: malformed JSON, unknown field, too long, bad n, echo.
+    assert_error(
+        &read_reply(send(port, "POST", "/v1/completions", Some(KEY), Some("{not json"))),
+        400,
+        "invalid request body",
+    );
+    assert_error(
+        &post(port, "/v1/completions", &json!({"prompt": "x", "bogus": 1})),
+        400,
+        "bogus",
+    );
+    let long = "word ".repeat(9000);
+    assert_error(
+        &post(port, "/v1/completions", &json!({"prompt": long, "max_tokens": 4})),
+        400,
+        "context",
+    );
+    assert_error(
+        &post(port, "/v1/completions", &json!({"prompt": "x", "n": 0})),
+        400,
+        "n must",
+    );
+    assert_error(
+        &read_reply(send(port, "POST", "/v1/chat/completions", None, Some("{}"))),
+        401,
+        "API key",
+    );
+
+    // A client that disconnects mid-stream: its request is cancelled and its blocks freed.
+    wait_idle(port);
+    let before = metric(port, "qmtot_client_disconnects_total");
+    let mut s = send(
+        port,
+        "POST",
+        "/v1/completions",
+        Some(KEY),
+        Some(&json!({"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0.8, "stream": true}).to_string()),
+    );
+    let mut first = [0u8; 256];
+    let got = s.read(&mut first).unwrap();
+    assert!(got > 0 && String::from_utf8_lossy(&first[..got]).contains("200"));
+    drop(s);
+    wait_idle(port);
+    assert!(metric(port, "qmtot_client_disconnects_total") > before);
+    assert_eq!(
+        metric(port, "qmtot_kv_blocks_used"),
+        metric(port, "qmtot_kv_blocks_cached"),
+        "only the prefix cache holds blocks"
+    );
+    assert!(
+        metric(port, "qmtot_generated_tokens_total") < 400.0 + 200.0,
+        "the 400-token request stopped early"
+    );
+}
+
+#[test]
+fn a_full_queue_answers_429_with_retry_after() {
+    let port = start(2);
+    let body = json!({"prompt": "Tell me a long story about", "max_tokens": 48, "temperature": 0.8}).to_string();
+    // Two slow requests fill the queue; the rest are refused until they finish.
+    let slow: Vec<TcpStream> = (0..2)
+        .map(|_| send(port, "POST", "/v1/completions", Some(KEY), Some(&body)))
+        .collect();
+    let t = Instant::now();
+    while metric(port, "qmtot_requests_in_flight") < 2.0 {
+        assert!(t.elapsed() < Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let r = read_reply(send(port, "POST", "/v1/completions", Some(KEY), Some(&body)));
+    assert_error(&r, 429, "busy");
+    assert_eq!(r.headers.get("retry-after").map(String::as_str), Some("1"));
+    for s in slow {
+        assert_eq!(read_reply(s).status, 200);
+    }
+    wait_idle(port);
+    assert_eq!(metric(port, "qmtot_requests_in_flight"), 0.0);
+    assert_eq!(
+        post(port, "/v1/completions", &json!({"prompt": "Hi", "max_tokens": 2})).status,
+        200
+    );
+}
