@@ -215,6 +215,38 @@ fn endpoints_streaming_errors_sharing_and_disconnects() {
     let lps = c["logprobs"]["token_logprobs"].as_array().unwrap();
     assert!(!lps.is_empty() && lps.iter().all(|l| l.as_f64().unwrap() <= 0.0));
 
+    // echo + logprobs with max_tokens 0 (how lm-evaluation-harness scores log-likelihoods):
+    // the last prompt token's log-probability equals qmtot's own `direct` score of that letter.
+    let set = qmtot::eval::datasets::load(common::data_path("mmlu-medical-sample.jsonl"), &Default::default()).unwrap();
+    let q = &set.questions[0];
+    let (model, tok) = common::load_smollm2(CpuBackend::new(1).unwrap());
+    let mut engine = qmtot::engine::Engine::new(&model, Some(&tok), EngineConfig::default()).unwrap();
+    let direct = qmtot::eval::baselines::direct(&mut engine, &tok, std::slice::from_ref(q)).unwrap();
+    for &(letter, want) in &direct[0].scores[..2] {
+        let prompt = format!("{} {letter}", qmtot::eval::baselines::direct_prompt(q));
+        let r = post(
+            port,
+            "/v1/completions",
+            &json!({"prompt": prompt, "max_tokens": 0, "echo": true, "logprobs": 1, "temperature": 0}),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        let v: Value = serde_json::from_str(&r.body).unwrap();
+        let c = &v["choices"][0];
+        assert_eq!(c["text"].as_str().unwrap(), prompt, "echo returns the prompt");
+        let lps = c["logprobs"]["token_logprobs"].as_array().unwrap();
+        assert!(lps[0].is_null(), "the first token has no context");
+        assert_eq!(lps.len() as u64, v["usage"]["prompt_tokens"].as_u64().unwrap());
+        let got = lps.last().unwrap().as_f64().unwrap() as f32;
+        assert!(
+            (got - want).abs() <= 1e-3,
+            "letter {letter}: served {got} vs direct {want}"
+        );
+        assert_eq!(
+            c["logprobs"]["tokens"].as_array().unwrap().last().unwrap(),
+            &json!(format!(" {letter}"))
+        );
+    }
+
     // n = 8 shares the prompt: peak KV blocks ≈ one prompt + 8 suffixes, not 8 prompts.
     let prompt = "Medicine is the science and practice of caring for patients. ".repeat(12);
     let r = post(

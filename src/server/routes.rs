@@ -145,18 +145,22 @@ struct Parsed {
     common: Common,
     max_tokens: usize,
     logprobs: bool,
+    /// `/v1/completions` with `echo`: the prompt, put before each choice's text.
+    echo: Option<String>,
 }
 
 async fn completions(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
     let parsed = authorize(&st, &headers).and_then(|()| {
         let r: CompletionRequest = serde_json::from_slice(&body).map_err(bad_body)?;
-        if r.echo == Some(true) {
-            return Err(ApiError::bad("echo is not supported yet", Some("echo")));
+        let echo = r.echo == Some(true);
+        if echo && r.stream == Some(true) {
+            return Err(ApiError::bad("echo with stream is not supported", Some("echo")));
         }
         Ok(Parsed {
             common: r.common(),
             max_tokens: r.max_tokens.unwrap_or(16),
             logprobs: r.logprobs.is_some(),
+            echo: echo.then(|| r.prompt.clone()),
             prompt: PromptInput::Text(r.prompt),
         })
     });
@@ -173,6 +177,7 @@ async fn chat(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> Re
             common: r.common(),
             max_tokens: r.max_completion_tokens.or(r.max_tokens).unwrap_or(256),
             logprobs: r.logprobs == Some(true),
+            echo: None,
             prompt: PromptInput::Chat(
                 r.messages
                     .iter()
@@ -216,6 +221,7 @@ async fn respond(st: AppState, parsed: Result<Parsed, ApiError>, kind: Kind) -> 
             sampling,
             max_tokens: p.max_tokens,
             stop: p.common.stop.clone().map(|s| s.into_vec()).unwrap_or_default(),
+            prompt_logprobs: p.echo.is_some() && p.logprobs,
             reply: tx,
         };
         st.jobs.send(job).map_err(|_| ApiError {
@@ -238,6 +244,7 @@ async fn respond(st: AppState, parsed: Result<Parsed, ApiError>, kind: Kind) -> 
             logprobs: p.logprobs,
             n,
             prompt_tokens,
+            echo: p.echo,
         };
         Ok(if p.common.stream == Some(true) {
             stream_response(head, rx, slot)
@@ -267,6 +274,7 @@ struct Head {
     logprobs: bool,
     n: usize,
     prompt_tokens: usize,
+    echo: Option<String>,
 }
 
 /// One choice as it accumulates.
@@ -274,7 +282,7 @@ struct Head {
 struct Choice {
     text: String,
     tokens: Vec<String>,
-    logprobs: Vec<f32>,
+    logprobs: Vec<Option<f32>>,
     finish: Option<&'static str>,
     completion_tokens: usize,
 }
@@ -357,7 +365,9 @@ fn engine_failed(e: Error) -> ApiError {
 
 async fn whole_response(head: Head, mut rx: UnboundedReceiver<Update>, _slot: Admitted) -> Result<Response, ApiError> {
     let mut choices: Vec<Choice> = (0..head.n).map(|_| Choice::default()).collect();
-    let mut open = head.n;
+    let mut prompt: Option<(Vec<String>, Vec<Option<f32>>)> = None;
+    // Choices, and the prompt's scores when echoing them.
+    let mut open = head.n + (head.echo.is_some() && head.logprobs) as usize;
     while open > 0 {
         match rx.recv().await {
             Some(Update::Token {
@@ -367,7 +377,7 @@ async fn whole_response(head: Head, mut rx: UnboundedReceiver<Update>, _slot: Ad
                 ..
             }) => {
                 choices[choice].tokens.push(token_text);
-                choices[choice].logprobs.push(logprob);
+                choices[choice].logprobs.push(Some(logprob));
             }
             Some(Update::Finished {
                 choice,
@@ -381,6 +391,10 @@ async fn whole_response(head: Head, mut rx: UnboundedReceiver<Update>, _slot: Ad
                 c.completion_tokens = tokens;
                 open -= 1;
             }
+            Some(Update::PromptLogprobs { tokens, logprobs }) => {
+                prompt = Some((tokens, logprobs));
+                open -= 1;
+            }
             Some(Update::Failed(e)) => return Err(engine_failed(e)),
             Some(Update::Started { .. }) => {}
             None => {
@@ -388,6 +402,15 @@ async fn whole_response(head: Head, mut rx: UnboundedReceiver<Update>, _slot: Ad
                     "the engine dropped the request".into(),
                 )))
             }
+        }
+    }
+    if let Some(echo) = &head.echo {
+        // The prompt before each choice; its tokens' log-probabilities before the choice's.
+        let (tokens, logprobs) = prompt.unwrap_or_default();
+        for c in &mut choices {
+            c.text.insert_str(0, echo);
+            c.tokens.splice(0..0, tokens.iter().cloned());
+            c.logprobs.splice(0..0, logprobs.iter().copied());
         }
     }
     let completion_tokens: usize = choices.iter().map(|c| c.completion_tokens).sum();
@@ -449,7 +472,7 @@ fn stream_response(head: Head, rx: UnboundedReceiver<Update>, slot: Admitted) ->
                     }
                     let lp = Choice {
                         tokens: vec![token_text],
-                        logprobs: vec![logprob],
+                        logprobs: vec![Some(logprob)],
                         ..Default::default()
                     };
                     let first = !s.started[choice];
@@ -475,7 +498,7 @@ fn stream_response(head: Head, rx: UnboundedReceiver<Update>, slot: Admitted) ->
                     let data = engine_failed(e).body().to_string();
                     return Some((Ok(SseEvent::default().data(data)), s));
                 }
-                Some(Update::Started { .. }) => {}
+                Some(Update::Started { .. } | Update::PromptLogprobs { .. }) => {}
                 None => return None,
             }
         }

@@ -32,6 +32,8 @@ pub struct Job {
     pub sampling: SamplingParams,
     pub max_tokens: usize,
     pub stop: Vec<String>,
+    /// Also score the prompt: [`Update::PromptLogprobs`] comes before the request ends.
+    pub prompt_logprobs: bool,
     pub reply: UnboundedSender<Update>,
 }
 
@@ -54,13 +56,25 @@ pub enum Update {
         tokens: usize,
         text: String,
     },
+    /// Each prompt token's text and log-probability (`None` for the first, which has no
+    /// context).
+    PromptLogprobs {
+        tokens: Vec<String>,
+        logprobs: Vec<Option<f32>>,
+    },
     Failed(Error),
 }
+
+/// `owner` entry of a request's prompt-scoring sequence.
+const SCORING: usize = usize::MAX;
 
 struct Live {
     reply: UnboundedSender<Update>,
     seqs: Vec<SeqId>,
+    /// Choices (and the prompt scoring) not finished yet.
     open: usize,
+    /// The prompt's token texts while it is being scored.
+    prompt: Vec<String>,
 }
 
 /// Runs until every sender of `rx` is gone.
@@ -90,22 +104,51 @@ pub fn run<B: Backend>(engine: &mut Engine<'_, B>, tokenizer: &Tokenizer, rx: Re
         for job in jobs {
             next_id += 1;
             match start(engine, tokenizer, &job) {
-                Ok((prompt_tokens, seqs)) => {
-                    metrics.prompt_tokens(prompt_tokens);
+                Ok(Started { prompt, seqs, scoring }) => {
+                    metrics.prompt_tokens(prompt.len());
                     for (choice, &s) in seqs.iter().enumerate() {
                         owner.insert(s, (next_id, choice));
                     }
-                    if job.reply.send(Update::Started { prompt_tokens }).is_err() {
-                        cancel(engine, &seqs, &mut owner);
+                    let mut all = seqs.clone();
+                    if let Some(s) = scoring {
+                        owner.insert(s, (next_id, SCORING));
+                        all.push(s);
+                    }
+                    let mut sent = job.reply.send(Update::Started {
+                        prompt_tokens: prompt.len(),
+                    });
+                    if job.prompt_logprobs && scoring.is_none() {
+                        // A one-token prompt: nothing to score, its one token has no context.
+                        sent = sent.and_then(|()| {
+                            job.reply.send(Update::PromptLogprobs {
+                                tokens: prompt
+                                    .iter()
+                                    .map(|&t| tokenizer.decode(&[t]).unwrap_or_default())
+                                    .collect(),
+                                logprobs: vec![None; prompt.len()],
+                            })
+                        });
+                    }
+                    if sent.is_err() {
+                        cancel(engine, &all, &mut owner);
                         continue;
                     }
-                    let open = seqs.len();
+                    let prompt = if scoring.is_some() {
+                        prompt
+                            .iter()
+                            .map(|&t| tokenizer.decode(&[t]).unwrap_or_default())
+                            .collect()
+                    } else {
+                        Vec::new()
+                    };
+                    let open = all.len();
                     live.insert(
                         next_id,
                         Live {
                             reply: job.reply,
-                            seqs,
+                            seqs: all,
                             open,
+                            prompt,
                         },
                     );
                 }
@@ -134,7 +177,10 @@ pub fn run<B: Backend>(engine: &mut Engine<'_, B>, tokenizer: &Tokenizer, rx: Re
         };
         for event in events {
             let seq = match &event {
-                Event::Token { seq, .. } | Event::Finished { seq, .. } | Event::Failed { seq, .. } => *seq,
+                Event::Token { seq, .. }
+                | Event::Finished { seq, .. }
+                | Event::Failed { seq, .. }
+                | Event::Scored { seq, .. } => *seq,
                 _ => continue,
             };
             let Some(&(id, choice)) = owner.get(&seq) else { continue };
@@ -163,6 +209,18 @@ pub fn run<B: Backend>(engine: &mut Engine<'_, B>, tokenizer: &Tokenizer, rx: Re
                         text: generation.text,
                     })
                 }
+                Event::Scored { scores, .. } if choice == SCORING => {
+                    owner.remove(&seq);
+                    let _ = engine.release(seq);
+                    l.open -= 1;
+                    let logprobs = std::iter::once(None)
+                        .chain(scores[0].logprobs.iter().map(|&l| Some(l)))
+                        .collect();
+                    l.reply.send(Update::PromptLogprobs {
+                        tokens: std::mem::take(&mut l.prompt),
+                        logprobs,
+                    })
+                }
                 Event::Failed { error, .. } => l.reply.send(Update::Failed(error)),
                 _ => Ok(()),
             };
@@ -180,19 +238,23 @@ pub fn run<B: Backend>(engine: &mut Engine<'_, B>, tokenizer: &Tokenizer, rx: Re
     }
 }
 
-/// Tokenizes and submits a job; returns its prompt length and one sequence per sample.
-fn start<B: Backend>(
-    engine: &mut Engine<'_, B>,
-    tokenizer: &Tokenizer,
-    job: &Job,
-) -> Result<(usize, Vec<SeqId>), Error> {
+/// A job in the engine.
+struct Started {
+    prompt: Vec<u32>,
+    /// One per sample.
+    seqs: Vec<SeqId>,
+    /// The sequence scoring the prompt, when asked (a one-token prompt has nothing to score).
+    scoring: Option<SeqId>,
+}
+
+/// Tokenizes and submits a job.
+fn start<B: Backend>(engine: &mut Engine<'_, B>, tokenizer: &Tokenizer, job: &Job) -> Result<Started, Error> {
     let tokens = match &job.prompt {
         PromptInput::Text(t) => tokenizer.encode(t, true)?,
         PromptInput::Chat(messages) => tokenizer.encode(&tokenizer.apply_chat_template(messages, true)?, false)?,
     };
-    let prompt_tokens = tokens.len();
     let seqs = engine.submit(Request {
-        prompt: Prompt::Tokens(tokens),
+        prompt: Prompt::Tokens(tokens.clone()),
         n: job.n,
         sampling: job.sampling.clone(),
         stop: StopConditions {
@@ -201,7 +263,27 @@ fn start<B: Backend>(
             stop_strings: job.stop.clone(),
         },
     })?;
-    Ok((prompt_tokens, seqs))
+    // The prompt's log-probabilities: its first token, scored for the rest (the prefix cache
+    // shares the blocks with the samples' prompt).
+    let scoring = match tokens.split_first() {
+        Some((&first, rest)) if job.prompt_logprobs && !rest.is_empty() => {
+            let s = engine.add(vec![first])?;
+            if let Err(e) = engine.score(s, vec![rest.to_vec()]) {
+                let _ = engine.release(s);
+                for &q in &seqs {
+                    let _ = engine.cancel(q);
+                }
+                return Err(e);
+            }
+            Some(s)
+        }
+        _ => None,
+    };
+    Ok(Started {
+        prompt: tokens,
+        seqs,
+        scoring,
+    })
 }
 
 fn cancel<B: Backend>(engine: &mut Engine<'_, B>, seqs: &[SeqId], owner: &mut HashMap<SeqId, (u64, usize)>) {
