@@ -354,3 +354,59 @@ fn a_full_queue_answers_429_with_retry_after() {
         200
     );
 }
+
+#[test]
+fn sixty_four_streaming_clients_complete_or_are_refused_and_free_everything() {
+    let port = start(32);
+    let clients: Vec<_> = (0..64)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let mut outcomes = Vec::new();
+                for round in 0..2 {
+                    let body = json!({"prompt": format!("Patient {i} presents with"), "max_tokens": 6,
+                                      "temperature": 0.7, "seed": i * 2 + round, "stream": true})
+                    .to_string();
+                    let mut s = send(port, "POST", "/v1/completions", Some(KEY), Some(&body));
+                    if i % 8 == 7 && round == 0 {
+                        // Some clients hang up mid-stream.
+                        let mut buf = [0u8; 64];
+                        let _ = s.read(&mut buf);
+                        drop(s);
+                        outcomes.push(0);
+                        continue;
+                    }
+                    let r = read_reply(s);
+                    if r.status == 200 {
+                        assert_eq!(
+                            sse_data(&r.body).last().map(String::as_str),
+                            Some("[DONE]"),
+                            "{}",
+                            r.body
+                        );
+                    } else {
+                        assert_error(&r, 429, "busy");
+                    }
+                    outcomes.push(r.status);
+                }
+                outcomes
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for c in clients {
+        ok += c
+            .join()
+            .expect("no client panicked")
+            .iter()
+            .filter(|&&s| s == 200)
+            .count();
+    }
+    assert!(ok >= 32, "at least a queue's worth of requests completed, got {ok}");
+    wait_idle(port);
+    assert_eq!(metric(port, "qmtot_requests_in_flight"), 0.0);
+    assert_eq!(
+        metric(port, "qmtot_kv_blocks_used"),
+        metric(port, "qmtot_kv_blocks_cached"),
+        "no sequence holds blocks once every client is gone"
+    );
+}
