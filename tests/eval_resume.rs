@@ -17,31 +17,26 @@ fn lines(path: &std::path::Path) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn a_killed_eval_resumes_without_losing_or_repeating_questions() {
+/// Starts `qmtot eval` with `method` (and its options), kills it (SIGKILL) once 3 results are
+/// in, reruns it, and checks that every question is in the results exactly once.
+fn kill_and_resume(method: &[&str]) {
     let model = common::model_path();
     let out = tempfile::tempdir().unwrap();
     let results = out.path().join("results.jsonl");
     let data = data_path("mmlu-medical-sample.jsonl");
     let args = |concurrency: &str| {
         let mut c = Command::new(env!("CARGO_BIN_EXE_qmtot"));
-        c.args([
-            "eval",
-            "--method",
-            "direct",
-            "--threads",
-            "1",
-            "--concurrency",
-            concurrency,
-        ])
-        .arg("--data")
-        .arg(&data)
-        .arg("--out")
-        .arg(out.path())
-        .arg("--model")
-        .arg(&model)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
+        c.args(["eval", "--threads", "1", "--concurrency", concurrency])
+            .args(["--method"])
+            .args(method)
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(out.path())
+            .arg("--model")
+            .arg(&model)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
         c
     };
     // One question per batch, so the run is still going when a few results are in.
@@ -75,4 +70,15 @@ fn a_killed_eval_resumes_without_losing_or_repeating_questions() {
     assert_eq!(ids.len(), 18, "every question once: {ids:?}");
     assert_eq!(unique.len(), 18);
     assert!(out.path().join("report.md").is_file());
+}
+
+#[test]
+fn a_killed_direct_eval_resumes_without_losing_or_repeating_questions() {
+    kill_and_resume(&["direct"]);
+}
+
+#[test]
+fn a_killed_tot_eval_resumes_without_losing_or_repeating_questions() {
+    // A small tree (k = 2, d = 1, 4-token steps) keeps the run short; its records carry trees.
+    kill_and_resume(&["tot", "-k", "2", "--depth", "1", "--step-tokens", "4"]);
 }
