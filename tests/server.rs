@@ -294,6 +294,56 @@ fn endpoints_streaming_errors_sharing_and_disconnects() {
         "API key",
     );
 
+    // /v1/tot: a small tree, whole and streamed node by node.
+    let tot = json!({"question": "Which organ collects urine before it leaves the body?",
+                     "options": {"A": "Bladder", "B": "Kidney", "C": "Ureter", "D": "Urethra"},
+                     "answer": "A", "k": 2, "depth": 2, "step_tokens": 6, "seed": 1});
+    let r = post(port, "/v1/tot", &tot);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v: Value = serde_json::from_str(&r.body).unwrap();
+    let answer = v["answer"].as_str().unwrap().to_string();
+    assert!(["A", "B", "C", "D"].contains(&answer.as_str()));
+    assert_eq!(v["correct"], json!(answer == "A"));
+    let nodes = v["tree"]["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len() - 1, v["thoughts"].as_u64().unwrap() as usize);
+    assert!(
+        nodes.len() >= 3 && nodes.len() <= 7,
+        "k = 2, d = 2: {} nodes",
+        nodes.len()
+    );
+    assert!(
+        v["usage"]["prompt_tokens_reused"].as_u64().unwrap() > v["usage"]["prompt_tokens_computed"].as_u64().unwrap()
+    );
+    let mut streamed_tot = tot.clone();
+    streamed_tot["stream"] = json!(true);
+    let r = post(port, "/v1/tot", &streamed_tot);
+    assert_eq!(r.status, 200);
+    let data = sse_data(&r.body);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let objects: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let (last, node_events) = objects.split_last().unwrap();
+    assert_eq!(last["object"], "tot");
+    assert_eq!(
+        last["answer"].as_str().unwrap(),
+        answer,
+        "same seed, same tree, same answer"
+    );
+    assert_eq!(node_events.len(), nodes.len() - 1, "one event per thought");
+    assert!(node_events.iter().all(|e| e["object"] == "tot.node"));
+    assert_error(
+        &post(
+            port,
+            "/v1/tot",
+            &json!({"question": "q", "options": {"A": "x", "C": "y"}}),
+        ),
+        400,
+        "lettered",
+    );
+    wait_idle(port);
+
     // A client that disconnects mid-stream: its request is cancelled and its blocks freed.
     wait_idle(port);
     let before = metric(port, "qmtot_client_disconnects_total");

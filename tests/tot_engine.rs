@@ -44,10 +44,11 @@ fn run(
     let mut engine = Engine::new(model, Some(tok), engine_config).unwrap();
     let mut solved = Vec::new();
     let (stats, forks) = {
-        let mut runner = Runner::new(&mut engine, tok, &prompts, config).unwrap();
+        let mut runner = Runner::new(tok, &prompts, config).unwrap();
         runner.record_forks();
         let stats = runner
             .solve_all(
+                &mut engine,
                 &questions(),
                 concurrency,
                 |s| {

@@ -58,8 +58,9 @@ pub fn run<B: Backend>(
         ..bench.config.clone()
     };
     let mut answers = vec![None; questions.len()];
-    let mut runner = Runner::new(&mut engine, tokenizer, bench.prompts, config)?;
+    let mut runner = Runner::new(tokenizer, bench.prompts, config)?;
     let stats = runner.solve_all(
+        &mut engine,
         questions,
         if sharing { bench.concurrency } else { 1 },
         |solved| {

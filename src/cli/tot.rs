@@ -178,7 +178,8 @@ fn tot_on<B: Backend>(a: &TotArgs, q: &Question, loaded: Loaded<B>) -> Result<()
     );
     let mut printed: HashSet<usize> = HashSet::new();
     let mut finished = None;
-    let stats = Runner::new(&mut engine, &tokenizer, &prompts, config)?.solve_all(
+    let stats = Runner::new(&tokenizer, &prompts, config)?.solve_all(
+        &mut engine,
         std::slice::from_ref(q),
         1,
         |solved| {

@@ -224,8 +224,9 @@ pub fn run_search<'m, B: Backend>(
     let mut results = ResultsFile::open(out)?;
     let todo: Vec<Question> = results.todo(questions).into_iter().cloned().collect();
     progress(results.progress(questions.len()));
-    let mut runner = Runner::new(engine, tokenizer, prompts, config)?;
+    let mut runner = Runner::new(tokenizer, prompts, config)?;
     let stats = runner.solve_all(
+        engine,
         &todo,
         concurrency,
         |solved| {

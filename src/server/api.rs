@@ -200,3 +200,121 @@ pub struct Usage {
     pub completion_tokens: usize,
     pub total_tokens: usize,
 }
+
+/// `POST /v1/tot`: one question, its options and the search's parameters (defaults: the
+/// published QM-ToT rollout).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TotRequest {
+    pub question: String,
+    /// Letter → text, e.g. `{"A": "…", "B": "…"}`; letters A, B, C… in order.
+    pub options: std::collections::BTreeMap<String, String>,
+    /// The correct letter, if known (the response then says whether the search found it).
+    pub answer: Option<String>,
+    pub k: Option<usize>,
+    pub depth: Option<usize>,
+    /// `bfs`, `beam` or `dfs`.
+    pub strategy: Option<String>,
+    pub breadth: Option<usize>,
+    pub max_leaves: Option<usize>,
+    pub value_threshold: Option<f32>,
+    /// `majority`, `weighted` or `best`.
+    pub vote: Option<String>,
+    pub sufficiency: Option<bool>,
+    pub temperature: Option<f32>,
+    pub seed: Option<u64>,
+    pub step_tokens: Option<usize>,
+    pub stream: Option<bool>,
+    pub model: Option<String>,
+}
+
+impl TotRequest {
+    /// The question and the runner's configuration, checked.
+    pub fn job(&self) -> Result<(crate::eval::datasets::Question, crate::tot::RunnerConfig), ApiError> {
+        use crate::tot::{RunnerConfig, SearchConfig, Strategy, Vote};
+        let letters: Vec<char> = self.options.keys().filter_map(|k| k.chars().next()).collect();
+        let expected: Vec<char> = ('A'..).take(self.options.len()).collect();
+        if self.options.len() < 2 || letters != expected || self.options.keys().any(|k| k.len() != 1) {
+            return Err(ApiError::bad(
+                format!(
+                    "options must be lettered A, B, … in order (at least two); got {:?}",
+                    self.options.keys().collect::<Vec<_>>()
+                ),
+                Some("options"),
+            ));
+        }
+        if self.question.trim().is_empty() {
+            return Err(ApiError::bad("question must not be empty", Some("question")));
+        }
+        let answer = match &self.answer {
+            None => None,
+            Some(a) => Some(
+                a.chars()
+                    .next()
+                    .filter(|c| a.len() == 1 && letters.contains(c))
+                    .ok_or_else(|| ApiError::bad(format!("answer {a:?} is not an option letter"), Some("answer")))?,
+            ),
+        };
+        let base = SearchConfig::published();
+        let breadth = self.breadth;
+        let strategy = match self.strategy.as_deref() {
+            None | Some("bfs") if breadth.is_none() => Strategy::Bfs,
+            None | Some("bfs") | Some("beam") => Strategy::Beam {
+                breadth: breadth.unwrap_or(self.k.unwrap_or(base.branching)),
+            },
+            Some("dfs") => Strategy::Dfs {
+                max_leaves: self.max_leaves.unwrap_or(3),
+            },
+            Some(other) => {
+                return Err(ApiError::bad(
+                    format!("unknown strategy {other:?} (bfs, beam, dfs)"),
+                    Some("strategy"),
+                ))
+            }
+        };
+        let vote = match self.vote.as_deref() {
+            None | Some("majority") => Vote::Majority,
+            Some("weighted") => Vote::Weighted,
+            Some("best") => Vote::Best,
+            Some(other) => {
+                return Err(ApiError::bad(
+                    format!("unknown vote {other:?} (majority, weighted, best)"),
+                    Some("vote"),
+                ))
+            }
+        };
+        let search = SearchConfig {
+            strategy,
+            branching: self.k.unwrap_or(base.branching),
+            depth: self.depth.unwrap_or(base.depth),
+            sufficiency: self.sufficiency.unwrap_or(true),
+            value_threshold: self.value_threshold,
+            vote,
+            ..base
+        };
+        search.validate().map_err(|e| ApiError::bad(e.to_string(), None))?;
+        if search.branching > 16 || search.depth > 6 {
+            return Err(ApiError::bad("k is at most 16 and depth at most 6 here", Some("k")));
+        }
+        let mut config = RunnerConfig::new(search);
+        config.sampling.temperature = self.temperature.unwrap_or(config.sampling.temperature);
+        config.sampling.seed = self.seed.unwrap_or(0);
+        config
+            .sampling
+            .validate()
+            .map_err(|e| ApiError::bad(e.to_string(), Some("temperature")))?;
+        config.step_tokens = self.step_tokens.unwrap_or(config.step_tokens).clamp(1, 512);
+        let question = crate::eval::datasets::Question {
+            id: "request".into(),
+            stem: self.question.clone(),
+            options: self
+                .options
+                .iter()
+                .map(|(k, v)| (k.chars().next().expect("checked"), v.clone()))
+                .collect(),
+            answer,
+            meta: Default::default(),
+        };
+        Ok((question, config))
+    }
+}

@@ -15,6 +15,7 @@
 pub mod api;
 pub mod metrics;
 pub mod routes;
+pub mod tot_jobs;
 pub mod worker;
 
 use std::sync::Arc;

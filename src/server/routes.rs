@@ -16,16 +16,17 @@ use futures_util::stream;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use super::api::{finish_reason, ApiError, ChatRequest, Common, CompletionRequest, Usage};
+use super::api::{finish_reason, ApiError, ChatRequest, Common, CompletionRequest, TotRequest, Usage};
 use super::metrics::Metrics;
-use super::worker::{Job, PromptInput, Update};
+use super::tot_jobs::{TotJob, TotUpdate};
+use super::worker::{Job, PromptInput, Update, Work};
 use super::ServerConfig;
 use crate::error::Error;
 use crate::tokenizer::ChatMessage;
 
 #[derive(Clone)]
 pub struct AppState {
-    pub jobs: std::sync::mpsc::Sender<Job>,
+    pub jobs: std::sync::mpsc::Sender<Work>,
     pub metrics: Arc<Metrics>,
     pub config: Arc<ServerConfig>,
     pub model_name: Arc<String>,
@@ -38,6 +39,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat))
+        .route("/v1/tot", post(tot))
         .with_state(state)
 }
 
@@ -224,7 +226,7 @@ async fn respond(st: AppState, parsed: Result<Parsed, ApiError>, kind: Kind) -> 
             prompt_logprobs: p.echo.is_some() && p.logprobs,
             reply: tx,
         };
-        st.jobs.send(job).map_err(|_| ApiError {
+        st.jobs.send(Work::Generate(job)).map_err(|_| ApiError {
             status: 503,
             message: "the engine has stopped".into(),
             kind: "server_error",
@@ -504,4 +506,100 @@ fn stream_response(head: Head, rx: UnboundedReceiver<Update>, slot: Admitted) ->
         }
     });
     Sse::new(events).keep_alive(KeepAlive::default()).into_response()
+}
+
+/// The final `/v1/tot` object.
+fn tot_body(id: &str, model: &str, solved: &crate::tot::Solved) -> Value {
+    let tree = &solved.tree;
+    let d = tree.decision.as_ref();
+    let answer = d.and_then(|d| d.answer);
+    json!({
+        "id": id,
+        "object": "tot",
+        "model": model,
+        "answer": answer.map(|a| a.to_string()),
+        "correct": tree.gold.map(|g| Some(g) == answer),
+        "votes": d.map(|d| d.votes.iter().map(|(l, v)| (l.to_string(), json!(v))).collect::<serde_json::Map<_, _>>()),
+        "support": d.and_then(|d| d.leaf).map(|l| tree.thoughts(l)).unwrap_or_default(),
+        "thoughts": tree.thought_count(),
+        "usage": {
+            "generated_tokens": solved.tokens.generated,
+            "prompt_tokens_computed": solved.tokens.prefilled,
+            "prompt_tokens_reused": solved.tokens.reused,
+        },
+        "seconds": solved.seconds,
+        "tree": tree,
+    })
+}
+
+async fn tot(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let result = async {
+        authorize(&st, &headers)?;
+        let r: TotRequest = serde_json::from_slice(&body).map_err(bad_body)?;
+        let (question, config) = r.job()?;
+        let slot = admit(&st)?;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let stream_nodes = r.stream == Some(true);
+        let job = TotJob {
+            question,
+            config,
+            stream: stream_nodes,
+            reply: tx,
+        };
+        st.jobs
+            .send(Work::Tot(job))
+            .map_err(|_| engine_failed(Error::InvalidArgument("the engine has stopped".into())))?;
+        let id = format!("tot-{}", unique());
+        let model = st.model_name.to_string();
+        if !stream_nodes {
+            let _slot = slot;
+            return loop {
+                match rx.recv().await {
+                    Some(TotUpdate::Done(solved)) => {
+                        break Ok(axum::Json(tot_body(&id, &model, &solved)).into_response())
+                    }
+                    Some(TotUpdate::Failed(e)) => break Err(refused(e)),
+                    Some(TotUpdate::Node(_)) => {}
+                    None => {
+                        break Err(engine_failed(Error::InvalidArgument(
+                            "the engine dropped the request".into(),
+                        )))
+                    }
+                }
+            };
+        }
+        // Streamed: one event per decided node, then the whole answer, then [DONE].
+        let events = stream::unfold((rx, Some(slot), false), move |(mut rx, slot, done)| {
+            let (id, model) = (id.clone(), model.clone());
+            async move {
+                if done {
+                    return None;
+                }
+                let data = match rx.recv().await {
+                    Some(TotUpdate::Node(n)) => json!({"object": "tot.node", "node": n}).to_string(),
+                    Some(TotUpdate::Done(solved)) => {
+                        let body = tot_body(&id, &model, &solved).to_string();
+                        return Some((
+                            Ok::<_, std::convert::Infallible>(SseEvent::default().data(body)),
+                            (rx, slot, true),
+                        ));
+                    }
+                    Some(TotUpdate::Failed(e)) => engine_failed(e).body().to_string(),
+                    None => return None,
+                };
+                Some((Ok(SseEvent::default().data(data)), (rx, slot, false)))
+            }
+        });
+        let done = stream::once(async { Ok(SseEvent::default().data("[DONE]")) });
+        Ok(Sse::new(futures_util::StreamExt::chain(events, done))
+            .keep_alive(KeepAlive::default())
+            .into_response())
+    }
+    .await;
+    result.unwrap_or_else(|e: ApiError| {
+        if e.status != 429 {
+            st.metrics.bad_requests.fetch_add(1, Relaxed);
+        }
+        e.into_response()
+    })
 }

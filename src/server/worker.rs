@@ -13,10 +13,12 @@ use std::sync::Arc;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::metrics::Metrics;
+use super::tot_jobs::{TotJob, TotRuns, TotUpdate};
 use crate::backend::Backend;
 use crate::engine::{Engine, Event, FinishReason, Prompt, Request, SamplingParams, SeqId, StopConditions};
 use crate::error::Error;
 use crate::tokenizer::{ChatMessage, Tokenizer};
+use crate::tot::{Prompts, Rendered};
 
 /// What to complete.
 #[derive(Clone, Debug)]
@@ -77,28 +79,51 @@ struct Live {
     prompt: Vec<String>,
 }
 
+/// Work for the engine thread.
+pub enum Work {
+    Generate(Job),
+    Tot(TotJob),
+}
+
 /// Runs until every sender of `rx` is gone.
-pub fn run<B: Backend>(engine: &mut Engine<'_, B>, tokenizer: &Tokenizer, rx: Receiver<Job>, metrics: Arc<Metrics>) {
+pub fn run<B: Backend>(engine: &mut Engine<'_, B>, tokenizer: &Tokenizer, rx: Receiver<Work>, metrics: Arc<Metrics>) {
     let mut live: HashMap<u64, Live> = HashMap::new();
     let mut owner: HashMap<SeqId, (u64, usize)> = HashMap::new();
     let mut next_id = 0u64;
+    let rendered = Rendered::new(Prompts::builtin(), tokenizer);
+    let mut tots = TotRuns::default();
     loop {
         // Wait when there is nothing to do; otherwise take what arrived and step.
-        let first = if engine.is_idle() {
+        let nothing = engine.is_idle() && tots.is_empty();
+        let first = if nothing {
             match rx.recv() {
-                Ok(job) => Some(job),
+                Ok(work) => Some(work),
                 Err(_) => return,
             }
         } else {
             None
         };
-        let mut jobs: Vec<Job> = first.into_iter().collect();
+        let mut works: Vec<Work> = first.into_iter().collect();
         loop {
             match rx.try_recv() {
-                Ok(job) => jobs.push(job),
+                Ok(work) => works.push(work),
                 Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) if engine.is_idle() && jobs.is_empty() => return,
+                Err(TryRecvError::Disconnected) if nothing && works.is_empty() => return,
                 Err(TryRecvError::Disconnected) => break,
+            }
+        }
+        let mut jobs = Vec::new();
+        for work in works {
+            match work {
+                Work::Generate(job) => jobs.push(job),
+                Work::Tot(t) => match &rendered {
+                    Ok(prompts) => tots.start(t, tokenizer, prompts),
+                    Err(e) => {
+                        let _ = t
+                            .reply
+                            .send(TotUpdate::Failed(Error::InvalidArgument(format!("prompts: {e}"))));
+                    }
+                },
             }
         }
         for job in jobs {
@@ -157,9 +182,11 @@ pub fn run<B: Backend>(engine: &mut Engine<'_, B>, tokenizer: &Tokenizer, rx: Re
                 }
             }
         }
+        tots.advance(engine);
         // Before stepping, so that a request that has started is never reported as idle.
         metrics.engine(&engine.stats(), live.len());
         if engine.is_idle() {
+            tots.fail_all(engine, "the tree search stalled (internal error)");
             continue;
         }
         let events = match engine.step() {
@@ -172,6 +199,7 @@ pub fn run<B: Backend>(engine: &mut Engine<'_, B>, tokenizer: &Tokenizer, rx: Re
                         .reply
                         .send(Update::Failed(Error::InvalidArgument(format!("the step failed: {e}"))));
                 }
+                tots.fail_all(engine, &format!("the step failed: {e}"));
                 continue;
             }
         };
@@ -183,6 +211,10 @@ pub fn run<B: Backend>(engine: &mut Engine<'_, B>, tokenizer: &Tokenizer, rx: Re
                 | Event::Scored { seq, .. } => *seq,
                 _ => continue,
             };
+            if tots.owns(seq) {
+                tots.handle(engine, seq, event);
+                continue;
+            }
             let Some(&(id, choice)) = owner.get(&seq) else { continue };
             let Some(l) = live.get_mut(&id) else { continue };
             let sent = match event {

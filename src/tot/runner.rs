@@ -145,6 +145,7 @@ struct Active {
     tokens: HashMap<NodeId, Vec<u32>>,
     counts: TokenCounts,
     seed: u64,
+    letters: Vec<char>,
 }
 
 /// What an engine sequence is working on.
@@ -162,9 +163,10 @@ struct Proposal {
     samples: Vec<Option<(SeqId, Generation)>>,
 }
 
-pub struct Runner<'a, 'm, B: Backend> {
-    engine: &'a mut Engine<'m, B>,
-    tokenizer: &'m Tokenizer,
+/// Drives searches on an engine it is handed at each call (so the engine can serve other
+/// work between calls, as the server's does).
+pub struct Runner<'a> {
+    tokenizer: &'a Tokenizer,
     prompts: &'a Rendered,
     config: RunnerConfig,
     active: Vec<Option<Active>>,
@@ -173,13 +175,8 @@ pub struct Runner<'a, 'm, B: Backend> {
     forks: Option<Vec<ForkRecord>>,
 }
 
-impl<'a, 'm, B: Backend> Runner<'a, 'm, B> {
-    pub fn new(
-        engine: &'a mut Engine<'m, B>,
-        tokenizer: &'m Tokenizer,
-        prompts: &'a Rendered,
-        config: RunnerConfig,
-    ) -> Result<Self> {
+impl<'a> Runner<'a> {
+    pub fn new(tokenizer: &'a Tokenizer, prompts: &'a Rendered, config: RunnerConfig) -> Result<Self> {
         config.search.validate()?;
         config.sampling.validate()?;
         if config.step_tokens == 0 || config.chain_tokens == 0 {
@@ -188,7 +185,6 @@ impl<'a, 'm, B: Backend> Runner<'a, 'm, B> {
             ));
         }
         Ok(Self {
-            engine,
             tokenizer,
             prompts,
             config,
@@ -209,17 +205,19 @@ impl<'a, 'm, B: Backend> Runner<'a, 'm, B> {
         self.forks.as_deref().unwrap_or_default()
     }
 
-    /// Solves `questions`, `concurrency` at a time. `on_solved` gets each finished question
-    /// (in finishing order); `observe` sees a question's tree after every change.
-    pub fn solve_all(
+    /// Solves `questions`, `concurrency` at a time, stepping `engine` until all are decided.
+    /// `on_solved` gets each finished question (in finishing order); `observe` sees a
+    /// question's tree after every change.
+    pub fn solve_all<B: Backend>(
         &mut self,
+        engine: &mut Engine<'_, B>,
         questions: &[Question],
         concurrency: usize,
         mut on_solved: impl FnMut(Solved) -> Result<()>,
         mut observe: impl FnMut(usize, &Tree),
     ) -> Result<RunStats> {
         let started = Instant::now();
-        let before = self.engine.stats();
+        let before = engine.stats();
         let mut stats = RunStats {
             kv_blocks: before.pool.total,
             ..Default::default()
@@ -227,46 +225,31 @@ impl<'a, 'm, B: Backend> Runner<'a, 'm, B> {
         let mut next = 0;
         loop {
             // Keep `concurrency` questions in flight.
-            while self.active.iter().flatten().count() < concurrency.max(1) && next < questions.len() {
+            while self.in_flight() < concurrency.max(1) && next < questions.len() {
                 self.start(next, &questions[next])?;
                 next += 1;
             }
-            for slot in 0..self.active.len() {
-                self.dispatch(slot, questions)?;
-            }
+            self.dispatch(engine)?;
             // Finished searches leave; their slots take new questions.
-            let mut finished_any = false;
-            for slot in 0..self.active.len() {
-                if self.active[slot].as_ref().is_some_and(|a| a.search.is_done()) {
-                    let a = self.active[slot].take().expect("checked");
-                    for (_, seq) in a.seqs {
-                        self.engine.release(seq)?;
-                    }
-                    let tree = a.search.into_tree();
+            let finished = self.take_finished(engine)?;
+            if !finished.is_empty() {
+                for solved in finished {
                     stats.questions += 1;
-                    stats.thoughts += tree.thought_count();
-                    stats.tokens += a.counts;
-                    on_solved(Solved {
-                        index: a.index,
-                        tree,
-                        tokens: a.counts,
-                        seconds: a.started.elapsed().as_secs_f64(),
-                    })?;
-                    finished_any = true;
+                    stats.thoughts += solved.tree.thought_count();
+                    stats.tokens += solved.tokens;
+                    on_solved(solved)?;
                 }
-            }
-            if finished_any {
                 continue;
             }
-            if self.active.iter().all(Option::is_none) {
+            if self.in_flight() == 0 {
                 break;
             }
-            for event in self.engine.step_with_progress()? {
-                self.handle(event, &mut observe)?;
+            for event in engine.step_with_progress()? {
+                self.handle(engine, event, &mut observe)?;
             }
-            stats.peak_kv_blocks = stats.peak_kv_blocks.max(self.engine.stats().pool.used);
+            stats.peak_kv_blocks = stats.peak_kv_blocks.max(engine.stats().pool.used);
         }
-        let after = self.engine.stats();
+        let after = engine.stats();
         stats.wall_seconds = started.elapsed().as_secs_f64();
         stats.engine_steps = after.steps - before.steps;
         stats.computed_tokens = after.computed_tokens - before.computed_tokens;
@@ -274,7 +257,64 @@ impl<'a, 'm, B: Backend> Runner<'a, 'm, B> {
         Ok(stats)
     }
 
-    fn start(&mut self, index: usize, q: &Question) -> Result<()> {
+    /// Questions being solved.
+    pub fn in_flight(&self) -> usize {
+        self.active.iter().flatten().count()
+    }
+
+    /// Whether `seq` is one of this runner's sequences with a task running (its events belong
+    /// to [`Runner::handle`]).
+    pub fn owns(&self, seq: SeqId) -> bool {
+        self.inflight.contains_key(&seq)
+    }
+
+    /// Carries out every search's pending actions (call before stepping the engine).
+    pub fn dispatch<B: Backend>(&mut self, engine: &mut Engine<'_, B>) -> Result<()> {
+        for slot in 0..self.active.len() {
+            self.dispatch_slot(engine, slot)?;
+        }
+        Ok(())
+    }
+
+    /// The decided questions, their sequences released.
+    pub fn take_finished<B: Backend>(&mut self, engine: &mut Engine<'_, B>) -> Result<Vec<Solved>> {
+        let mut done = Vec::new();
+        for slot in 0..self.active.len() {
+            if self.active[slot].as_ref().is_some_and(|a| a.search.is_done()) {
+                let a = self.active[slot].take().expect("checked");
+                for (_, seq) in a.seqs {
+                    engine.release(seq)?;
+                }
+                done.push(Solved {
+                    index: a.index,
+                    tree: a.search.into_tree(),
+                    tokens: a.counts,
+                    seconds: a.started.elapsed().as_secs_f64(),
+                });
+            }
+        }
+        Ok(done)
+    }
+
+    /// Stops every search and frees all their sequences (say, the client went away).
+    pub fn abort<B: Backend>(&mut self, engine: &mut Engine<'_, B>) {
+        for (seq, _) in self.inflight.drain() {
+            let _ = engine.cancel(seq);
+        }
+        for (_, p) in self.proposals.drain() {
+            for (seq, _) in p.samples.into_iter().flatten() {
+                let _ = engine.release(seq);
+            }
+        }
+        for a in self.active.drain(..).flatten() {
+            for (_, seq) in a.seqs {
+                let _ = engine.release(seq);
+            }
+        }
+    }
+
+    /// Starts solving `q`; `index` names it in [`Solved`].
+    pub fn start(&mut self, index: usize, q: &Question) -> Result<()> {
         let tree = Tree::new(&q.id, &q.stem, q.options.clone(), q.answer);
         let search = Search::new(self.config.search, tree)?;
         let root_text = self.prompts.root(q, self.config.search.step);
@@ -287,6 +327,7 @@ impl<'a, 'm, B: Backend> Runner<'a, 'm, B> {
             tokens: HashMap::from([(Tree::ROOT, root)]),
             counts: TokenCounts::default(),
             seed: self.config.sampling.seed ^ fnv1a(q.id.as_bytes()),
+            letters: q.options.iter().map(|o| o.0).collect(),
         };
         match self.active.iter().position(Option::is_none) {
             Some(slot) => self.active[slot] = Some(active),
@@ -296,7 +337,7 @@ impl<'a, 'm, B: Backend> Runner<'a, 'm, B> {
     }
 
     /// Carries out a search's pending actions.
-    fn dispatch(&mut self, slot: usize, questions: &[Question]) -> Result<()> {
+    fn dispatch_slot<B: Backend>(&mut self, engine: &mut Engine<'_, B>, slot: usize) -> Result<()> {
         let Some(a) = self.active[slot].as_mut() else {
             return Ok(());
         };
@@ -306,15 +347,15 @@ impl<'a, 'm, B: Backend> Runner<'a, 'm, B> {
                 Action::Release(node) => {
                     let a = self.active[slot].as_mut().expect("active");
                     if let Some(seq) = a.seqs.remove(&node) {
-                        self.engine.release(seq)?;
+                        engine.release(seq)?;
                     }
                 }
                 Action::Run(job) => match job.kind {
-                    JobKind::Propose { k } => self.propose(slot, job, k)?,
-                    JobKind::Value => self.evaluate(slot, job, Evaluator::Value, questions)?,
-                    JobKind::Sufficiency => self.evaluate(slot, job, Evaluator::Sufficiency, questions)?,
-                    JobKind::Answer => self.evaluate(slot, job, Evaluator::Answer, questions)?,
-                    JobKind::Judge => self.evaluate(slot, job, Evaluator::Judge, questions)?,
+                    JobKind::Propose { k } => self.propose(engine, slot, job, k)?,
+                    JobKind::Value => self.evaluate(engine, slot, job, Evaluator::Value)?,
+                    JobKind::Sufficiency => self.evaluate(engine, slot, job, Evaluator::Sufficiency)?,
+                    JobKind::Answer => self.evaluate(engine, slot, job, Evaluator::Answer)?,
+                    JobKind::Judge => self.evaluate(engine, slot, job, Evaluator::Judge)?,
                 },
             }
         }
@@ -352,7 +393,7 @@ impl<'a, 'm, B: Backend> Runner<'a, 'm, B> {
         }
     }
 
-    fn propose(&mut self, slot: usize, job: Job, k: usize) -> Result<()> {
+    fn propose<B: Backend>(&mut self, engine: &mut Engine<'_, B>, slot: usize, job: Job, k: usize) -> Result<()> {
         let a = self.active[slot].as_ref().expect("active");
         let tree = a.search.tree();
         let (prefix, stop) = match self.config.search.step {
@@ -381,7 +422,7 @@ impl<'a, 'm, B: Backend> Runner<'a, 'm, B> {
         let (prompt, mut counts) = self.continuation(a, job.node, prefix_ids);
         let ids = if self.config.sharing {
             // One request: the prompt is computed once, the k samples fork from it.
-            self.engine.submit(Request {
+            engine.submit(Request {
                 prompt,
                 n: k,
                 sampling,
@@ -391,7 +432,7 @@ impl<'a, 'm, B: Backend> Runner<'a, 'm, B> {
             // k independent requests, each recomputing the prompt.
             let mut ids = Vec::with_capacity(k);
             for i in 0..k {
-                ids.extend(self.engine.submit(Request {
+                ids.extend(engine.submit(Request {
                     prompt: prompt.clone(),
                     n: 1,
                     sampling: SamplingParams {
@@ -424,9 +465,9 @@ impl<'a, 'm, B: Backend> Runner<'a, 'm, B> {
         Ok(())
     }
 
-    fn evaluate(&mut self, slot: usize, job: Job, e: Evaluator, questions: &[Question]) -> Result<()> {
+    fn evaluate<B: Backend>(&mut self, engine: &mut Engine<'_, B>, slot: usize, job: Job, e: Evaluator) -> Result<()> {
         let a = self.active[slot].as_ref().expect("active");
-        let letters: Vec<char> = questions[a.index].options.iter().map(|o| o.0).collect();
+        let letters = a.letters.clone();
         let suffix = self.tokenizer.encode(&self.prompts.evaluator_suffix(e), false)?;
         let candidates = self
             .prompts
@@ -443,19 +484,25 @@ impl<'a, 'm, B: Backend> Runner<'a, 'm, B> {
         counts.prefilled += candidates.iter().map(Vec::len).sum::<usize>();
         let seq = match prompt {
             Prompt::Continue { from, tokens } => {
-                let s = self.engine.fork(from, 1)?[0];
-                self.engine.append(s, &tokens)?;
+                let s = engine.fork(from, 1)?[0];
+                engine.append(s, &tokens)?;
                 s
             }
-            Prompt::Tokens(t) => self.engine.add(t)?,
+            Prompt::Tokens(t) => engine.add(t)?,
         };
-        self.engine.score(seq, candidates)?;
+        engine.score(seq, candidates)?;
         self.inflight.insert(seq, InFlight { slot, job, part: 0 });
         self.active[slot].as_mut().expect("active").counts += counts;
         Ok(())
     }
 
-    fn handle(&mut self, event: Event, observe: &mut impl FnMut(usize, &Tree)) -> Result<()> {
+    /// Takes an engine event of one of its sequences (others are ignored).
+    pub fn handle<B: Backend>(
+        &mut self,
+        engine: &mut Engine<'_, B>,
+        event: Event,
+        observe: &mut impl FnMut(usize, &Tree),
+    ) -> Result<()> {
         match event {
             Event::Finished { seq, generation } => {
                 let Some(f) = self.inflight.remove(&seq) else {
@@ -468,14 +515,14 @@ impl<'a, 'm, B: Backend> Runner<'a, 'm, B> {
                 p.samples[f.part] = Some((seq, generation));
                 if p.samples.iter().all(Option::is_some) {
                     let p = self.proposals.remove(&(f.slot, f.job.node)).expect("present");
-                    self.proposed(f.slot, f.job, p, observe)?;
+                    self.proposed(engine, f.slot, f.job, p, observe)?;
                 }
             }
             Event::Scored { seq, scores } => {
                 let Some(f) = self.inflight.remove(&seq) else {
                     return Ok(());
                 };
-                self.engine.release(seq)?;
+                engine.release(seq)?;
                 let p = softmax(&scores.iter().map(|s| s.total()).collect::<Vec<_>>());
                 let outcome = match f.job.kind {
                     JobKind::Value => {
@@ -503,12 +550,19 @@ impl<'a, 'm, B: Backend> Runner<'a, 'm, B> {
     }
 
     /// All `k` samples of a `Propose` are in: settle their sequences into child nodes.
-    fn proposed(&mut self, slot: usize, job: Job, p: Proposal, observe: &mut impl FnMut(usize, &Tree)) -> Result<()> {
+    fn proposed<B: Backend>(
+        &mut self,
+        engine: &mut Engine<'_, B>,
+        slot: usize,
+        job: Job,
+        p: Proposal,
+        observe: &mut impl FnMut(usize, &Tree),
+    ) -> Result<()> {
         let mut thoughts = Vec::new();
         let mut children = Vec::new(); // (seq, tokens)
         let mut generated = 0;
         for (seq, g) in p.samples.into_iter().map(|s| s.expect("all samples in")) {
-            let tokens = self.settle(seq, &g)?;
+            let tokens = self.settle(engine, seq, &g)?;
             generated += g.tokens.len();
             thoughts.push(Thought {
                 text: format!("{}{}", p.prefix, g.text),
@@ -520,10 +574,10 @@ impl<'a, 'm, B: Backend> Runner<'a, 'm, B> {
         if let Some(forks) = self.forks.as_mut() {
             let parent = self.active[slot].as_ref().expect("active").seqs.get(&job.node);
             forks.push(ForkRecord {
-                parent: parent.map(|&s| self.engine.block_ids(s)).transpose()?,
+                parent: parent.map(|&s| engine.block_ids(s)).transpose()?,
                 children: children
                     .iter()
-                    .map(|(s, _)| self.engine.block_ids(*s))
+                    .map(|(s, _)| engine.block_ids(*s))
                     .collect::<Result<_>>()?,
             });
         }
@@ -535,7 +589,7 @@ impl<'a, 'm, B: Backend> Runner<'a, 'm, B> {
             if self.config.sharing {
                 a.seqs.insert(node, seq);
             } else {
-                self.engine.release(seq)?;
+                engine.release(seq)?;
             }
         }
         observe(a.index, a.search.tree());
@@ -544,25 +598,25 @@ impl<'a, 'm, B: Backend> Runner<'a, 'm, B> {
 
     /// Makes a finished sample's sequence a clean node: a sampled stop token is cut off, the
     /// stop string's line is ended, and the step ends with a newline. Returns its tokens.
-    fn settle(&mut self, seq: SeqId, g: &Generation) -> Result<Vec<u32>> {
-        let len = self.engine.tokens(seq)?.len();
+    fn settle<B: Backend>(&mut self, engine: &mut Engine<'_, B>, seq: SeqId, g: &Generation) -> Result<Vec<u32>> {
+        let len = engine.tokens(seq)?.len();
         let ending = match &g.finish {
             FinishReason::StopString(_) => {
                 // The last token completed the "\n"; keep the text before it, end the line.
                 let kept = self.tokenizer.decode(&g.tokens[..g.tokens.len() - 1])?;
                 let rest = g.text.strip_prefix(kept.as_str()).unwrap_or("");
-                self.engine.truncate(seq, len - 1)?;
+                engine.truncate(seq, len - 1)?;
                 format!("{rest}\n")
             }
             FinishReason::StopToken(_) => {
-                self.engine.truncate(seq, len - 1)?;
+                engine.truncate(seq, len - 1)?;
                 "\n".to_string()
             }
             FinishReason::Length | FinishReason::Cancelled => "\n".to_string(),
         };
         let ids = self.tokenizer.encode(&ending, false)?;
-        self.engine.append(seq, &ids)?;
-        Ok(self.engine.tokens(seq)?.to_vec())
+        engine.append(seq, &ids)?;
+        Ok(engine.tokens(seq)?.to_vec())
     }
 }
 
