@@ -24,7 +24,7 @@ impl OneOrMany {
 }
 
 /// Fields both endpoints share.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Deserialize)]
 pub struct Common {
     pub model: Option<String>,
     pub n: Option<usize>,
@@ -41,8 +41,25 @@ pub struct Common {
     pub frequency_penalty: Option<f32>,
 }
 
+/// What no field took. (serde's `deny_unknown_fields` does not combine with `flatten`, so
+/// each request collects the rest and checks it with [`no_unknown`].)
+pub type Unknown = std::collections::BTreeMap<String, Value>;
+
+/// A request body with no unknown field.
+pub fn no_unknown(rest: &Unknown) -> Result<(), ApiError> {
+    match rest.keys().next() {
+        None => Ok(()),
+        Some(k) => Err(ApiError::bad(
+            format!(
+                "unknown field {k:?}{}",
+                if rest.len() > 1 { " (and others)" } else { "" }
+            ),
+            Some(k),
+        )),
+    }
+}
+
 #[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct CompletionRequest {
     pub prompt: String,
     pub max_tokens: Option<usize>,
@@ -50,17 +67,10 @@ pub struct CompletionRequest {
     /// value asks for the sampled ones).
     pub logprobs: Option<u32>,
     pub echo: Option<bool>,
-    // flattened by hand: serde's `flatten` and `deny_unknown_fields` do not combine
-    pub model: Option<String>,
-    pub n: Option<usize>,
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub stop: Option<OneOrMany>,
-    pub seed: Option<u64>,
-    pub stream: Option<bool>,
-    pub user: Option<String>,
-    pub presence_penalty: Option<f32>,
-    pub frequency_penalty: Option<f32>,
+    #[serde(flatten)]
+    pub common: Common,
+    #[serde(flatten)]
+    pub unknown: Unknown,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -72,57 +82,16 @@ pub struct ChatMessageIn {
 }
 
 #[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ChatRequest {
     pub messages: Vec<ChatMessageIn>,
     pub max_tokens: Option<usize>,
     pub max_completion_tokens: Option<usize>,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<u32>,
-    pub model: Option<String>,
-    pub n: Option<usize>,
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub stop: Option<OneOrMany>,
-    pub seed: Option<u64>,
-    pub stream: Option<bool>,
-    pub user: Option<String>,
-    pub presence_penalty: Option<f32>,
-    pub frequency_penalty: Option<f32>,
-}
-
-impl CompletionRequest {
-    pub fn common(&self) -> Common {
-        Common {
-            model: self.model.clone(),
-            n: self.n,
-            temperature: self.temperature,
-            top_p: self.top_p,
-            stop: self.stop.clone(),
-            seed: self.seed,
-            stream: self.stream,
-            user: self.user.clone(),
-            presence_penalty: self.presence_penalty,
-            frequency_penalty: self.frequency_penalty,
-        }
-    }
-}
-
-impl ChatRequest {
-    pub fn common(&self) -> Common {
-        Common {
-            model: self.model.clone(),
-            n: self.n,
-            temperature: self.temperature,
-            top_p: self.top_p,
-            stop: self.stop.clone(),
-            seed: self.seed,
-            stream: self.stream,
-            user: self.user.clone(),
-            presence_penalty: self.presence_penalty,
-            frequency_penalty: self.frequency_penalty,
-        }
-    }
+    #[serde(flatten)]
+    pub common: Common,
+    #[serde(flatten)]
+    pub unknown: Unknown,
 }
 
 /// Most samples per request.

@@ -16,7 +16,7 @@ use futures_util::stream;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use super::api::{finish_reason, ApiError, ChatRequest, Common, CompletionRequest, TotRequest, Usage};
+use super::api::{finish_reason, no_unknown, ApiError, ChatRequest, Common, CompletionRequest, TotRequest, Usage};
 use super::metrics::Metrics;
 use super::tot_jobs::{TotJob, TotUpdate};
 use super::worker::{Job, PromptInput, Update, Work};
@@ -154,12 +154,13 @@ struct Parsed {
 async fn completions(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
     let parsed = authorize(&st, &headers).and_then(|()| {
         let r: CompletionRequest = serde_json::from_slice(&body).map_err(bad_body)?;
+        no_unknown(&r.unknown)?;
         let echo = r.echo == Some(true);
-        if echo && r.stream == Some(true) {
+        if echo && r.common.stream == Some(true) {
             return Err(ApiError::bad("echo with stream is not supported", Some("echo")));
         }
         Ok(Parsed {
-            common: r.common(),
+            common: r.common.clone(),
             max_tokens: r.max_tokens.unwrap_or(16),
             logprobs: r.logprobs.is_some(),
             echo: echo.then(|| r.prompt.clone()),
@@ -172,11 +173,12 @@ async fn completions(State(st): State<AppState>, headers: HeaderMap, body: Bytes
 async fn chat(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
     let parsed = authorize(&st, &headers).and_then(|()| {
         let r: ChatRequest = serde_json::from_slice(&body).map_err(bad_body)?;
+        no_unknown(&r.unknown)?;
         if r.messages.is_empty() {
             return Err(ApiError::bad("messages must not be empty", Some("messages")));
         }
         Ok(Parsed {
-            common: r.common(),
+            common: r.common.clone(),
             max_tokens: r.max_completion_tokens.or(r.max_tokens).unwrap_or(256),
             logprobs: r.logprobs == Some(true),
             echo: None,
