@@ -38,6 +38,7 @@ pub mod error;
 pub mod eval;
 pub mod fetch;
 pub mod formats;
+pub mod hash;
 pub mod kv;
 pub mod model;
 pub mod quant;

@@ -716,11 +716,10 @@ fn eval_on<B: Backend>(a: &EvalArgs, questions: &[qmtot::eval::datasets::Questio
         EvalMethod::Tot => Some(TreeMethod::Tot),
     };
     let method = tree_method.map_or("direct", TreeMethod::name);
-    let mut engine_config = a.engine.config();
-    if a.search.no_sharing {
-        engine_config.prefix_cache = false;
-        engine_config.cascade_min_blocks = None;
-    }
+    let engine_config = match a.search.no_sharing {
+        true => a.engine.config().unshared(),
+        false => a.engine.config(),
+    };
     let mut engine = Engine::new(&model, Some(&tokenizer), engine_config)?;
     let bar = cli::tot::progress_bar(questions.len(), method);
     let progress = |p: harness::Progress| cli::tot::show_progress(&bar, p);

@@ -43,15 +43,7 @@ pub fn run<B: Backend>(
     questions: &[Question],
     sharing: bool,
 ) -> Result<TotBenchRun> {
-    let engine_config = if sharing {
-        bench.engine
-    } else {
-        EngineConfig {
-            prefix_cache: false,
-            cascade_min_blocks: None,
-            ..bench.engine
-        }
-    };
+    let engine_config = if sharing { bench.engine } else { bench.engine.unshared() };
     let mut engine = Engine::new(model, Some(tokenizer), engine_config)?;
     let config = RunnerConfig {
         sharing,

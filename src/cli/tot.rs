@@ -135,7 +135,7 @@ fn node_line(tree: &Tree, id: usize) -> String {
         parts.push(format!("enough {p:.2}"));
     }
     if let Some(p) = &n.letters {
-        let best = qmtot::tot::search::argmax(p);
+        let best = qmtot::engine::sampler::argmax(p) as usize;
         parts.push(format!("{} {:.2}", tree.options[best].0, p[best]));
     }
     let verdict = match n.status {
@@ -189,11 +189,7 @@ fn tot_on<B: Backend>(a: &TotArgs, q: &Question, loaded: Loaded<B>) -> Result<()
         |_, tree| {
             // A node's line is printed once its fate is known: leaf, pruned, or expanding.
             for n in &tree.nodes[1..] {
-                let decided = matches!(
-                    n.status,
-                    NodeStatus::Leaf | NodeStatus::Pruned | NodeStatus::Expanding | NodeStatus::Expanded
-                );
-                if decided && printed.insert(n.id) {
+                if n.status.is_decided() && printed.insert(n.id) {
                     println!("{}", node_line(tree, n.id));
                 }
             }

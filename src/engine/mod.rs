@@ -59,6 +59,18 @@ pub struct EngineConfig {
     pub cascade_min_blocks: Option<usize>,
 }
 
+impl EngineConfig {
+    /// The same engine without sharing between requests: no prefix cache, no cascade (the
+    /// baseline that recomputes every prompt).
+    pub fn unshared(self) -> Self {
+        Self {
+            prefix_cache: false,
+            cascade_min_blocks: None,
+            ..self
+        }
+    }
+}
+
 impl Default for EngineConfig {
     fn default() -> Self {
         Self {

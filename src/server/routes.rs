@@ -202,13 +202,7 @@ fn refused(e: Error) -> ApiError {
         Error::InvalidArgument(_) | Error::ChatTemplate(_) | Error::TokenOutOfRange { .. } => {
             ApiError::bad(e.to_string(), None)
         }
-        other => ApiError {
-            status: 500,
-            message: other.to_string(),
-            kind: "server_error",
-            param: None,
-            code: None,
-        },
+        other => engine_failed(other),
     }
 }
 
@@ -228,13 +222,7 @@ async fn respond(st: AppState, parsed: Result<Parsed, ApiError>, kind: Kind) -> 
             prompt_logprobs: p.echo.is_some() && p.logprobs,
             reply: tx,
         };
-        st.jobs.send(Work::Generate(job)).map_err(|_| ApiError {
-            status: 503,
-            message: "the engine has stopped".into(),
-            kind: "server_error",
-            param: None,
-            code: None,
-        })?;
+        st.jobs.send(Work::Generate(job)).map_err(|_| engine_stopped())?;
         let prompt_tokens = match rx.recv().await {
             Some(Update::Started { prompt_tokens }) => prompt_tokens,
             Some(Update::Failed(e)) => return Err(refused(e)),
@@ -358,13 +346,12 @@ impl Head {
 }
 
 fn engine_failed(e: Error) -> ApiError {
-    ApiError {
-        status: 500,
-        message: e.to_string(),
-        kind: "server_error",
-        param: None,
-        code: None,
-    }
+    ApiError::server(500, e.to_string())
+}
+
+/// The engine thread is gone (the server is shutting down).
+fn engine_stopped() -> ApiError {
+    ApiError::server(503, "the engine has stopped")
 }
 
 async fn whole_response(head: Head, mut rx: UnboundedReceiver<Update>, _slot: Admitted) -> Result<Response, ApiError> {
@@ -548,9 +535,7 @@ async fn tot(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> Res
             stream: stream_nodes,
             reply: tx,
         };
-        st.jobs
-            .send(Work::Tot(job))
-            .map_err(|_| engine_failed(Error::InvalidArgument("the engine has stopped".into())))?;
+        st.jobs.send(Work::Tot(job)).map_err(|_| engine_stopped())?;
         let id = format!("tot-{}", unique());
         let model = st.model_name.to_string();
         if !stream_nodes {

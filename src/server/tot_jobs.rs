@@ -11,7 +11,7 @@ use crate::backend::Backend;
 use crate::engine::{Engine, Event, SeqId};
 use crate::error::Error;
 use crate::eval::datasets::Question;
-use crate::tot::{Node, NodeStatus, Rendered, Runner, RunnerConfig, Solved};
+use crate::tot::{Node, Rendered, Runner, RunnerConfig, Solved};
 
 pub struct TotJob {
     pub question: Question,
@@ -127,11 +127,10 @@ impl<'r> TotRuns<'r> {
                 return;
             }
             for n in &tree.nodes[1..] {
-                let decided = matches!(
-                    n.status,
-                    NodeStatus::Leaf | NodeStatus::Pruned | NodeStatus::Expanding | NodeStatus::Expanded
-                );
-                if decided && sent.insert(n.id) && reply.send(TotUpdate::Node(Box::new(n.clone()))).is_err() {
+                if n.status.is_decided()
+                    && sent.insert(n.id)
+                    && reply.send(TotUpdate::Node(Box::new(n.clone()))).is_err()
+                {
                     gone = true;
                 }
             }

@@ -139,26 +139,8 @@ pub fn run<B: Backend>(engine: &mut Engine<'_, B>, tokenizer: &Tokenizer, rx: Re
                         owner.insert(s, (next_id, SCORING));
                         all.push(s);
                     }
-                    let mut sent = job.reply.send(Update::Started {
-                        prompt_tokens: prompt.len(),
-                    });
-                    if job.prompt_logprobs && scoring.is_none() {
-                        // A one-token prompt: nothing to score, its one token has no context.
-                        sent = sent.and_then(|()| {
-                            job.reply.send(Update::PromptLogprobs {
-                                tokens: prompt
-                                    .iter()
-                                    .map(|&t| tokenizer.decode(&[t]).unwrap_or_default())
-                                    .collect(),
-                                logprobs: vec![None; prompt.len()],
-                            })
-                        });
-                    }
-                    if sent.is_err() {
-                        cancel(engine, &all, &mut owner);
-                        continue;
-                    }
-                    let prompt = if scoring.is_some() {
+                    // The prompt's token texts, for its log-probabilities.
+                    let texts: Vec<String> = if job.prompt_logprobs {
                         prompt
                             .iter()
                             .map(|&t| tokenizer.decode(&[t]).unwrap_or_default())
@@ -166,6 +148,24 @@ pub fn run<B: Backend>(engine: &mut Engine<'_, B>, tokenizer: &Tokenizer, rx: Re
                     } else {
                         Vec::new()
                     };
+                    let mut sent = job.reply.send(Update::Started {
+                        prompt_tokens: prompt.len(),
+                    });
+                    if job.prompt_logprobs && scoring.is_none() {
+                        // A one-token prompt: nothing to score, its one token has no context.
+                        sent = sent.and_then(|()| {
+                            job.reply.send(Update::PromptLogprobs {
+                                logprobs: vec![None; texts.len()],
+                                tokens: texts.clone(),
+                            })
+                        });
+                    }
+                    if sent.is_err() {
+                        cancel(engine, &all, &mut owner);
+                        continue;
+                    }
+                    // Kept until the scoring sequence reports.
+                    let prompt = if scoring.is_some() { texts } else { Vec::new() };
                     let open = all.len();
                     live.insert(
                         next_id,

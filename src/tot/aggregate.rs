@@ -79,14 +79,3 @@ pub fn decide(tree: &Tree, vote: Vote) -> Decision {
         leaf,
     }
 }
-
-/// Index of the largest value (the first on ties).
-pub fn argmax(p: &[f32]) -> usize {
-    p.iter()
-        .enumerate()
-        .fold(
-            (0, f32::NEG_INFINITY),
-            |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) },
-        )
-        .0
-}

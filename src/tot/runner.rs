@@ -30,6 +30,7 @@ use crate::backend::Backend;
 use crate::engine::{Engine, Event, FinishReason, Generation, Prompt, Request, SamplingParams, SeqId, StopConditions};
 use crate::error::{Error, Result};
 use crate::eval::datasets::Question;
+use crate::hash::fnv1a;
 use crate::tokenizer::Tokenizer;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -626,14 +627,6 @@ pub fn softmax(logp: &[f32]) -> Vec<f32> {
     let e: Vec<f32> = logp.iter().map(|&x| (x - m).exp()).collect();
     let s: f32 = e.iter().sum();
     e.iter().map(|&x| x / s).collect()
-}
-
-/// FNV-1a, 64-bit: a stable hash for seeds (the standard library's may change between
-/// versions).
-pub fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
-    })
 }
 
 fn key_bytes(key: &[usize]) -> Vec<u8> {

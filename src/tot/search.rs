@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use super::aggregate;
 use super::tree::{NodeId, NodeStatus, StepValue, Tree};
+use crate::engine::sampler::argmax;
 use crate::error::{Error, Result};
 
 /// DFS prunes children whose value is below this unless `value_threshold` says otherwise.
@@ -365,7 +366,7 @@ impl Search {
             let letters = self.tree.letters();
             let n = self.tree.node_mut(node);
             n.status = NodeStatus::Leaf;
-            n.answer = n.letters.as_deref().map(|p| letters[argmax(p)]);
+            n.answer = n.letters.as_deref().map(|p| letters[argmax(p) as usize]);
             if self.config.needs_judge() {
                 self.run(node, JobKind::Judge);
             } else {
@@ -467,5 +468,3 @@ impl Search {
         self.tree.node(n).value.map_or(0.0, |v| v.value)
     }
 }
-
-pub use super::aggregate::argmax;

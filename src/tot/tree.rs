@@ -30,6 +30,16 @@ pub enum NodeStatus {
     Leaf,
 }
 
+impl NodeStatus {
+    /// Whether the node's fate is known: an answer, pruned, or chosen for expansion.
+    pub fn is_decided(self) -> bool {
+        matches!(
+            self,
+            NodeStatus::Leaf | NodeStatus::Pruned | NodeStatus::Expanding | NodeStatus::Expanded
+        )
+    }
+}
+
 /// The step evaluator's verdict: probabilities of sure / likely / impossible (renormalized over
 /// the three) and the expected value under the configured weights.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]

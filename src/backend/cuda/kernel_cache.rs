@@ -12,22 +12,16 @@ use std::path::{Path, PathBuf};
 
 use super::nvrtc::{self, KernelSource, COMMON_HEADER};
 use crate::error::{Error, Result};
+use crate::hash::{fnv1a_extend, FNV1A_START};
 
 const MAGIC: &[u8; 8] = b"QMTKCUB1";
 
-/// FNV-1a, 64-bit: stable across Rust versions and platforms (unlike `DefaultHasher`).
+/// FNV-1a over several parts, each followed by a 0xff separator byte, so ("ab", "c") and
+/// ("a", "bc") differ.
 fn fnv1a(parts: &[&[u8]]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for part in parts {
-        for &b in *part {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        // A separator, so ("ab", "c") and ("a", "bc") differ.
-        h ^= 0xff;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
+    parts
+        .iter()
+        .fold(FNV1A_START, |h, part| fnv1a_extend(fnv1a_extend(h, part), &[0xff]))
 }
 
 pub struct KernelCache {
@@ -113,6 +107,8 @@ mod tests {
     fn fnv_keys_separate_their_parts() {
         assert_ne!(fnv1a(&[b"ab", b"c"]), fnv1a(&[b"a", b"bc"]));
         assert_eq!(fnv1a(&[b"x"]), fnv1a(&[b"x"]));
+        // The key of existing cache entries: the value this function has always given.
+        assert_eq!(fnv1a(&[b"ab", b"c"]), 0x20ba_9b30_25a8_b421);
     }
 
     #[test]
