@@ -408,6 +408,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         top_p: a.top_p,
         min_p: a.min_p,
         seed: a.seed,
+        top_logprobs: 0,
     };
     sampling.validate()?;
     if a.prompt.is_empty() {

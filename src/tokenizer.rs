@@ -41,6 +41,7 @@ impl ChatMessage {
     }
 }
 
+#[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     bos: Option<u32>,
@@ -214,6 +215,11 @@ impl Tokenizer {
 
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
+    }
+
+    /// The vocabulary entry of `id` (its raw form, e.g. `Ġthe` in byte-level BPE).
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {

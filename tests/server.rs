@@ -266,7 +266,7 @@ fn endpoints_streaming_errors_sharing_and_disconnects() {
     );
     assert!(peak < 8.0 * prompt_blocks, "not 8 copies of the prompt");
 
-    // Errors: malformed JSON, unknown field, too long, bad n, echo.
+    // Errors: malformed JSON, unknown field, too long, bad n, no key.
     assert_error(
         &read_reply(send(port, "POST", "/v1/completions", Some(KEY), Some("{not json"))),
         400,
@@ -458,5 +458,251 @@ fn sixty_four_streaming_clients_complete_or_are_refused_and_free_everything() {
         metric(port, "qmtot_kv_blocks_used"),
         metric(port, "qmtot_kv_blocks_cached"),
         "no sequence holds blocks once every client is gone"
+    );
+}
+
+fn body(r: &Reply) -> Value {
+    assert_eq!(r.status, 200, "{}", r.body);
+    serde_json::from_str(&r.body).unwrap()
+}
+
+fn floats(v: &Value) -> Vec<Option<f64>> {
+    v.as_array().unwrap().iter().map(Value::as_f64).collect()
+}
+
+/// What lm-evaluation-harness's `local-completions` model sends and reads: the tokenizer
+/// endpoints, batches of token-id prompts with `echo`, `max_tokens` 1 and `logprobs` 1, and
+/// top alternatives; plus echo with streaming and the new refusals.
+#[test]
+fn token_prompts_alternatives_echo_streaming_and_tokenizer_endpoints() {
+    let port = start(64);
+
+    // Tokenizer endpoints (vLLM's shapes), behind the key like the rest.
+    assert_eq!(get(port, "/tokenizer_info", None).0, 401);
+    let (status, info) = get(port, "/tokenizer_info", Some(KEY));
+    assert_eq!(status, 200);
+    let info: Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["eos_token"], "<|im_end|>");
+    assert_eq!(info["model_max_length"], 8192);
+    assert!(info["chat_template"].as_str().unwrap().contains("<|im_start|>"));
+    let text = "Question: Which nerve?\nA. facial\nAnswer:";
+    let t = body(&post(
+        port,
+        "/tokenize",
+        &json!({"prompt": text, "add_special_tokens": false}),
+    ));
+    let ids: Vec<u32> = serde_json::from_value(t["tokens"].clone()).unwrap();
+    assert_eq!(t["count"].as_u64().unwrap() as usize, ids.len());
+    assert!(ids.len() > 8);
+    let d = body(&post(port, "/detokenize", &json!({ "tokens": ids })));
+    assert_eq!(d["prompt"], text, "decode(encode(x)) = x");
+    let eos = body(&post(
+        port,
+        "/tokenize",
+        &json!({"prompt": "<|im_end|>", "add_special_tokens": false}),
+    ));
+    assert_eq!(
+        eos["tokens"].as_array().unwrap().len(),
+        1,
+        "special tokens are matched whole"
+    );
+    let chat = body(&post(
+        port,
+        "/tokenize",
+        &json!({"messages": [{"role": "user", "content": "hi"}]}),
+    ));
+    let chat_text = body(&post(port, "/detokenize", &json!({"tokens": chat["tokens"]})));
+    assert!(chat_text["prompt"]
+        .as_str()
+        .unwrap()
+        .ends_with("<|im_start|>assistant\n"));
+    assert_error(
+        &post(port, "/detokenize", &json!({"tokens": [1, 999999]})),
+        400,
+        "999999",
+    );
+    assert_error(
+        &post(port, "/tokenize", &json!({"prompt": "x", "messages": []})),
+        400,
+        "exactly one",
+    );
+
+    // A batch of token-id prompts (lm-evaluation-harness's log-likelihood payload): one choice
+    // per prompt in order, each prompt's log-probabilities the same as when it comes alone as
+    // text (batching changes no number beyond f32 noise).
+    let texts = ["The capital of France is Paris", "Two plus two is four", "A B C"];
+    let id_lists: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| {
+            let v = body(&post(
+                port,
+                "/tokenize",
+                &json!({"prompt": t, "add_special_tokens": false}),
+            ));
+            serde_json::from_value(v["tokens"].clone()).unwrap()
+        })
+        .collect();
+    let batch = body(&post(
+        port,
+        "/v1/completions",
+        &json!({"prompt": id_lists, "max_tokens": 1, "echo": true, "logprobs": 1, "temperature": 0, "seed": 1234}),
+    ));
+    let choices = batch["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), texts.len());
+    let total: usize = id_lists.iter().map(Vec::len).sum();
+    assert_eq!(batch["usage"]["prompt_tokens"].as_u64().unwrap() as usize, total);
+    for (i, (c, text)) in choices.iter().zip(texts).enumerate() {
+        assert_eq!(c["index"], i);
+        assert!(c["text"].as_str().unwrap().starts_with(text), "echo of prompt {i}");
+        let lp = &c["logprobs"];
+        let lps = floats(&lp["token_logprobs"]);
+        assert_eq!(lps.len(), id_lists[i].len() + 1, "prompt tokens and the one generated");
+        assert!(lps[0].is_none() && lps[1..].iter().all(|l| l.is_some_and(|l| l <= 0.0)));
+        // top_logprobs: null first, then the alternative and the token itself.
+        let tops = lp["top_logprobs"].as_array().unwrap();
+        assert!(tops[0].is_null());
+        for (j, top) in tops.iter().enumerate().skip(1) {
+            let m = top.as_object().unwrap();
+            assert!((1..=2).contains(&m.len()), "k = 1 plus the token: {m:?}");
+            let token = lp["tokens"][j].as_str().unwrap();
+            assert_eq!(m[token].as_f64(), lps[j], "the token's own entry");
+            let best = m.values().filter_map(Value::as_f64).fold(f64::MIN, f64::max);
+            assert!(best >= lps[j].unwrap());
+        }
+        // The generated token is greedy: it is the best of its alternatives.
+        let last = tops.last().unwrap().as_object().unwrap();
+        let best = last.values().filter_map(Value::as_f64).fold(f64::MIN, f64::max);
+        assert_eq!(Some(best), *lps.last().unwrap());
+        let alone = body(&post(
+            port,
+            "/v1/completions",
+            &json!({"prompt": text, "max_tokens": 0, "echo": true, "logprobs": 0}),
+        ));
+        let alone = floats(&alone["choices"][0]["logprobs"]["token_logprobs"]);
+        assert_eq!(alone.len(), id_lists[i].len());
+        for (a, b) in alone.iter().zip(&lps).skip(1) {
+            assert!((a.unwrap() - b.unwrap()).abs() <= 1e-4, "batched {b:?} vs alone {a:?}");
+        }
+    }
+
+    // Alternatives agree between the two code paths that make them: scoring a prompt that
+    // ends in the greedy continuation, and sampling that continuation.
+    let gen = body(&post(
+        port,
+        "/v1/completions",
+        &json!({"prompt": texts[0], "max_tokens": 1, "logprobs": 5, "temperature": 0}),
+    ));
+    let sampled_top = gen["choices"][0]["logprobs"]["top_logprobs"][0]
+        .as_object()
+        .unwrap()
+        .clone();
+    assert_eq!(sampled_top.len(), 5, "k = 5 (the greedy token is among them)");
+    let extended = format!("{}{}", texts[0], gen["choices"][0]["text"].as_str().unwrap());
+    let scored = body(&post(
+        port,
+        "/v1/completions",
+        &json!({"prompt": extended, "max_tokens": 0, "echo": true, "logprobs": 5}),
+    ));
+    let scored_top = scored["choices"][0]["logprobs"]["top_logprobs"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .as_object()
+        .unwrap()
+        .clone();
+    assert_eq!(
+        sampled_top.keys().collect::<Vec<_>>(),
+        scored_top.keys().collect::<Vec<_>>()
+    );
+    for (k, v) in &sampled_top {
+        assert!(
+            (v.as_f64().unwrap() - scored_top[k].as_f64().unwrap()).abs() <= 1e-4,
+            "{k:?}"
+        );
+    }
+
+    // Chat alternatives: top_logprobs entries in OpenAI's chat shape.
+    let c = body(&post(
+        port,
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0,
+                "logprobs": true, "top_logprobs": 3}),
+    ));
+    for entry in c["choices"][0]["logprobs"]["content"].as_array().unwrap() {
+        let alts = entry["top_logprobs"].as_array().unwrap();
+        assert_eq!(alts.len(), 3);
+        assert_eq!(alts[0]["token"], entry["token"], "greedy: the token is the most likely");
+        assert!(alts
+            .windows(2)
+            .all(|w| w[0]["logprob"].as_f64() >= w[1]["logprob"].as_f64()));
+    }
+
+    // Echo with streaming: per choice, the prompt (with its log-probabilities) comes first and
+    // the chunks add up to the whole response, for two prompts × n = 2.
+    let req = json!({"prompt": ["The capital of France is", "Two plus two"], "max_tokens": 4, "n": 2,
+                     "echo": true, "logprobs": 2, "temperature": 0});
+    let whole = body(&post(port, "/v1/completions", &req));
+    let mut streamed = req.clone();
+    streamed["stream"] = json!(true);
+    let r = post(port, "/v1/completions", &streamed);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let data = sse_data(&r.body);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let mut text = vec![String::new(); 4];
+    let mut lps: Vec<Vec<Option<f64>>> = vec![Vec::new(); 4];
+    for d in &data[..data.len() - 1] {
+        let v: Value = serde_json::from_str(d).unwrap();
+        let c = &v["choices"][0];
+        let i = c["index"].as_u64().unwrap() as usize;
+        text[i].push_str(c["text"].as_str().unwrap());
+        lps[i].extend(floats(&c["logprobs"]["token_logprobs"]));
+    }
+    for (i, c) in whole["choices"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(c["text"].as_str().unwrap(), text[i], "choice {i}");
+        assert!(text[i].starts_with(["The capital of France is", "Two plus two"][i / 2]));
+        let want = floats(&c["logprobs"]["token_logprobs"]);
+        assert_eq!(want.len(), lps[i].len());
+        for (a, b) in want.iter().zip(&lps[i]) {
+            assert_eq!(a.is_none(), b.is_none());
+            assert!((a.unwrap_or(0.0) - b.unwrap_or(0.0)).abs() <= 1e-4);
+        }
+    }
+
+    // Refusals.
+    assert_error(
+        &post(port, "/v1/completions", &json!({"prompt": "x", "logprobs": 21})),
+        400,
+        "at most 20",
+    );
+    assert_error(
+        &post(
+            port,
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}),
+        ),
+        400,
+        "logprobs: true",
+    );
+    assert_error(&post(port, "/v1/completions", &json!({"prompt": []})), 400, "empty");
+    assert_error(
+        &post(
+            port,
+            "/v1/completions",
+            &json!({"prompt": [5, 4_000_000], "max_tokens": 1}),
+        ),
+        400,
+        "4000000",
+    );
+    assert_error(
+        &post(port, "/v1/completions", &json!({"prompt": vec!["x"; 20], "n": 100})),
+        400,
+        "prompts × n",
+    );
+    wait_idle(port);
+    assert_eq!(
+        metric(port, "qmtot_kv_blocks_used"),
+        metric(port, "qmtot_kv_blocks_cached"),
+        "only the prefix cache holds blocks"
     );
 }

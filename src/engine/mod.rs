@@ -96,6 +96,9 @@ pub enum Event {
         token: u32,
         logprob: f32,
         text: String,
+        /// The most likely tokens at this step with their log-probabilities, most likely
+        /// first, when the sampling parameters ask (`top_logprobs`); empty otherwise.
+        top: Vec<(u32, f32)>,
     },
     /// Generation ended; the sequence is idle again and still holds its tokens.
     Finished { seq: SeqId, generation: Generation },
@@ -109,6 +112,9 @@ pub enum Event {
 #[derive(Clone, Debug, PartialEq)]
 pub struct CandidateScore {
     pub logprobs: Vec<f32>,
+    /// Per token, the `top` most likely tokens at its position (see
+    /// [`Engine::score_with_alternatives`]); empty per token when none were asked.
+    pub top: Vec<Vec<(u32, f32)>>,
 }
 
 impl CandidateScore {
@@ -395,6 +401,18 @@ impl<'m, B: Backend> Engine<'m, B> {
     /// [`Event::Scored`] follows. Candidates longer than one token are scored by forks, which
     /// share the sequence's blocks.
     pub fn score(&mut self, id: SeqId, candidates: Vec<Vec<u32>>) -> Result<()> {
+        self.score_with_alternatives(id, candidates, 0)
+    }
+
+    /// [`Engine::score`], also reporting at each candidate token the `top` most likely tokens
+    /// there (for OpenAI-style prompt log-probabilities, `echo` with `logprobs`).
+    pub fn score_with_alternatives(&mut self, id: SeqId, candidates: Vec<Vec<u32>>, top: usize) -> Result<()> {
+        if top > sampler::MAX_TOP_LOGPROBS {
+            return Err(Error::InvalidArgument(format!(
+                "score: at most {} alternatives per token",
+                sampler::MAX_TOP_LOGPROBS
+            )));
+        }
         let len = self.idle(id)?.tokens.len();
         if candidates.is_empty() || candidates.iter().any(Vec::is_empty) {
             return Err(Error::InvalidArgument(
@@ -412,6 +430,7 @@ impl<'m, B: Backend> Engine<'m, B> {
                 candidates,
                 results: vec![None; n],
                 started: false,
+                alternatives: top,
             }),
         );
         Ok(())
@@ -515,6 +534,7 @@ impl<'m, B: Backend> Engine<'m, B> {
                     if let Task::Candidate(c) = &mut seq.task {
                         let j = position - c.base + 1;
                         c.logprobs[j] = sampler::candidate_logprobs(row, &[c.tokens[j]])?[0];
+                        c.top[j] = sampler::top_logprobs(row, c.alternatives);
                     }
                 }
             }
@@ -759,7 +779,7 @@ impl<'m, B: Backend> Engine<'m, B> {
                     events.push(Event::Finished { seq: id, generation });
                     return;
                 };
-                let Sampled { token, logprob } = g.sampler.sample(&logits);
+                let Sampled { token, logprob, top } = g.sampler.sample(&logits);
                 seq.tokens.push(token);
                 let (text, finish) = record_token(g, self.tokenizer, token, logprob);
                 events.push(Event::Token {
@@ -767,6 +787,7 @@ impl<'m, B: Backend> Engine<'m, B> {
                     token,
                     logprob,
                     text,
+                    top,
                 });
                 if let Some(finish) = finish {
                     let Task::Generate(g) = std::mem::replace(&mut seq.task, Task::Idle) else {
@@ -784,17 +805,25 @@ impl<'m, B: Backend> Engine<'m, B> {
                 for (index, c) in s.candidates.iter().enumerate() {
                     // Ids were checked against the vocabulary when the task started.
                     let first = sampler::candidate_logprobs(&logits, &c[..1]).map_or(f32::NAN, |v| v[0]);
+                    let first_top = sampler::top_logprobs(&logits, s.alternatives);
                     if c.len() == 1 {
-                        s.results[index] = Some(vec![first]);
+                        s.results[index] = Some(CandidateScore {
+                            logprobs: vec![first],
+                            top: vec![first_top],
+                        });
                     } else {
                         let mut logprobs = vec![f32::NAN; c.len()];
                         logprobs[0] = first;
+                        let mut top = vec![Vec::new(); c.len()];
+                        top[0] = first_top;
                         spawn.push(Candidate {
                             parent: id,
                             index,
                             base,
                             tokens: c.clone(),
                             logprobs,
+                            alternatives: s.alternatives,
+                            top,
                         });
                     }
                 }
@@ -817,7 +846,10 @@ impl<'m, B: Backend> Engine<'m, B> {
                     unreachable!()
                 };
                 if let Some(Task::Score(s)) = self.seqs.get_mut(&c.parent).map(|p| &mut p.task) {
-                    s.results[c.index] = Some(c.logprobs);
+                    s.results[c.index] = Some(CandidateScore {
+                        logprobs: c.logprobs,
+                        top: c.top,
+                    });
                 }
                 self.finish_scoring_if_done(c.parent, events);
             }
@@ -861,13 +893,7 @@ impl<'m, B: Backend> Engine<'m, B> {
         let Task::Score(s) = std::mem::replace(&mut seq.task, Task::Idle) else {
             unreachable!()
         };
-        let scores = s
-            .results
-            .into_iter()
-            .map(|r| CandidateScore {
-                logprobs: r.expect("all present"),
-            })
-            .collect();
+        let scores = s.results.into_iter().map(|r| r.expect("all present")).collect();
         events.push(Event::Scored { seq: id, scores });
     }
 }

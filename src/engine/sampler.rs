@@ -18,7 +18,13 @@ pub struct SamplingParams {
     /// Drop tokens less likely than `min_p` × the most likely one; 0 = off.
     pub min_p: f32,
     pub seed: u64,
+    /// Also report the `top_logprobs` most likely tokens at each step (OpenAI's `logprobs`
+    /// alternatives); 0 = none. Reporting only: it never changes which token is drawn.
+    pub top_logprobs: usize,
 }
+
+/// Most alternatives reported per token.
+pub const MAX_TOP_LOGPROBS: usize = 20;
 
 impl Default for SamplingParams {
     fn default() -> Self {
@@ -28,6 +34,7 @@ impl Default for SamplingParams {
             top_p: 1.0,
             min_p: 0.0,
             seed: 0,
+            top_logprobs: 0,
         }
     }
 }
@@ -43,6 +50,12 @@ impl SamplingParams {
         }
         if !(0.0..=1.0).contains(&self.min_p) {
             return bad(format!("min_p {} must be in [0, 1]", self.min_p));
+        }
+        if self.top_logprobs > MAX_TOP_LOGPROBS {
+            return bad(format!(
+                "top_logprobs {} must be at most {MAX_TOP_LOGPROBS}",
+                self.top_logprobs
+            ));
         }
         Ok(())
     }
@@ -90,11 +103,14 @@ impl Rng {
 }
 
 /// One sampled token.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Sampled {
     pub token: u32,
     /// log p(token) under the model's distribution.
     pub logprob: f32,
+    /// The `top_logprobs` most likely tokens and their log-probabilities, most likely first
+    /// (empty unless asked).
+    pub top: Vec<(u32, f32)>,
 }
 
 /// `log_softmax(logits)` computed stably in f64 accumulation.
@@ -123,6 +139,26 @@ pub fn candidate_logprobs(logits: &[f32], candidates: &[u32]) -> Result<Vec<f32>
                 })
         })
         .collect()
+}
+
+/// The `k` most likely tokens of one row of logits with their log-probabilities, most likely
+/// first; ties go to the lower id, NaN logits are never chosen.
+pub fn top_logprobs(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    if k == 0 {
+        return Vec::new();
+    }
+    // A sorted list of at most k (logit, id): k is small (≤ MAX_TOP_LOGPROBS), the row long.
+    let mut best: Vec<(f32, u32)> = Vec::with_capacity(k + 1);
+    for (i, &l) in logits.iter().enumerate() {
+        if l.is_nan() || (best.len() == k && l <= best[k - 1].0) {
+            continue;
+        }
+        let at = best.partition_point(|&(b, _)| b >= l);
+        best.insert(at, (l, i as u32));
+        best.truncate(k);
+    }
+    let lse = log_sum_exp(logits);
+    best.into_iter().map(|(l, i)| (i, (l as f64 - lse) as f32)).collect()
 }
 
 /// Index of the largest logit (lowest index among ties; NaN never wins).
@@ -162,7 +198,11 @@ impl Sampler {
             self.draw(logits)
         };
         let logprob = (logits[token as usize] as f64 - log_sum_exp(logits)) as f32;
-        Sampled { token, logprob }
+        Sampled {
+            token,
+            logprob,
+            top: top_logprobs(logits, self.params.top_logprobs),
+        }
     }
 
     fn draw(&mut self, logits: &[f32]) -> u32 {
@@ -241,6 +281,7 @@ mod tests {
             top_p,
             min_p,
             seed,
+            top_logprobs: 0,
         }
     }
 
@@ -304,6 +345,41 @@ mod tests {
             candidate_logprobs(&logits, &[3]),
             Err(Error::TokenOutOfRange { id: 3, vocab: 3 })
         ));
+    }
+
+    #[test]
+    fn top_logprobs_are_the_k_largest_in_order_with_ties_to_the_lower_id() {
+        let logits = [0.5f32, 3.0, -1.0, 3.0, -2.0, 1.0];
+        let lp = log_softmax(&logits);
+        let top = top_logprobs(&logits, 3);
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 3, 5]);
+        for &(id, l) in &top {
+            assert_eq!(l.to_bits(), lp[id as usize].to_bits(), "the same value as log_softmax");
+        }
+        assert!(top_logprobs(&logits, 0).is_empty());
+        assert_eq!(top_logprobs(&logits, 10).len(), 6, "every token, no more");
+        // A NaN logit is never ranked.
+        let poisoned = [f32::NAN, 1.0, 2.0];
+        let ids: Vec<u32> = top_logprobs(&poisoned, 3).iter().map(|t| t.0).collect();
+        assert_eq!(ids, vec![2, 1]);
+        // The sampler reports them without changing what it draws.
+        let mut plain = Sampler::new(params(1.0, 0, 1.0, 0.0, 9)).unwrap();
+        let mut with = Sampler::new(SamplingParams {
+            top_logprobs: 2,
+            ..params(1.0, 0, 1.0, 0.0, 9)
+        })
+        .unwrap();
+        for _ in 0..50 {
+            let (a, b) = (plain.sample(&logits), with.sample(&logits));
+            assert_eq!((a.token, a.logprob), (b.token, b.logprob));
+            assert!(a.top.is_empty());
+            assert_eq!(b.top, top_logprobs(&logits, 2));
+        }
+        let too_many = SamplingParams {
+            top_logprobs: MAX_TOP_LOGPROBS + 1,
+            ..Default::default()
+        };
+        assert!(Sampler::new(too_many).is_err());
     }
 
     #[test]

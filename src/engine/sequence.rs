@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use super::sampler::Sampler;
 use super::stop::{StopConditions, StopMatcher};
+use super::CandidateScore;
 use crate::kv::BlockTable;
 use crate::tokenizer::TextStream;
 
@@ -139,10 +140,12 @@ pub(crate) struct Generating {
 
 pub(crate) struct Scoring {
     pub candidates: Vec<Vec<u32>>,
-    /// Per candidate: log p of each of its tokens once known.
-    pub results: Vec<Option<Vec<f32>>>,
+    /// Per candidate: log p of each of its tokens (and the alternatives) once known.
+    pub results: Vec<Option<CandidateScore>>,
     /// Whether the first tokens were scored and the candidate children spawned.
     pub started: bool,
+    /// Most likely tokens reported at each candidate position (0 = none).
+    pub alternatives: usize,
 }
 
 pub(crate) struct Candidate {
@@ -153,4 +156,7 @@ pub(crate) struct Candidate {
     pub tokens: Vec<u32>,
     /// `logprobs[j]` = log p(tokens[j]); `[0]` comes from the parent's logits.
     pub logprobs: Vec<f32>,
+    /// How many alternatives to report per position, and `top[j]` = those at `tokens[j]`.
+    pub alternatives: usize,
+    pub top: Vec<Vec<(u32, f32)>>,
 }

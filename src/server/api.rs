@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+pub use crate::engine::sampler::MAX_TOP_LOGPROBS;
 use crate::engine::{FinishReason, SamplingParams};
 
 /// A string or a list of strings (`stop`).
@@ -59,13 +60,56 @@ pub fn no_unknown(rest: &Unknown) -> Result<(), ApiError> {
     }
 }
 
+/// `/v1/completions`' `prompt`: a string, token ids, or a batch of either (OpenAI's four
+/// forms). Token ids are used as given (no BOS added), as lm-evaluation-harness sends them.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum PromptField {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+    TokenLists(Vec<Vec<u32>>),
+}
+
+/// One prompt of a completion request.
+#[derive(Clone, Debug, PartialEq)]
+pub enum OnePrompt {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+/// Most prompts in one completion request, and most choices (prompts × n) in all.
+pub const MAX_PROMPTS: usize = 256;
+pub const MAX_CHOICES: usize = 1024;
+
+impl PromptField {
+    /// The prompts, at least one and at most [`MAX_PROMPTS`]. (An empty list parses as
+    /// `Texts`: it is refused here whatever its element type would have been.)
+    pub fn prompts(self) -> Result<Vec<OnePrompt>, ApiError> {
+        let all = match self {
+            PromptField::Text(t) => vec![OnePrompt::Text(t)],
+            PromptField::Texts(v) => v.into_iter().map(OnePrompt::Text).collect(),
+            PromptField::Tokens(t) => vec![OnePrompt::Tokens(t)],
+            PromptField::TokenLists(v) => v.into_iter().map(OnePrompt::Tokens).collect(),
+        };
+        match all.len() {
+            0 => Err(ApiError::bad("prompt must not be an empty list", Some("prompt"))),
+            n if n > MAX_PROMPTS => Err(ApiError::bad(
+                format!("at most {MAX_PROMPTS} prompts per request (got {n})"),
+                Some("prompt"),
+            )),
+            _ => Ok(all),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Deserialize)]
 pub struct CompletionRequest {
-    pub prompt: String,
+    pub prompt: PromptField,
     pub max_tokens: Option<usize>,
-    /// Return the sampled tokens' log-probabilities (top alternatives are not computed: any
-    /// value asks for the sampled ones).
-    pub logprobs: Option<u32>,
+    /// Return the tokens' log-probabilities with this many most likely alternatives each
+    /// (0 = the tokens' own only; at most [`MAX_TOP_LOGPROBS`]).
+    pub logprobs: Option<usize>,
     pub echo: Option<bool>,
     #[serde(flatten)]
     pub common: Common,
@@ -87,11 +131,33 @@ pub struct ChatRequest {
     pub max_tokens: Option<usize>,
     pub max_completion_tokens: Option<usize>,
     pub logprobs: Option<bool>,
-    pub top_logprobs: Option<u32>,
+    /// Alternatives per token (0..=[`MAX_TOP_LOGPROBS`]); needs `logprobs: true`.
+    pub top_logprobs: Option<usize>,
     #[serde(flatten)]
     pub common: Common,
     #[serde(flatten)]
     pub unknown: Unknown,
+}
+
+/// `POST /tokenize` (vLLM's shape): a text or chat messages → token ids.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizeRequest {
+    pub prompt: Option<String>,
+    pub messages: Option<Vec<ChatMessageIn>>,
+    /// Add the model's special tokens (a BOS where it wants one); default true.
+    pub add_special_tokens: Option<bool>,
+    /// With `messages`: open the assistant's turn; default true.
+    pub add_generation_prompt: Option<bool>,
+    pub model: Option<String>,
+}
+
+/// `POST /detokenize`: token ids → text.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetokenizeRequest {
+    pub tokens: Vec<u32>,
+    pub model: Option<String>,
 }
 
 /// Most samples per request.
@@ -125,6 +191,17 @@ impl Common {
             n if n > MAX_N => Err(ApiError::bad(format!("n must be at most {MAX_N}"), Some("n"))),
             n => Ok(n),
         }
+    }
+}
+
+/// Alternatives per token asked for, checked (`param` names the field for the error).
+pub fn alternatives(k: Option<usize>, param: &str) -> Result<usize, ApiError> {
+    match k.unwrap_or(0) {
+        k if k > MAX_TOP_LOGPROBS => Err(ApiError::bad(
+            format!("{param} must be at most {MAX_TOP_LOGPROBS}"),
+            Some(param),
+        )),
+        k => Ok(k),
     }
 }
 

@@ -8,7 +8,10 @@
 //!
 //! Endpoints: `GET /health`, `GET /metrics` (Prometheus text), `GET /v1/models`,
 //! `POST /v1/completions`, `POST /v1/chat/completions` (`n`, `max_tokens`, `temperature`,
-//! `top_p`, `stop`, `seed`, `logprobs`, `stream`). Errors come in OpenAI's shape: a malformed
+//! `top_p`, `stop`, `seed`, `logprobs` with alternatives, `stream`, and on completions `echo`
+//! and prompts as text, token ids or batches of either), and vLLM's tokenizer endpoints
+//! (`POST /tokenize`, `POST /detokenize`, `GET /tokenizer_info`, which
+//! lm-evaluation-harness's `local-completions` model uses as its tokenizer). Errors come in OpenAI's shape: a malformed
 //! body or an unknown field is 400, a prompt longer than the context is 400 naming the limit,
 //! a full queue is 429 with `Retry-After`, a wrong API key 401.
 
@@ -52,6 +55,8 @@ pub fn serve<B: Backend>(
         jobs,
         metrics: metrics.clone(),
         model_name: Arc::new(config.model_name.clone()),
+        tokenizer: Arc::new(tokenizer.clone()),
+        context: model.config.context_length,
         config: Arc::new(config),
     };
     listener.set_nonblocking(true).map_err(|e| Error::io("<listener>", e))?;

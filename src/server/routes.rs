@@ -1,6 +1,7 @@
 //! HTTP handlers: authorization, admission (the queue limit), parsing into a worker job, and
 //! the answer, whole or streamed as server-sent events in OpenAI's chunk format.
 
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -16,13 +17,16 @@ use futures_util::stream;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use super::api::{finish_reason, no_unknown, ApiError, ChatRequest, Common, CompletionRequest, TotRequest, Usage};
+use super::api::{
+    alternatives, finish_reason, no_unknown, ApiError, ChatRequest, Common, CompletionRequest, DetokenizeRequest,
+    OnePrompt, TokenizeRequest, TotRequest, Usage, MAX_CHOICES,
+};
 use super::metrics::Metrics;
 use super::tot_jobs::{TotJob, TotUpdate};
 use super::worker::{Job, PromptInput, Update, Work};
 use super::ServerConfig;
 use crate::error::Error;
-use crate::tokenizer::ChatMessage;
+use crate::tokenizer::{ChatMessage, Tokenizer};
 
 #[derive(Clone)]
 pub struct AppState {
@@ -30,6 +34,10 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub config: Arc<ServerConfig>,
     pub model_name: Arc<String>,
+    /// For the tokenizer endpoints, answered here without the engine.
+    pub tokenizer: Arc<Tokenizer>,
+    /// The model's context length.
+    pub context: usize,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -40,6 +48,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/tot", post(tot))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
+        .route("/tokenizer_info", get(tokenizer_info))
         .with_state(state)
 }
 
@@ -135,6 +146,69 @@ async fn models(State(st): State<AppState>, headers: HeaderMap) -> Response {
     .into_response()
 }
 
+/// `POST /tokenize`: `{"tokens", "count", "max_model_len"}` (vLLM's shape, which
+/// lm-evaluation-harness's `tokenizer_backend=remote` uses).
+async fn tokenize(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let result = (|| {
+        authorize(&st, &headers)?;
+        let r: TokenizeRequest = serde_json::from_slice(&body).map_err(bad_body)?;
+        let special = r.add_special_tokens.unwrap_or(true);
+        let text = match (r.prompt, r.messages) {
+            (Some(p), None) => p,
+            (None, Some(m)) => {
+                let messages: Vec<ChatMessage> = m.iter().map(|m| ChatMessage::new(&m.role, &m.content)).collect();
+                st.tokenizer
+                    .apply_chat_template(&messages, r.add_generation_prompt.unwrap_or(true))
+                    .map_err(refused)?
+            }
+            _ => return Err(ApiError::bad("give exactly one of prompt and messages", Some("prompt"))),
+        };
+        let tokens = st.tokenizer.encode(&text, special).map_err(refused)?;
+        Ok(json!({"tokens": tokens, "count": tokens.len(), "max_model_len": st.context}))
+    })();
+    match result {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `POST /detokenize`: `{"prompt": text}`.
+async fn detokenize(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let result = (|| {
+        authorize(&st, &headers)?;
+        let r: DetokenizeRequest = serde_json::from_slice(&body).map_err(bad_body)?;
+        let vocab = st.tokenizer.vocab_size();
+        if let Some(&id) = r.tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(refused(Error::TokenOutOfRange { id, vocab }));
+        }
+        let text = st.tokenizer.decode(&r.tokens).map_err(refused)?;
+        Ok(json!({ "prompt": text }))
+    })();
+    match result {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `GET /tokenizer_info`: the special tokens, the chat template and the context length.
+async fn tokenizer_info(State(st): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(e) = authorize(&st, &headers) {
+        return e.into_response();
+    }
+    let t = &st.tokenizer;
+    let name = |id: Option<u32>| id.and_then(|i| t.id_to_token(i));
+    axum::Json(json!({
+        "eos_token": name(t.eos_ids().first().copied()),
+        "bos_token": name(t.bos_id()),
+        "pad_token": null,
+        "add_bos_token": t.adds_bos(),
+        "chat_template": t.chat_template(),
+        "model_max_length": st.context,
+        "vocab_size": t.vocab_size(),
+    }))
+    .into_response()
+}
+
 /// Which endpoint a job came from (the response shapes differ).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -143,28 +217,37 @@ enum Kind {
 }
 
 struct Parsed {
-    prompt: PromptInput,
+    prompts: Vec<PromptInput>,
     common: Common,
     max_tokens: usize,
-    logprobs: bool,
-    /// `/v1/completions` with `echo`: the prompt, put before each choice's text.
-    echo: Option<String>,
+    /// Return log-probabilities, with this many alternatives per token.
+    logprobs: Option<usize>,
+    /// `/v1/completions` with `echo`: each prompt is put before its choices' text.
+    echo: bool,
 }
 
 async fn completions(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
     let parsed = authorize(&st, &headers).and_then(|()| {
         let r: CompletionRequest = serde_json::from_slice(&body).map_err(bad_body)?;
         no_unknown(&r.unknown)?;
-        let echo = r.echo == Some(true);
-        if echo && r.common.stream == Some(true) {
-            return Err(ApiError::bad("echo with stream is not supported", Some("echo")));
-        }
+        let logprobs = match r.logprobs {
+            None => None,
+            k => Some(alternatives(k, "logprobs")?),
+        };
         Ok(Parsed {
             common: r.common.clone(),
             max_tokens: r.max_tokens.unwrap_or(16),
-            logprobs: r.logprobs.is_some(),
-            echo: echo.then(|| r.prompt.clone()),
-            prompt: PromptInput::Text(r.prompt),
+            logprobs,
+            echo: r.echo == Some(true),
+            prompts: r
+                .prompt
+                .prompts()?
+                .into_iter()
+                .map(|p| match p {
+                    OnePrompt::Text(t) => PromptInput::Text(t),
+                    OnePrompt::Tokens(t) => PromptInput::Tokens(t),
+                })
+                .collect(),
         })
     });
     respond(st, parsed, Kind::Completion).await
@@ -177,17 +260,24 @@ async fn chat(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> Re
         if r.messages.is_empty() {
             return Err(ApiError::bad("messages must not be empty", Some("messages")));
         }
+        if r.top_logprobs.is_some() && r.logprobs != Some(true) {
+            return Err(ApiError::bad("top_logprobs needs logprobs: true", Some("top_logprobs")));
+        }
+        let logprobs = match r.logprobs {
+            Some(true) => Some(alternatives(r.top_logprobs, "top_logprobs")?),
+            _ => None,
+        };
         Ok(Parsed {
             common: r.common.clone(),
             max_tokens: r.max_completion_tokens.or(r.max_tokens).unwrap_or(256),
-            logprobs: r.logprobs == Some(true),
-            echo: None,
-            prompt: PromptInput::Chat(
+            logprobs,
+            echo: false,
+            prompts: vec![PromptInput::Chat(
                 r.messages
                     .iter()
                     .map(|m| ChatMessage::new(&m.role, &m.content))
                     .collect(),
-            ),
+            )],
         })
     });
     respond(st, parsed, Kind::Chat).await
@@ -206,28 +296,77 @@ fn refused(e: Error) -> ApiError {
     }
 }
 
+/// A request's updates: those that came while its prompts were starting, then the channel.
+struct Updates {
+    early: VecDeque<Update>,
+    rx: UnboundedReceiver<Update>,
+}
+
+impl Updates {
+    async fn recv(&mut self) -> Option<Update> {
+        match self.early.pop_front() {
+            Some(u) => Some(u),
+            None => self.rx.recv().await,
+        }
+    }
+}
+
 async fn respond(st: AppState, parsed: Result<Parsed, ApiError>, kind: Kind) -> Response {
     let result = async {
         let p = parsed?;
-        let sampling = p.common.sampling()?;
+        let mut sampling = p.common.sampling()?;
+        sampling.top_logprobs = p.logprobs.unwrap_or(0);
         let n = p.common.n()?;
+        let prompts = p.prompts.len();
+        if prompts * n > MAX_CHOICES {
+            return Err(ApiError::bad(
+                format!("prompts × n is at most {MAX_CHOICES} (got {prompts} × {n})"),
+                Some("n"),
+            ));
+        }
         let slot = admit(&st)?;
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let job = Job {
-            prompt: p.prompt,
-            n,
-            sampling,
-            max_tokens: p.max_tokens,
-            stop: p.common.stop.clone().map(|s| s.into_vec()).unwrap_or_default(),
-            prompt_logprobs: p.echo.is_some() && p.logprobs,
-            reply: tx,
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let stop = p.common.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
+        for (index, prompt) in p.prompts.into_iter().enumerate() {
+            let job = Job {
+                prompt,
+                index,
+                n,
+                sampling: sampling.clone(),
+                max_tokens: p.max_tokens,
+                stop: stop.clone(),
+                prompt_logprobs: p.echo && p.logprobs.is_some(),
+                echo: p.echo,
+                reply: tx.clone(),
+            };
+            st.jobs.send(Work::Generate(job)).map_err(|_| engine_stopped())?;
+        }
+        drop(tx);
+        // Every prompt started (or the request fails; dropping the receiver then cancels the
+        // prompts that did start). Other prompts' tokens may come first: they are kept.
+        let mut updates = Updates {
+            early: VecDeque::new(),
+            rx,
         };
-        st.jobs.send(Work::Generate(job)).map_err(|_| engine_stopped())?;
-        let prompt_tokens = match rx.recv().await {
-            Some(Update::Started { prompt_tokens }) => prompt_tokens,
-            Some(Update::Failed(e)) => return Err(refused(e)),
-            _ => return Err(refused(Error::InvalidArgument("the engine dropped the request".into()))),
-        };
+        let mut prompt_tokens = 0;
+        let mut echo: Vec<Option<String>> = vec![None; prompts];
+        let mut started = 0;
+        while started < prompts {
+            match updates.rx.recv().await {
+                Some(Update::Started {
+                    index,
+                    prompt_tokens: t,
+                    text,
+                }) => {
+                    prompt_tokens += t;
+                    echo[index] = text;
+                    started += 1;
+                }
+                Some(Update::Failed(e)) => return Err(refused(e)),
+                Some(other) => updates.early.push_back(other),
+                None => return Err(refused(Error::InvalidArgument("the engine dropped the request".into()))),
+            }
+        }
         let head = Head {
             id: format!("{}-{}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, unique()),
             created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
@@ -235,13 +374,14 @@ async fn respond(st: AppState, parsed: Result<Parsed, ApiError>, kind: Kind) -> 
             kind,
             logprobs: p.logprobs,
             n,
+            choices: prompts * n,
             prompt_tokens,
-            echo: p.echo,
+            echo: if p.echo { echo } else { Vec::new() },
         };
         Ok(if p.common.stream == Some(true) {
-            stream_response(head, rx, slot)
+            stream_response(head, updates, slot)
         } else {
-            whole_response(head, rx, slot).await?
+            whole_response(head, updates, slot).await?
         })
     }
     .await;
@@ -263,18 +403,60 @@ struct Head {
     created: u64,
     model: String,
     kind: Kind,
-    logprobs: bool,
+    /// Log-probabilities asked for, with this many alternatives per token.
+    logprobs: Option<usize>,
+    /// Choices per prompt; choice `c` belongs to prompt `c / n`.
     n: usize,
+    /// Choices in all (prompts × n).
+    choices: usize,
+    /// Over every prompt.
     prompt_tokens: usize,
-    echo: Option<String>,
+    /// With `echo`: each prompt's text (else empty).
+    echo: Vec<Option<String>>,
+}
+
+impl Head {
+    fn echoes(&self) -> bool {
+        !self.echo.is_empty()
+    }
+
+    /// Whether the prompts are scored (echo with log-probabilities): one more update each.
+    fn scores_prompts(&self) -> bool {
+        self.echoes() && self.logprobs.is_some()
+    }
+}
+
+/// Tokens with their log-probabilities and alternatives: a choice's, a prompt's or a chunk's.
+#[derive(Clone, Default)]
+struct TokenLogprobs {
+    tokens: Vec<String>,
+    /// `None` for a prompt's first token (it has no context).
+    logprobs: Vec<Option<f32>>,
+    top: Vec<Option<Vec<(String, f32)>>>,
+}
+
+impl TokenLogprobs {
+    fn one(token: String, logprob: f32, top: Vec<(String, f32)>) -> Self {
+        Self {
+            tokens: vec![token],
+            logprobs: vec![Some(logprob)],
+            top: vec![Some(top)],
+        }
+    }
+
+    /// `other` before these.
+    fn prepend(&mut self, other: &TokenLogprobs) {
+        self.tokens.splice(0..0, other.tokens.iter().cloned());
+        self.logprobs.splice(0..0, other.logprobs.iter().copied());
+        self.top.splice(0..0, other.top.iter().cloned());
+    }
 }
 
 /// One choice as it accumulates.
 #[derive(Default)]
 struct Choice {
     text: String,
-    tokens: Vec<String>,
-    logprobs: Vec<Option<f32>>,
+    lp: TokenLogprobs,
     finish: Option<&'static str>,
     completion_tokens: usize,
 }
@@ -288,14 +470,14 @@ impl Head {
         }
     }
 
-    fn logprobs_json(&self, c: &Choice) -> Value {
-        if !self.logprobs {
+    fn logprobs_json(&self, lp: &TokenLogprobs) -> Value {
+        if self.logprobs.is_none() {
             return Value::Null;
         }
         match self.kind {
             Kind::Completion => {
                 let mut offset = 0;
-                let offsets: Vec<usize> = c
+                let offsets: Vec<usize> = lp
                     .tokens
                     .iter()
                     .map(|t| {
@@ -304,27 +486,51 @@ impl Head {
                         o
                     })
                     .collect();
-                json!({"tokens": c.tokens, "token_logprobs": c.logprobs, "top_logprobs": null, "text_offset": offsets})
+                // Per token: the alternatives and the token itself (OpenAI's legacy shape:
+                // up to k + 1 entries); null where the token has no log-probability.
+                let top: Vec<Value> = lp
+                    .tokens
+                    .iter()
+                    .zip(&lp.logprobs)
+                    .zip(&lp.top)
+                    .map(|((t, l), alts)| match l {
+                        None => Value::Null,
+                        Some(l) => {
+                            let mut m = serde_json::Map::new();
+                            for (s, v) in alts.iter().flatten() {
+                                m.entry(s.clone()).or_insert(json!(v));
+                            }
+                            m.entry(t.clone()).or_insert(json!(l));
+                            Value::Object(m)
+                        }
+                    })
+                    .collect();
+                json!({"tokens": lp.tokens, "token_logprobs": lp.logprobs, "top_logprobs": top, "text_offset": offsets})
             }
-            Kind::Chat => json!({"content": c.tokens.iter().zip(&c.logprobs).map(|(t, l)| json!({
-                "token": t, "logprob": l, "bytes": t.as_bytes(), "top_logprobs": []
-            })).collect::<Vec<_>>()}),
+            Kind::Chat => {
+                let entry = |t: &str, l: &Option<f32>| json!({"token": t, "logprob": l, "bytes": t.as_bytes()});
+                json!({"content": lp.tokens.iter().zip(&lp.logprobs).zip(&lp.top).map(|((t, l), alts)| {
+                    let mut e = entry(t, l);
+                    e["top_logprobs"] = alts.iter().flatten().map(|(s, v)| entry(s, &Some(*v))).collect();
+                    e
+                }).collect::<Vec<_>>()})
+            }
         }
     }
 
     fn choice_json(&self, index: usize, c: &Choice) -> Value {
         match self.kind {
             Kind::Completion => {
-                json!({"index": index, "text": c.text, "logprobs": self.logprobs_json(c), "finish_reason": c.finish})
+                json!({"index": index, "text": c.text, "logprobs": self.logprobs_json(&c.lp), "finish_reason": c.finish})
             }
             Kind::Chat => json!({"index": index, "message": {"role": "assistant", "content": c.text},
-                                 "logprobs": self.logprobs_json(c), "finish_reason": c.finish}),
+                                 "logprobs": self.logprobs_json(&c.lp), "finish_reason": c.finish}),
         }
     }
 
     /// A streamed chunk for one choice: new text (and its tokens' log-probabilities) and/or
     /// the finish reason.
-    fn chunk(&self, index: usize, text: &str, lp: &Choice, finish: Option<&str>, first: bool) -> String {
+    fn chunk(&self, index: usize, text: &str, lp: &TokenLogprobs, finish: Option<&str>, first: bool) -> String {
         let choice = match self.kind {
             Kind::Completion => {
                 json!({"index": index, "text": text, "logprobs": self.logprobs_json(lp), "finish_reason": finish})
@@ -354,21 +560,29 @@ fn engine_stopped() -> ApiError {
     ApiError::server(503, "the engine has stopped")
 }
 
-async fn whole_response(head: Head, mut rx: UnboundedReceiver<Update>, _slot: Admitted) -> Result<Response, ApiError> {
-    let mut choices: Vec<Choice> = (0..head.n).map(|_| Choice::default()).collect();
-    let mut prompt: Option<(Vec<String>, Vec<Option<f32>>)> = None;
-    // Choices, and the prompt's scores when echoing them.
-    let mut open = head.n + (head.echo.is_some() && head.logprobs) as usize;
+fn dropped() -> ApiError {
+    engine_failed(Error::InvalidArgument("the engine dropped the request".into()))
+}
+
+async fn whole_response(head: Head, mut updates: Updates, _slot: Admitted) -> Result<Response, ApiError> {
+    let mut choices: Vec<Choice> = (0..head.choices).map(|_| Choice::default()).collect();
+    let prompts = head.echo.len();
+    let mut prompt_lp: Vec<TokenLogprobs> = vec![TokenLogprobs::default(); prompts];
+    // Choices, and the prompts' scores when echoing them.
+    let mut open = head.choices + if head.scores_prompts() { prompts } else { 0 };
     while open > 0 {
-        match rx.recv().await {
+        match updates.recv().await {
             Some(Update::Token {
                 choice,
                 token_text,
                 logprob,
+                top,
                 ..
             }) => {
-                choices[choice].tokens.push(token_text);
-                choices[choice].logprobs.push(Some(logprob));
+                let lp = &mut choices[choice].lp;
+                lp.tokens.push(token_text);
+                lp.logprobs.push(Some(logprob));
+                lp.top.push(Some(top));
             }
             Some(Update::Finished {
                 choice,
@@ -382,26 +596,26 @@ async fn whole_response(head: Head, mut rx: UnboundedReceiver<Update>, _slot: Ad
                 c.completion_tokens = tokens;
                 open -= 1;
             }
-            Some(Update::PromptLogprobs { tokens, logprobs }) => {
-                prompt = Some((tokens, logprobs));
+            Some(Update::PromptLogprobs {
+                index,
+                tokens,
+                logprobs,
+                top,
+            }) => {
+                prompt_lp[index] = TokenLogprobs { tokens, logprobs, top };
                 open -= 1;
             }
             Some(Update::Failed(e)) => return Err(engine_failed(e)),
             Some(Update::Started { .. }) => {}
-            None => {
-                return Err(engine_failed(Error::InvalidArgument(
-                    "the engine dropped the request".into(),
-                )))
-            }
+            None => return Err(dropped()),
         }
     }
-    if let Some(echo) = &head.echo {
-        // The prompt before each choice; its tokens' log-probabilities before the choice's.
-        let (tokens, logprobs) = prompt.unwrap_or_default();
-        for c in &mut choices {
-            c.text.insert_str(0, echo);
-            c.tokens.splice(0..0, tokens.iter().cloned());
-            c.logprobs.splice(0..0, logprobs.iter().copied());
+    if head.echoes() {
+        // Each prompt before its choices; its tokens' log-probabilities before theirs.
+        for (i, c) in choices.iter_mut().enumerate() {
+            let prompt = i / head.n;
+            c.text.insert_str(0, head.echo[prompt].as_deref().unwrap_or(""));
+            c.lp.prepend(&prompt_lp[prompt]);
         }
     }
     let completion_tokens: usize = choices.iter().map(|c| c.completion_tokens).sum();
@@ -418,59 +632,100 @@ async fn whole_response(head: Head, mut rx: UnboundedReceiver<Update>, _slot: Ad
     Ok(axum::Json(body).into_response())
 }
 
-/// Streaming state: the receiver, what each choice has sent, and the queue place.
+/// Streaming state: the updates, what each choice has sent, chunks ready to go, and the queue
+/// place.
 struct Streaming {
     head: Head,
-    rx: UnboundedReceiver<Update>,
+    updates: Updates,
     sent: Vec<String>,
     started: Vec<bool>,
+    /// Chunks to send before reading more updates.
+    ready: VecDeque<String>,
+    /// With echo and log-probabilities, a choice's chunks wait until its prompt's echo (which
+    /// carries the prompt's log-probabilities) has gone out.
+    echoed: Vec<bool>,
+    held: Vec<Vec<String>>,
+    /// Updates still to come: one finish per choice and one score per echoed prompt.
     open: usize,
     done: bool,
     _slot: Admitted,
 }
 
-fn stream_response(head: Head, rx: UnboundedReceiver<Update>, slot: Admitted) -> Response {
-    let n = head.n;
-    let state = Streaming {
-        head,
-        rx,
-        sent: vec![String::new(); n],
-        started: vec![false; n],
-        open: n,
+impl Streaming {
+    /// The echo chunk of each choice of `prompt`, then what those choices held back.
+    fn echo(&mut self, prompt: usize, lp: &TokenLogprobs) {
+        let text = self.head.echo[prompt].clone().unwrap_or_default();
+        for c in prompt * self.head.n..(prompt + 1) * self.head.n {
+            let data = self.head.chunk(c, &text, lp, None, false);
+            self.ready.push_back(data);
+            self.echoed[c] = true;
+            self.started[c] = true;
+            self.ready.extend(self.held[c].drain(..));
+        }
+    }
+
+    fn emit(&mut self, choice: usize, data: String) {
+        if self.echoed[choice] {
+            self.ready.push_back(data);
+        } else {
+            self.held[choice].push(data);
+        }
+    }
+}
+
+fn stream_response(head: Head, updates: Updates, slot: Admitted) -> Response {
+    let choices = head.choices;
+    let prompts = head.echo.len();
+    let open = choices + if head.scores_prompts() { prompts } else { 0 };
+    let mut state = Streaming {
+        sent: vec![String::new(); choices],
+        started: vec![false; choices],
+        ready: VecDeque::new(),
+        echoed: vec![!head.scores_prompts(); choices],
+        held: vec![Vec::new(); choices],
+        open,
         done: false,
+        head,
+        updates,
         _slot: slot,
     };
+    if state.head.echoes() && !state.head.scores_prompts() {
+        // Echo without log-probabilities: the prompts' text goes first.
+        for p in 0..prompts {
+            state.echo(p, &TokenLogprobs::default());
+        }
+    }
     // Dropping the stream (the client went away) drops the receiver: the worker sees it at the
     // next token and cancels the request.
     let events = stream::unfold(state, |mut s| async move {
         loop {
+            if let Some(data) = s.ready.pop_front() {
+                return Some((Ok::<_, std::convert::Infallible>(SseEvent::default().data(data)), s));
+            }
             if s.done {
                 return None;
             }
             if s.open == 0 {
                 s.done = true;
-                return Some((Ok::<_, std::convert::Infallible>(SseEvent::default().data("[DONE]")), s));
+                return Some((Ok(SseEvent::default().data("[DONE]")), s));
             }
-            match s.rx.recv().await {
+            match s.updates.recv().await {
                 Some(Update::Token {
                     choice,
                     text,
                     token_text,
                     logprob,
+                    top,
                 }) => {
-                    if text.is_empty() && !s.head.logprobs {
+                    if text.is_empty() && s.head.logprobs.is_none() {
                         continue; // held back (a partial character or a possible stop string)
                     }
-                    let lp = Choice {
-                        tokens: vec![token_text],
-                        logprobs: vec![Some(logprob)],
-                        ..Default::default()
-                    };
+                    let lp = TokenLogprobs::one(token_text, logprob, top);
                     let first = !s.started[choice];
                     s.started[choice] = true;
                     s.sent[choice].push_str(&text);
                     let data = s.head.chunk(choice, &text, &lp, None, first);
-                    return Some((Ok(SseEvent::default().data(data)), s));
+                    s.emit(choice, data);
                 }
                 Some(Update::Finished {
                     choice, reason, text, ..
@@ -480,16 +735,31 @@ fn stream_response(head: Head, rx: UnboundedReceiver<Update>, slot: Admitted) ->
                     let first = !s.started[choice];
                     s.started[choice] = true;
                     s.open -= 1;
-                    let empty = Choice::default();
-                    let data = s.head.chunk(choice, &tail, &empty, Some(finish_reason(&reason)), first);
-                    return Some((Ok(SseEvent::default().data(data)), s));
+                    let data = s.head.chunk(
+                        choice,
+                        &tail,
+                        &TokenLogprobs::default(),
+                        Some(finish_reason(&reason)),
+                        first,
+                    );
+                    s.emit(choice, data);
+                }
+                Some(Update::PromptLogprobs {
+                    index,
+                    tokens,
+                    logprobs,
+                    top,
+                }) => {
+                    s.open -= 1;
+                    s.echo(index, &TokenLogprobs { tokens, logprobs, top });
                 }
                 Some(Update::Failed(e)) => {
                     s.done = true;
+                    s.ready.clear();
                     let data = engine_failed(e).body().to_string();
                     return Some((Ok(SseEvent::default().data(data)), s));
                 }
-                Some(Update::Started { .. } | Update::PromptLogprobs { .. }) => {}
+                Some(Update::Started { .. }) => {}
                 None => return None,
             }
         }

@@ -23,19 +23,30 @@ use crate::tot::{Prompts, Rendered};
 /// What to complete.
 #[derive(Clone, Debug)]
 pub enum PromptInput {
+    /// Tokenized with the model's special tokens (a BOS where the model wants one).
     Text(String),
+    /// Used as given.
+    Tokens(Vec<u32>),
     /// Rendered through the model's chat template, with the assistant turn opened.
     Chat(Vec<ChatMessage>),
 }
 
+/// One prompt of a request (a request with several prompts sends one job each, on the same
+/// reply channel). Its choices are numbered `index × n + j` in the request.
 pub struct Job {
     pub prompt: PromptInput,
+    /// Which prompt of its request this is.
+    pub index: usize,
     pub n: usize,
+    /// `sampling.top_logprobs` alternatives are reported per token, of the prompt too when it
+    /// is scored.
     pub sampling: SamplingParams,
     pub max_tokens: usize,
     pub stop: Vec<String>,
     /// Also score the prompt: [`Update::PromptLogprobs`] comes before the request ends.
     pub prompt_logprobs: bool,
+    /// Send the prompt's text with `Started` (for `echo`).
+    pub echo: bool,
     pub reply: UnboundedSender<Update>,
 }
 
@@ -43,13 +54,18 @@ pub struct Job {
 #[derive(Debug)]
 pub enum Update {
     Started {
+        index: usize,
         prompt_tokens: usize,
+        /// The prompt as text, when the job asked for `echo`.
+        text: Option<String>,
     },
     Token {
         choice: usize,
         text: String,
         token_text: String,
         logprob: f32,
+        /// The most likely tokens' texts and log-probabilities here, when asked.
+        top: Vec<(String, f32)>,
     },
     /// `text` is the whole choice (it may end with text held back from the last tokens).
     Finished {
@@ -58,11 +74,13 @@ pub enum Update {
         tokens: usize,
         text: String,
     },
-    /// Each prompt token's text and log-probability (`None` for the first, which has no
-    /// context).
+    /// Each prompt token's text and log-probability, and the most likely tokens at its
+    /// position when asked (`None` for the first token, which has no context).
     PromptLogprobs {
+        index: usize,
         tokens: Vec<String>,
         logprobs: Vec<Option<f32>>,
+        top: Vec<Option<Vec<(String, f32)>>>,
     },
     Failed(Error),
 }
@@ -72,6 +90,9 @@ const SCORING: usize = usize::MAX;
 
 struct Live {
     reply: UnboundedSender<Update>,
+    /// The job's prompt index and the request-wide number of its first choice.
+    index: usize,
+    first_choice: usize,
     seqs: Vec<SeqId>,
     /// Choices (and the prompt scoring) not finished yet.
     open: usize,
@@ -141,21 +162,27 @@ pub fn run<B: Backend>(engine: &mut Engine<'_, B>, tokenizer: &Tokenizer, rx: Re
                     }
                     // The prompt's token texts, for its log-probabilities.
                     let texts: Vec<String> = if job.prompt_logprobs {
-                        prompt
-                            .iter()
-                            .map(|&t| tokenizer.decode(&[t]).unwrap_or_default())
-                            .collect()
+                        prompt.iter().map(|&t| token_text(tokenizer, t)).collect()
                     } else {
                         Vec::new()
                     };
+                    let text = match (&job.prompt, job.echo) {
+                        (PromptInput::Text(t), true) => Some(t.clone()),
+                        (_, true) => Some(tokenizer.decode(&prompt).unwrap_or_default()),
+                        (_, false) => None,
+                    };
                     let mut sent = job.reply.send(Update::Started {
+                        index: job.index,
                         prompt_tokens: prompt.len(),
+                        text,
                     });
                     if job.prompt_logprobs && scoring.is_none() {
                         // A one-token prompt: nothing to score, its one token has no context.
                         sent = sent.and_then(|()| {
                             job.reply.send(Update::PromptLogprobs {
+                                index: job.index,
                                 logprobs: vec![None; texts.len()],
+                                top: vec![None; texts.len()],
                                 tokens: texts.clone(),
                             })
                         });
@@ -171,6 +198,8 @@ pub fn run<B: Backend>(engine: &mut Engine<'_, B>, tokenizer: &Tokenizer, rx: Re
                         next_id,
                         Live {
                             reply: job.reply,
+                            index: job.index,
+                            first_choice: job.index * job.n,
                             seqs: all,
                             open,
                             prompt,
@@ -219,15 +248,19 @@ pub fn run<B: Backend>(engine: &mut Engine<'_, B>, tokenizer: &Tokenizer, rx: Re
             let Some(l) = live.get_mut(&id) else { continue };
             let sent = match event {
                 Event::Token {
-                    token, logprob, text, ..
+                    token,
+                    logprob,
+                    text,
+                    top,
+                    ..
                 } => {
                     metrics.generated(1);
-                    let token_text = tokenizer.decode(&[token]).unwrap_or_default();
                     l.reply.send(Update::Token {
-                        choice,
+                        choice: l.first_choice + choice,
                         text,
-                        token_text,
+                        token_text: token_text(tokenizer, token),
                         logprob,
+                        top: named(tokenizer, &top),
                     })
                 }
                 Event::Finished { generation, .. } => {
@@ -235,7 +268,7 @@ pub fn run<B: Backend>(engine: &mut Engine<'_, B>, tokenizer: &Tokenizer, rx: Re
                     let _ = engine.release(seq);
                     l.open -= 1;
                     l.reply.send(Update::Finished {
-                        choice,
+                        choice: l.first_choice + choice,
                         reason: generation.finish,
                         tokens: generation.tokens.len(),
                         text: generation.text,
@@ -245,12 +278,18 @@ pub fn run<B: Backend>(engine: &mut Engine<'_, B>, tokenizer: &Tokenizer, rx: Re
                     owner.remove(&seq);
                     let _ = engine.release(seq);
                     l.open -= 1;
+                    let score = &scores[0];
                     let logprobs = std::iter::once(None)
-                        .chain(scores[0].logprobs.iter().map(|&l| Some(l)))
+                        .chain(score.logprobs.iter().map(|&l| Some(l)))
+                        .collect();
+                    let top = std::iter::once(None)
+                        .chain(score.top.iter().map(|t| Some(named(tokenizer, t))))
                         .collect();
                     l.reply.send(Update::PromptLogprobs {
+                        index: l.index,
                         tokens: std::mem::take(&mut l.prompt),
                         logprobs,
+                        top,
                     })
                 }
                 Event::Failed { error, .. } => l.reply.send(Update::Failed(error)),
@@ -283,6 +322,7 @@ struct Started {
 fn start<B: Backend>(engine: &mut Engine<'_, B>, tokenizer: &Tokenizer, job: &Job) -> Result<Started, Error> {
     let tokens = match &job.prompt {
         PromptInput::Text(t) => tokenizer.encode(t, true)?,
+        PromptInput::Tokens(t) => t.clone(),
         PromptInput::Chat(messages) => tokenizer.encode(&tokenizer.apply_chat_template(messages, true)?, false)?,
     };
     let seqs = engine.submit(Request {
@@ -300,7 +340,7 @@ fn start<B: Backend>(engine: &mut Engine<'_, B>, tokenizer: &Tokenizer, job: &Jo
     let scoring = match tokens.split_first() {
         Some((&first, rest)) if job.prompt_logprobs && !rest.is_empty() => {
             let s = engine.add(vec![first])?;
-            if let Err(e) = engine.score(s, vec![rest.to_vec()]) {
+            if let Err(e) = engine.score_with_alternatives(s, vec![rest.to_vec()], job.sampling.top_logprobs) {
                 let _ = engine.release(s);
                 for &q in &seqs {
                     let _ = engine.cancel(q);
@@ -324,4 +364,15 @@ fn cancel<B: Backend>(engine: &mut Engine<'_, B>, seqs: &[SeqId], owner: &mut Ha
             let _ = engine.cancel(*s);
         }
     }
+}
+
+/// One token's text (a piece of a multi-byte character decodes to U+FFFD, as OpenAI's API
+/// shows it).
+fn token_text(tokenizer: &Tokenizer, token: u32) -> String {
+    tokenizer.decode(&[token]).unwrap_or_default()
+}
+
+/// Alternatives with their tokens' texts.
+fn named(tokenizer: &Tokenizer, top: &[(u32, f32)]) -> Vec<(String, f32)> {
+    top.iter().map(|&(t, l)| (token_text(tokenizer, t), l)).collect()
 }
