@@ -133,13 +133,15 @@ impl<B: Backend> Llama<B> {
             Some(w)
         };
 
-        // RoPE tables in f64, rounded once to f32: θ_i = theta^(−2i/hd).
+        // RoPE tables in f64, rounded once to f32: θ_i = theta^(−2i/hd), then scaled.
         let half = hd / 2;
         let mut cos = Vec::with_capacity(c.context_length * half);
         let mut sin = Vec::with_capacity(c.context_length * half);
         for pos in 0..c.context_length {
             for i in 0..half {
-                let inv_freq = (c.rope_theta as f64).powf(-((2 * i) as f64) / hd as f64);
+                let inv_freq = c
+                    .rope_scaling
+                    .apply((c.rope_theta as f64).powf(-((2 * i) as f64) / hd as f64));
                 let angle = pos as f64 * inv_freq;
                 cos.push(angle.cos() as f32);
                 sin.push(angle.sin() as f32);
