@@ -48,6 +48,12 @@ pub enum Error {
     #[error("required tensor {0:?} is missing")]
     MissingTensor(String),
 
+    // ---- checkpoint folders (Hugging Face, GPTQ, AWQ) -----------------------------------------
+    #[error("{path}: {reason}")]
+    Checkpoint { path: PathBuf, reason: String },
+    #[error("unsupported quantization: {0}")]
+    UnsupportedQuantization(String),
+
     // ---- model configuration ------------------------------------------------------------
     #[error("required metadata key {0:?} is missing")]
     MissingMetadata(String),

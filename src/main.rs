@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use qmtot::backend::cpu::{CpuBackend, MatmulPrecision};
@@ -19,7 +19,8 @@ use qmtot::engine::{
 };
 use qmtot::error::{Error, Result};
 use qmtot::fetch::resolve_model;
-use qmtot::formats::gguf::GgufFile;
+use qmtot::formats::checkpoint::Checkpoint;
+use qmtot::formats::safetensors::{FloatWeights, LoadOptions};
 use qmtot::kv::DEFAULT_BLOCK_SIZE;
 use qmtot::model::Llama;
 use qmtot::tokenizer::{ChatMessage, Tokenizer};
@@ -41,6 +42,9 @@ enum Command {
     Generate(GenerateArgs),
     /// Print a model's configuration and tensor summary.
     Info(ModelArgs),
+    /// Write an INT4 checkpoint of any model qmtot loads: a safetensors folder in the canonical
+    /// INT4 layout, or (from a GGUF source) a Q4_1 GGUF file.
+    Quantize(QuantizeArgs),
     /// Run a method over a question set (MedQA / MMLU / MedMCQA JSONL), resumably, and report
     /// accuracy.
     Eval(EvalArgs),
@@ -103,9 +107,70 @@ struct EvalArgs {
 
 #[derive(Args)]
 pub(crate) struct ModelArgs {
-    /// GGUF model file (default: the SmolLM2-135M-Instruct Q4_1 model, fetched if missing).
+    /// A GGUF file or a Hugging Face folder (config.json + safetensors: float, GPTQ, AWQ or
+    /// qmtot INT4); default: the SmolLM2-135M-Instruct Q4_1 GGUF, fetched if missing.
     #[arg(long)]
     model: Option<PathBuf>,
+    /// What float Hugging Face weights become: int4 (round-to-nearest at load), f16, or f32
+    /// (exact; CPU comparisons). GGUF, GPTQ and AWQ tensors keep their own types.
+    #[arg(long, value_enum, default_value_t = WeightsArg::Int4)]
+    weights: WeightsArg,
+    /// INT4 group size for --weights int4: 32, 64 or 128.
+    #[arg(long, default_value_t = 128)]
+    group_size: usize,
+    /// Quantize the embedding and lm_head too (they stay f16 otherwise).
+    #[arg(long)]
+    quantize_lm_head: bool,
+}
+
+#[derive(Args)]
+pub(crate) struct QuantizeArgs {
+    /// The checkpoint to quantize: a GGUF file or a Hugging Face folder.
+    src: PathBuf,
+    /// Where to write: a folder (safetensors) or a file (gguf).
+    out: PathBuf,
+    /// INT4 group size (32, 64, 128). Default: INT4 weights are kept as they are, float ones
+    /// quantized at 128 (32 for GGUF).
+    #[arg(long)]
+    group_size: Option<usize>,
+    #[arg(long, value_enum, default_value_t = QuantizeFormat::Safetensors)]
+    format: QuantizeFormat,
+    /// Quantize the embedding and lm_head too.
+    #[arg(long)]
+    quantize_lm_head: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum QuantizeFormat {
+    Safetensors,
+    Gguf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum WeightsArg {
+    Int4,
+    F16,
+    F32,
+}
+
+impl ModelArgs {
+    pub(crate) fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            weights: match self.weights {
+                WeightsArg::Int4 => FloatWeights::Int4 { group: self.group_size },
+                WeightsArg::F16 => FloatWeights::F16,
+                WeightsArg::F32 => FloatWeights::F32,
+            },
+            quantize_lm_head: self.quantize_lm_head,
+        }
+    }
+
+    /// The checkpoint `--model` names (or the default model), opened.
+    pub(crate) fn open(&self) -> Result<(PathBuf, Checkpoint)> {
+        let path = resolve_model(self.model.as_deref())?;
+        let ckpt = Checkpoint::open(&path, self.load_options())?;
+        Ok((path, ckpt))
+    }
 }
 
 #[derive(Args)]
@@ -342,6 +407,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(a) => cmd_generate(a),
         Command::Info(a) => cmd_info(a),
+        Command::Quantize(a) => cmd_quantize(a),
         Command::Eval(a) => cmd_eval(a),
         Command::Tot(a) => cli::tot::cmd_tot(a),
         Command::Serve(a) => cmd_serve(a),
@@ -376,10 +442,9 @@ pub(crate) fn cpu_backend(run: &RunArgs) -> Result<CpuBackend> {
 }
 
 pub(crate) fn load<B: Backend>(backend: B, run: &RunArgs) -> Result<Loaded<B>> {
-    let path = resolve_model(run.model.model.as_deref())?;
-    let gguf = GgufFile::open(&path)?;
-    let config = ModelConfig::from_gguf(&gguf)?;
-    let tokenizer = Tokenizer::from_gguf(&gguf)?;
+    let (path, ckpt) = run.model.open()?;
+    let config = ckpt.config()?;
+    let tokenizer = ckpt.tokenizer()?;
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("loading {msg} [{bar:30}] {pos}/{len} tensors")
@@ -387,7 +452,7 @@ pub(crate) fn load<B: Backend>(backend: B, run: &RunArgs) -> Result<Loaded<B>> {
             .progress_chars("=> "),
     );
     bar.set_message(file_name(&path));
-    let model = Llama::load(backend, config, &gguf, |done, total| {
+    let model = Llama::load(backend, config, &ckpt, |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     })?;
@@ -558,31 +623,74 @@ fn serve_on<B: Backend>(a: &ServeArgs, listener: std::net::TcpListener, loaded: 
     )
 }
 
+fn cmd_quantize(a: QuantizeArgs) -> Result<()> {
+    use qmtot::formats::quantize::{quantize, OutFormat, QuantizeOptions};
+    // Float sources are read exactly; quantize() does the rounding once.
+    let exact = LoadOptions {
+        weights: FloatWeights::F32,
+        quantize_lm_head: false,
+    };
+    let src = Checkpoint::open(&a.src, exact)?;
+    let opts = QuantizeOptions {
+        group: a.group_size,
+        format: match a.format {
+            QuantizeFormat::Safetensors => OutFormat::Safetensors,
+            QuantizeFormat::Gguf => OutFormat::Gguf,
+        },
+        quantize_lm_head: a.quantize_lm_head,
+    };
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("quantizing [{bar:30}] {pos}/{len} tensors")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    let s = quantize(&src, &a.out, opts, |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    println!(
+        "wrote {}: {} INT4 tensors ({} quantized here, the rest kept), {} others, {:.1} MB of tensor data",
+        a.out.display(),
+        s.int4_tensors,
+        s.requantized,
+        s.other_tensors,
+        s.bytes as f64 / 1e6
+    );
+    Ok(())
+}
+
 fn cmd_info(a: ModelArgs) -> Result<()> {
-    let path = resolve_model(a.model.as_deref())?;
-    let g = GgufFile::open(&path)?;
-    let c = ModelConfig::from_gguf(&g)?;
+    let (path, ckpt) = a.open()?;
+    let c = ckpt.config()?;
     println!("file:            {}", path.display());
+    let g = match &ckpt {
+        Checkpoint::Gguf(g) => g,
+        Checkpoint::Hf(h) => {
+            print_config(&c);
+            println!(
+                "format:          Hugging Face folder, {} safetensors shard(s), {:?}",
+                h.shard_count(),
+                h.quantization
+            );
+            let mut by_type: BTreeMap<String, (usize, u64)> = BTreeMap::new();
+            for (_, dtype, shape) in h.tensor_list() {
+                let e = by_type.entry(format!("{dtype:?}")).or_default();
+                e.0 += 1;
+                e.1 += shape.iter().product::<usize>() as u64;
+            }
+            for (ty, (n, elems)) in &by_type {
+                println!("  {ty:<6} {n:>4} tensors {elems:>12} elements");
+            }
+            return Ok(());
+        }
+    };
     println!("gguf version:    {}", g.version);
     if let Some(name) = g.get("general.name").and_then(|v| v.as_str()) {
         println!("name:            {name}");
     }
-    println!("architecture:    {}", c.architecture);
-    println!("layers:          {}", c.n_layers);
-    println!("d_model:         {}", c.d_model);
-    println!("d_ff:            {}", c.d_ff);
-    println!(
-        "heads:           {} (kv heads {}, head dim {}, GQA group {})",
-        c.n_heads,
-        c.n_kv_heads,
-        c.head_dim,
-        c.gqa_group()
-    );
-    println!("vocab:           {}", c.vocab_size);
-    println!("context:         {}", c.context_length);
-    println!("rope:            theta {} ({:?})", c.rope_theta, c.rope_style);
-    println!("rms eps:         {:e}", c.rms_eps);
-    println!("tied output:     {}", c.tied_output);
+    print_config(&c);
     if let Ok(pre) = g.get_str("tokenizer.ggml.pre") {
         println!(
             "tokenizer:       {} / {pre}",
@@ -604,6 +712,26 @@ fn cmd_info(a: ModelArgs) -> Result<()> {
     let params: u64 = g.tensors.iter().map(|t| t.elements()).sum();
     println!("total:           {params} parameters, {total} bytes of tensor data");
     Ok(())
+}
+
+fn print_config(c: &ModelConfig) {
+    println!("architecture:    {}", c.architecture);
+    println!("layers:          {}", c.n_layers);
+    println!("d_model:         {}", c.d_model);
+    println!("d_ff:            {}", c.d_ff);
+    println!(
+        "heads:           {} (kv heads {}, head dim {}, GQA group {})",
+        c.n_heads,
+        c.n_kv_heads,
+        c.head_dim,
+        c.gqa_group()
+    );
+    println!("vocab:           {}", c.vocab_size);
+    println!("context:         {}", c.context_length);
+    println!("rope:            theta {} ({:?})", c.rope_theta, c.rope_style);
+    println!("rms eps:         {:e}", c.rms_eps);
+    println!("rope scaling:    {:?}", c.rope_scaling);
+    println!("tied output:     {}", c.tied_output);
 }
 
 fn cmd_bench_decode(a: BenchDecodeArgs) -> Result<()> {

@@ -202,6 +202,12 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// The tokenizer as a Hugging Face `tokenizer.json` (eos ids and the chat template live
+    /// in other files there).
+    pub fn to_json(&self) -> Result<String> {
+        self.inner.to_string(true).map_err(tok_err)
+    }
+
     /// Text of `ids`, special tokens included.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, false).map_err(tok_err)

@@ -12,6 +12,31 @@ use crate::error::Result;
 use crate::formats::gguf::GgufFile;
 use crate::quant::WeightMatrix;
 
+/// Every tensor a LLaMA model of `c` reads, by GGUF name, in load order.
+pub fn tensor_names(c: &crate::config::ModelConfig) -> Vec<String> {
+    let mut names = vec!["token_embd.weight".to_string()];
+    for l in 0..c.n_layers {
+        for part in [
+            "attn_norm",
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_output",
+            "ffn_norm",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_down",
+        ] {
+            names.push(format!("blk.{l}.{part}.weight"));
+        }
+    }
+    names.push("output_norm.weight".into());
+    if !c.tied_output {
+        names.push("output.weight".into());
+    }
+    names
+}
+
 /// Where a model's tensors come from, by GGUF tensor name.
 pub trait WeightSource {
     fn has(&self, name: &str) -> bool;

@@ -27,7 +27,8 @@
 //!
 //! # Dense
 //!
-//! f32 `[out, in]`, for float checkpoints and norms.
+//! f32 `[out, in]` (float checkpoints at `--weights f32`, exact comparisons) or f16 `[out, in]`
+//! (`--weights f16`, and the embeddings and lm_head of Hugging Face checkpoints).
 
 use half::f16;
 
@@ -114,6 +115,24 @@ impl Int4Matrix {
             let gi = r * gpr + c / self.group;
             *o = self.scales[gi].to_f32() * self.q(r, c) as f32 + self.mins[gi];
         }
+    }
+
+    /// The matrix with row `r` taken from row `order[r]` (exact: rows move whole).
+    pub fn select_rows(&self, order: &[usize]) -> Result<Self> {
+        let (half, gpr) = (self.cols / 2, self.groups_per_row());
+        if order.len() != self.rows || order.iter().any(|&r| r >= self.rows) {
+            return Err(Error::InvalidArgument(format!(
+                "select_rows: {} indices for {} rows",
+                order.len(),
+                self.rows
+            )));
+        }
+        // Element indices of the chosen rows, `n` per row.
+        let rows_of = |n: usize| order.iter().flat_map(move |&r| r * n..(r + 1) * n);
+        let packed = rows_of(half).map(|i| self.packed[i]).collect();
+        let scales = rows_of(gpr).map(|i| self.scales[i]).collect();
+        let mins = rows_of(gpr).map(|i| self.mins[i]).collect();
+        Self::new(self.rows, self.cols, self.group, packed, scales, mins)
     }
 
     /// Round-to-nearest asymmetric quantization of a dense row-major `[rows, cols]` matrix:
@@ -211,6 +230,27 @@ impl DenseMatrix {
     }
 }
 
+/// Half-precision `[out, in]`: float checkpoints kept in f16 (`--weights f16`), and their
+/// embeddings and lm_head. Backends may widen it (the CPU backend computes in f32).
+#[derive(Clone, Debug, PartialEq)]
+pub struct F16Matrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Vec<f16>,
+}
+
+impl F16Matrix {
+    pub fn new(rows: usize, cols: usize, data: Vec<f16>) -> Result<Self> {
+        if data.len() != rows * cols {
+            return Err(Error::InvalidArgument(format!(
+                "f16 matrix [{rows}, {cols}] given {} values",
+                data.len()
+            )));
+        }
+        Ok(Self { rows, cols, data })
+    }
+}
+
 /// A linear layer's weight `W[out, in]` in one of the host forms above. Backends upload these
 /// (repacking as they like); tests compare against [`WeightMatrix::dequant_row`].
 #[derive(Clone, Debug, PartialEq)]
@@ -218,6 +258,7 @@ pub enum WeightMatrix {
     Int4(Int4Matrix),
     Int8(Int8Matrix),
     Dense(DenseMatrix),
+    F16(F16Matrix),
 }
 
 impl WeightMatrix {
@@ -226,6 +267,7 @@ impl WeightMatrix {
             WeightMatrix::Int4(m) => m.rows,
             WeightMatrix::Int8(m) => m.rows,
             WeightMatrix::Dense(m) => m.rows,
+            WeightMatrix::F16(m) => m.rows,
         }
     }
 
@@ -234,6 +276,7 @@ impl WeightMatrix {
             WeightMatrix::Int4(m) => m.cols,
             WeightMatrix::Int8(m) => m.cols,
             WeightMatrix::Dense(m) => m.cols,
+            WeightMatrix::F16(m) => m.cols,
         }
     }
 
@@ -242,6 +285,7 @@ impl WeightMatrix {
             WeightMatrix::Int4(_) => "int4",
             WeightMatrix::Int8(_) => "int8",
             WeightMatrix::Dense(_) => "f32",
+            WeightMatrix::F16(_) => "f16",
         }
     }
 
@@ -251,6 +295,7 @@ impl WeightMatrix {
             WeightMatrix::Int4(m) => m.packed.len() + m.scales.len() * 2 + m.mins.len() * 4,
             WeightMatrix::Int8(m) => m.q.len() + m.scales.len() * 2,
             WeightMatrix::Dense(m) => m.data.len() * 4,
+            WeightMatrix::F16(m) => m.data.len() * 2,
         }
     }
 
@@ -260,6 +305,11 @@ impl WeightMatrix {
             WeightMatrix::Int4(m) => m.dequant_row(r, out),
             WeightMatrix::Int8(m) => m.dequant_row(r, out),
             WeightMatrix::Dense(m) => out.copy_from_slice(&m.data[r * m.cols..(r + 1) * m.cols]),
+            WeightMatrix::F16(m) => {
+                for (o, v) in out.iter_mut().zip(&m.data[r * m.cols..(r + 1) * m.cols]) {
+                    *o = v.to_f32();
+                }
+            }
         }
     }
 

@@ -190,6 +190,12 @@ impl CpuWeight {
                 cols: m.cols,
                 data: m.data.clone(),
             }),
+            // The CPU computes in f32: f16 weights are widened once (exactly).
+            WeightMatrix::F16(m) => CpuWeight::Dense(CpuDense {
+                rows: m.rows,
+                cols: m.cols,
+                data: widen(&m.data),
+            }),
         }
     }
 

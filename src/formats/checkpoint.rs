@@ -1,0 +1,90 @@
+//! `--model PATH`: a GGUF file or a Hugging Face folder, told apart by what is there (the GGUF
+//! magic, or a `config.json`), behind one [`WeightSource`].
+
+use std::io::Read;
+use std::path::Path;
+
+use super::gguf::GgufFile;
+use super::safetensors::{is_hf_folder, HfCheckpoint, LoadOptions};
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::model::WeightSource;
+use crate::quant::WeightMatrix;
+use crate::tokenizer::Tokenizer;
+
+pub enum Checkpoint {
+    Gguf(Box<GgufFile>),
+    Hf(Box<HfCheckpoint>),
+}
+
+impl Checkpoint {
+    /// Opens `path` as whatever checkpoint it is. `options` apply to float Hugging Face
+    /// weights (GGUF tensors load in their own types).
+    pub fn open(path: &Path, options: LoadOptions) -> Result<Self> {
+        let unknown = |found: String| Error::Checkpoint {
+            path: path.to_path_buf(),
+            reason: format!(
+                "{found}; qmtot reads a GGUF file or a Hugging Face folder (config.json + \
+                 safetensors: float, GPTQ, AWQ or qmtot INT4)"
+            ),
+        };
+        if path.is_dir() {
+            if is_hf_folder(path) {
+                return Ok(Checkpoint::Hf(Box::new(HfCheckpoint::open(path, options)?)));
+            }
+            return Err(unknown("a folder without config.json".into()));
+        }
+        let mut magic = [0u8; 4];
+        let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let n = f.read(&mut magic).map_err(|e| Error::io(path, e))?;
+        if n == 4 && &magic == b"GGUF" {
+            return Ok(Checkpoint::Gguf(Box::new(GgufFile::open(path)?)));
+        }
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            return Err(unknown(format!(
+                "a lone safetensors file; give the folder that holds it with its config.json ({})",
+                path.parent().map_or_else(String::new, |p| p.display().to_string())
+            )));
+        }
+        Err(unknown(format!("a file starting with bytes {:02x?}", &magic[..n])))
+    }
+
+    pub fn config(&self) -> Result<ModelConfig> {
+        match self {
+            Checkpoint::Gguf(g) => ModelConfig::from_gguf(g),
+            Checkpoint::Hf(h) => Ok(h.config.clone()),
+        }
+    }
+
+    pub fn tokenizer(&self) -> Result<Tokenizer> {
+        match self {
+            Checkpoint::Gguf(g) => Tokenizer::from_gguf(g),
+            Checkpoint::Hf(h) => h.tokenizer(),
+        }
+    }
+
+    fn source(&self) -> &dyn WeightSource {
+        match self {
+            Checkpoint::Gguf(g) => g.as_ref(),
+            Checkpoint::Hf(h) => h.as_ref(),
+        }
+    }
+}
+
+impl WeightSource for Checkpoint {
+    fn has(&self, name: &str) -> bool {
+        self.source().has(name)
+    }
+
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.source().shape(name)
+    }
+
+    fn matrix(&self, name: &str) -> Result<WeightMatrix> {
+        self.source().matrix(name)
+    }
+
+    fn vector(&self, name: &str) -> Result<Vec<f32>> {
+        self.source().vector(name)
+    }
+}
