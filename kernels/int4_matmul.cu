@@ -161,3 +161,12 @@ extern "C" __global__ void splitk_reduce_f32(const float* __restrict__ partial, 
     for (int s = 0; s < splits; ++s) v += partial[(size_t)s * rows * n + i];
     out[(size_t)(i / n) * ldo + i % n] = v;
 }
+
+// Activations gathered into a layer's stored input order (GPTQ act-order):
+//   out[r, j] = x[r, order[j]]     x, out [rows, k] f16; order [k] u32, a permutation of 0..k
+// Grid (rows), block (256).
+extern "C" __global__ void gather_cols_f16(const __half* __restrict__ x, const unsigned* __restrict__ order,
+                                           __half* __restrict__ out, int k) {
+    const size_t row = (size_t)blockIdx.x * k;
+    for (int j = threadIdx.x; j < k; j += blockDim.x) out[row + j] = x[row + order[j]];
+}

@@ -70,7 +70,11 @@ fn int4_and_dense_matmul_match_the_cpu_backend() {
     for &(n, k, group) in &[(37, 1088, 64), (960, 576, 32), (21, 2048, 128), (5, 32, 32)] {
         let w = WeightMatrix::Int4(Int4Matrix::quantize_rtn(n, k, group, &rand_values(n * k, 3, 0.5)).unwrap());
         let dense = WeightMatrix::Dense(qmtot::quant::DenseMatrix::new(n, k, rand_values(n * k, 4, 0.5)).unwrap());
-        for (what, weights) in [("int4", &w), ("dense", &dense)] {
+        // GPTQ act-order: the activations are gathered into a reversed-and-rotated order.
+        let WeightMatrix::Int4(plain) = &w else { unreachable!() };
+        let order: Vec<u32> = (0..k as u32).map(|j| (k as u32 - 1 - j + 7) % k as u32).collect();
+        let ordered = WeightMatrix::Int4(plain.clone().with_input_order(order).unwrap());
+        for (what, weights) in [("int4", &w), ("dense", &dense), ("int4 act-order", &ordered)] {
             let (wg, wc) = (
                 g.upload_linear(&[weights]).unwrap(),
                 c.upload_linear(&[weights]).unwrap(),

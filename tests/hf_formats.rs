@@ -336,18 +336,27 @@ fn same(a: &[f32], b: &[f32]) -> bool {
 fn gptq_folder(dir: &Path, sym: bool, v1: bool, act_order: bool, seed: u64) -> BTreeMap<String, Vec<f32>> {
     let q = json!({"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": sym, "desc_act": act_order,
                    "checkpoint_format": if v1 { "gptq" } else { "gptq_v2" }});
-    quantized_folder(dir, q, seed, |module, out, inp, layer, rng| {
+    quantized_folder(dir, q, seed, |module, out, inp, layer, _| {
         // Symmetric checkpoints have zero 8 everywhere.
         let zeros = if sym {
             vec![8; layer.zeros.len()]
         } else {
             layer.zeros.clone()
         };
-        // Act-order: a shuffled g_idx with 32 columns per group.
+        // Act-order: a shuffled g_idx with 32 columns per group, the same for the layers that
+        // read one input (GPTQ derives it from that input's statistics: q/k/v share one, as do
+        // gate/up).
         let mut group_of: Vec<usize> = (0..inp).map(|c| c / 32).collect();
         if act_order {
+            let input = module.rsplit_once('.').map_or("", |(_, m)| match m {
+                "q_proj" | "k_proj" | "v_proj" => "qkv",
+                "gate_proj" | "up_proj" => "gate_up",
+                other => other,
+            });
+            let layer: u64 = module.split('.').nth(2).and_then(|l| l.parse().ok()).unwrap_or(0);
+            let mut shuffle = Rng(0x9e37 + seed * 31 + layer * 7 + input.bytes().map(u64::from).sum::<u64>());
             for i in (1..inp).rev() {
-                group_of.swap(i, rng.below(i as u64 + 1) as usize);
+                group_of.swap(i, shuffle.below(i as u64 + 1) as usize);
             }
         }
         let g_idx: Vec<u32> = group_of.iter().map(|&g| g as u32).collect();
@@ -366,32 +375,82 @@ fn gptq_folder(dir: &Path, sym: bool, v1: bool, act_order: bool, seed: u64) -> B
     })
 }
 
+/// Last-position logits of a short prompt.
+fn logits(ckpt: &Checkpoint) -> Vec<f32> {
+    let model = Llama::load(CpuBackend::new(1).unwrap(), ckpt.config().unwrap(), ckpt, |_, _| {}).unwrap();
+    let prompt = ckpt
+        .tokenizer()
+        .unwrap()
+        .encode("The capital of France is", false)
+        .unwrap();
+    SequenceKv::new(&model, prompt.len())
+        .unwrap()
+        .extend(&model, &prompt, false)
+        .unwrap()
+}
+
+/// A float folder with `weights` (by GGUF name) for the quantized layers and `float_model(seed)`
+/// for the rest: the function a quantized folder of the same seed must compute.
+fn float_twin(dir: &Path, seed: u64, weights: &BTreeMap<String, Vec<f32>>) {
+    let tensors: Vec<OutTensor> = float_model(seed)
+        .into_iter()
+        .map(|(name, shape, v)| {
+            let v = weights.get(&gguf_name(&name)).cloned().unwrap_or(v);
+            OutTensor::f32(name, shape, &v)
+        })
+        .collect();
+    write_folder(dir, &config(None), &tokenizer(), &tensors).unwrap();
+}
+
 #[test]
-fn gptq_checkpoints_load_bit_exactly_and_act_order_is_refused_clearly() {
+fn gptq_checkpoints_load_bit_exactly_with_and_without_act_order() {
     let mut seed = 11;
-    for sym in [true, false] {
-        for v1 in [true, false] {
-            seed += 1;
-            let dir = tempfile::tempdir().unwrap();
-            let reference = gptq_folder(dir.path(), sym, v1, false, seed);
-            let ckpt = open(dir.path(), FloatWeights::Int4 { group: 128 }).unwrap();
-            for (name, want) in &reference {
-                let m = ckpt.matrix(name).unwrap();
-                assert!(matches!(&m, WeightMatrix::Int4(q) if q.group == 32), "{name}");
-                assert!(same(&m.dequant(), want), "GPTQ sym={sym} v1={v1}: {name}");
+    for act_order in [false, true] {
+        for sym in [true, false] {
+            for v1 in [true, false] {
+                seed += 1;
+                let what = format!("GPTQ act_order={act_order} sym={sym} v1={v1}");
+                let dir = tempfile::tempdir().unwrap();
+                let reference = gptq_folder(dir.path(), sym, v1, act_order, seed);
+                let ckpt = open(dir.path(), FloatWeights::Int4 { group: 128 }).unwrap();
+                for (name, want) in &reference {
+                    let m = ckpt.matrix(name).unwrap();
+                    let WeightMatrix::Int4(q) = &m else {
+                        panic!("{what}: {name} is {}", m.kind())
+                    };
+                    assert_eq!((q.group, q.input_order.is_some()), (32, act_order), "{what}: {name}");
+                    assert!(same(&m.dequant(), want), "{what}: {name}");
+                }
+                // The model computes W·x with the stored columns fed their own inputs: the same
+                // logits as a float folder holding the reference weights (1e-4: the same f32
+                // values, summed in another order by the INT4 and dense kernels).
+                let twin = tempfile::tempdir().unwrap();
+                float_twin(twin.path(), seed, &reference);
+                common::assert_close(
+                    &what,
+                    &logits(&ckpt),
+                    &logits(&open(twin.path(), FloatWeights::F32).unwrap()),
+                    1e-4,
+                    1e-4,
+                );
+                if act_order && !sym && v1 {
+                    // quantize keeps the order: the folder reloads to the very same matrices.
+                    let out = tempfile::tempdir().unwrap();
+                    let opts = QuantizeOptions {
+                        group: None,
+                        format: OutFormat::Safetensors,
+                        quantize_lm_head: false,
+                    };
+                    let s = quantize(&ckpt, out.path(), opts, |_, _| {}).unwrap();
+                    assert_eq!(s.requantized, 0);
+                    let back = open(out.path(), FloatWeights::F32).unwrap();
+                    for name in reference.keys() {
+                        assert_eq!(back.matrix(name).unwrap(), ckpt.matrix(name).unwrap(), "{name}");
+                    }
+                }
             }
-            forward_runs(&ckpt);
         }
     }
-    // Act-order: the folder loads its config, and the first layer is a clear refusal.
-    let dir = tempfile::tempdir().unwrap();
-    gptq_folder(dir.path(), false, true, true, 99);
-    let ckpt = open(dir.path(), FloatWeights::Int4 { group: 128 }).unwrap();
-    let err = ckpt.matrix("blk.0.attn_q.weight").unwrap_err();
-    assert!(
-        matches!(&err, Error::UnsupportedQuantization(m) if m.contains("act-order")),
-        "{err}"
-    );
 }
 
 #[test]

@@ -103,6 +103,54 @@ fn matmul_over_stacked_parts_of_mixed_formats() {
     }
 }
 
+/// A permutation of `0..n` from a seed.
+fn permutation(n: usize, seed: u64) -> Vec<u32> {
+    let mut p: Vec<u32> = (0..n as u32).collect();
+    let r = rand_values(n, seed, 1.0);
+    p.sort_by(|&a, &b| r[a as usize].total_cmp(&r[b as usize]));
+    p
+}
+
+#[test]
+fn act_order_matmul_gathers_the_inputs_like_the_oracle() {
+    // GPTQ act-order: stored column j reads input order[j]; the oracle (dequant) puts each
+    // stored column back at its input, so W·x must match whatever the order.
+    let k = 256;
+    let order = permutation(k, 9);
+    let int4 = |rows, seed| Int4Matrix::quantize_rtn(rows, k, 64, &rand_values(rows * k, seed, 1.0)).unwrap();
+    let a = WeightMatrix::Int4(int4(7, 1).with_input_order(order.clone()).unwrap());
+    let b = WeightMatrix::Int4(int4(12, 2).with_input_order(order.clone()).unwrap());
+    let parts = [&a, &b];
+    for (name, be) in cpu_backends() {
+        let lin = be.upload_linear(&parts).unwrap();
+        for t in [1, 5, 9] {
+            let x = rand_values(t * k, 30 + t as u64, 1.0);
+            let mut out = be.alloc_activations(t, 19).unwrap();
+            be.run(|| be.matmul(&tensor(t, k, x.clone()), &lin, &mut out)).unwrap();
+            assert_close(
+                &format!("{name}: act-order T={t}"),
+                &out.data,
+                &reference_matmul(&x, t, &parts),
+                2e-4,
+                1e-5,
+            );
+        }
+        // The order matters: the same stored matrix without it is a different function.
+        let plain = WeightMatrix::Int4(int4(7, 1));
+        let x = rand_values(k, 3, 1.0);
+        let (mut o1, mut o2) = (be.alloc_activations(1, 7).unwrap(), be.alloc_activations(1, 7).unwrap());
+        let (l1, l2) = (be.upload_linear(&[&a]).unwrap(), be.upload_linear(&[&plain]).unwrap());
+        be.run(|| be.matmul(&tensor(1, k, x.clone()), &l1, &mut o1)).unwrap();
+        be.run(|| be.matmul(&tensor(1, k, x.clone()), &l2, &mut o2)).unwrap();
+        assert!(common::max_abs_diff(&o1.data, &o2.data) > 1e-2);
+        // Parts that read one input in different orders cannot be fused.
+        let other = WeightMatrix::Int4(int4(7, 3).with_input_order(permutation(k, 10)).unwrap());
+        assert!(be.upload_linear(&[&a, &other]).is_err());
+        assert!(be.upload_linear(&[&a, &plain]).is_err());
+    }
+    assert!(int4(3, 4).with_input_order(vec![0; k]).is_err(), "not a permutation");
+}
+
 #[test]
 fn matmul_rejects_mismatched_shapes() {
     let (_, b) = cpu_backends().remove(0);

@@ -220,6 +220,8 @@ pub struct StackedParts<W> {
     pub rows: usize,
     pub cols: usize,
     pub parts: Vec<(usize, W)>,
+    /// Input `input_order[j]` feeds stored column `j` of every part (GPTQ act-order).
+    pub input_order: Option<Vec<u32>>,
 }
 
 /// Checks that `parts` share their input width and uploads each with `upload`, stacking them
@@ -233,6 +235,19 @@ pub fn stack_parts<W>(
         return Err(Error::InvalidArgument("upload_linear: no parts".into()));
     };
     let cols = first.cols();
+    // The parts of one linear read the same input, so they must agree on its order.
+    let order = |p: &WeightMatrix| match p {
+        WeightMatrix::Int4(m) => m.input_order.clone(),
+        _ => None,
+    };
+    let input_order = order(first);
+    if parts.iter().any(|p| order(p) != input_order) {
+        return Err(Error::InvalidArgument(
+            "upload_linear: the fused parts have different input orders (GPTQ act-order \
+             permutations differ between layers that share an input)"
+                .into(),
+        ));
+    }
     let mut row = 0;
     let mut out = Vec::with_capacity(parts.len());
     for p in parts {
@@ -249,6 +264,7 @@ pub fn stack_parts<W>(
         rows: row,
         cols,
         parts: out,
+        input_order,
     })
 }
 

@@ -57,9 +57,14 @@ fn is_embed_or_head(name: &str) -> bool {
     name == "token_embd.weight" || name == "output.weight"
 }
 
-/// `m` as canonical INT4 with group `group` (`None`: keep an INT4 `m` as it is).
-fn to_int4(m: &WeightMatrix, group: Option<usize>, default: usize) -> Result<(Int4Matrix, bool)> {
+/// `m` as canonical INT4 with group `group` (`None`: keep an INT4 `m` as it is), requantized
+/// when it has an input order and the output format cannot hold one.
+fn to_int4(m: &WeightMatrix, group: Option<usize>, default: usize, keeps_order: bool) -> Result<(Int4Matrix, bool)> {
     match (m, group) {
+        (WeightMatrix::Int4(q), _) if q.input_order.is_some() && !keeps_order => Ok((
+            Int4Matrix::quantize_rtn(q.rows, q.cols, group.unwrap_or(default), &m.dequant())?,
+            true,
+        )),
         (WeightMatrix::Int4(q), None) => Ok((q.clone(), false)),
         (WeightMatrix::Int4(q), Some(g)) if q.group == g => Ok((q.clone(), false)),
         (other, g) => Ok((
@@ -126,10 +131,18 @@ pub fn quantize(
                         });
                         summary.other_tensors += 1;
                     } else {
-                        let (q, requantized) = to_int4(&m, Some(group), group)?;
+                        let (q, requantized) = to_int4(&m, Some(group), group, true)?;
                         summary.int4_tensors += 1;
                         summary.requantized += usize::from(requantized);
                         let module = hf.strip_suffix(".weight").expect("weights end in .weight");
+                        if let Some(order) = &q.input_order {
+                            tensors.push(OutTensor {
+                                name: format!("{module}.input_order"),
+                                dtype: Dtype::U32,
+                                shape: vec![order.len()],
+                                data: order.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                            });
+                        }
                         let gpr = q.cols / q.group;
                         tensors.push(OutTensor {
                             name: format!("{module}.packed"),
@@ -200,7 +213,7 @@ pub fn quantize(
                         }
                         summary.other_tensors += 1;
                     } else {
-                        let (q, requantized) = to_int4(&m, Some(32), 32)?;
+                        let (q, requantized) = to_int4(&m, Some(32), 32, false)?;
                         summary.int4_tensors += 1;
                         summary.requantized += usize::from(requantized);
                         w.tensor(name, &shape, GgmlType::Q4_1, int4_to_q4_1(&q))?;

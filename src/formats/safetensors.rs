@@ -9,13 +9,13 @@
 //!   ([`FloatWeights::Int4`], group 128 by default), or stay f16 or f32; the embedding and the
 //!   lm_head stay f16 unless `quantize_lm_head` (f32 under [`FloatWeights::F32`]);
 //! * GPTQ and AWQ INT4 layers (`qweight` / `qzeros` / `scales` [/ `g_idx`]) convert without
-//!   loss into canonical INT4 (`crate::formats::{gptq, awq}`); GPTQ act-order layers (groups
-//!   scattered by `g_idx`) are refused with a clear error until the model permutes
-//!   activations; in these folders, as in qmtot's own, float tensors load in the precision
-//!   they were written in;
+//!   loss into canonical INT4 (`crate::formats::{gptq, awq}`); a GPTQ act-order layer (groups
+//!   scattered by `g_idx`) keeps its columns sorted into contiguous groups and carries that
+//!   input order, which the backends apply to the activations; in these folders, as in
+//!   qmtot's own, float tensors load in the precision they were written in;
 //! * qmtot's own INT4 folders (written by `qmtot quantize --format safetensors`: `packed` u8
-//!   `[out, in/2]`, `scales` f16 and `mins` f32 `[out, in/g]` per layer, `quant_method` =
-//!   `qmtot_int4`) load as they are.
+//!   `[out, in/2]`, `scales` f16 and `mins` f32 `[out, in/g]` per layer, `input_order` u32
+//!   `[in]` where a layer has one, `quant_method` = `qmtot_int4`) load as they are.
 //!
 //! Hugging Face stores W_q and W_k for the half-split RoPE convention; the config says so
 //! ([`crate::config::RopeStyle::HalfSplit`]) and the forward rotates accordingly, so no row is
@@ -462,8 +462,7 @@ impl HfCheckpoint {
         }
     }
 
-    /// A GPTQ layer. Act-order checkpoints (groups scattered along the input) would need the
-    /// activations permuted before the matmul, which the model does not do yet: refused.
+    /// A GPTQ layer (act-order ones carry their input order).
     fn gptq_matrix(&self, name: &str, module: &str, cfg: &GptqConfig) -> Result<WeightMatrix> {
         let (out, inp) = self.packed_dims(name, module)?;
         let [qw, qz, sc, gi] = ["qweight", "qzeros", "scales", "g_idx"].map(|t| format!("{module}.{t}"));
@@ -481,14 +480,12 @@ impl HfCheckpoint {
             g_idx: g_idx.as_ref().map(|(d, s)| HostTensor::new(s, d)),
         };
         let converted = gptq_to_int4(module, inp, out, cfg, &t)?;
-        if converted.perm.is_some() {
-            return Err(Error::UnsupportedQuantization(format!(
-                "{module}: GPTQ act-order (desc_act: groups scattered along the input by g_idx) \
-                 needs the activations permuted before the matmul, which qmtot does not do yet; \
-                 use a checkpoint quantized without desc_act"
-            )));
-        }
-        Ok(WeightMatrix::Int4(converted.matrix))
+        Ok(WeightMatrix::Int4(match converted.perm {
+            // Act-order: the columns were sorted into contiguous groups; the backends gather
+            // the activations into the same order before the matmul.
+            Some(perm) => converted.matrix.with_input_order(perm)?,
+            None => converted.matrix,
+        }))
     }
 
     fn awq_matrix(&self, name: &str, module: &str, cfg: &AwqConfig) -> Result<WeightMatrix> {
@@ -522,9 +519,16 @@ impl HfCheckpoint {
         let mins = self.typed(&format!("{module}.mins"), Dtype::F32, "F32", |c| {
             f32::from_le_bytes([c[0], c[1], c[2], c[3]])
         })?;
-        Ok(WeightMatrix::Int4(Int4Matrix::new(
-            rows, cols, group, packed, scales, mins,
-        )?))
+        let m = Int4Matrix::new(rows, cols, group, packed, scales, mins)?;
+        let order_name = format!("{module}.input_order");
+        Ok(WeightMatrix::Int4(if self.tensors.contains_key(&order_name) {
+            let order = self.typed(&order_name, Dtype::U32, "U32", |c| {
+                u32::from_le_bytes([c[0], c[1], c[2], c[3]])
+            })?;
+            m.with_input_order(order)?
+        } else {
+            m
+        }))
     }
 }
 

@@ -51,6 +51,10 @@ pub struct Int4Matrix {
     pub scales: Vec<f16>,
     /// `[rows, cols / group]` f32.
     pub mins: Vec<f32>,
+    /// GPTQ act-order: stored column `j` is input `input_order[j]` of the layer (a permutation
+    /// of `0..cols`), so that scattered groups become contiguous. The layer computes
+    /// `y = W_stored · x[input_order]`; `None` = the identity.
+    pub input_order: Option<Vec<u32>>,
 }
 
 impl Int4Matrix {
@@ -90,7 +94,27 @@ impl Int4Matrix {
             packed,
             scales,
             mins,
+            input_order: None,
         })
+    }
+
+    /// The matrix with its stored columns taken as inputs `order[j]` (see
+    /// [`Int4Matrix::input_order`]); `order` must be a permutation of `0..cols`.
+    pub fn with_input_order(mut self, order: Vec<u32>) -> Result<Self> {
+        let mut seen = vec![false; self.cols];
+        if order.len() != self.cols
+            || order
+                .iter()
+                .any(|&c| (c as usize) >= self.cols || std::mem::replace(&mut seen[c as usize], true))
+        {
+            return Err(Error::InvalidArgument(format!(
+                "input order of {} entries is not a permutation of {} columns",
+                order.len(),
+                self.cols
+            )));
+        }
+        self.input_order = Some(order);
+        Ok(self)
     }
 
     pub fn groups_per_row(&self) -> usize {
@@ -107,13 +131,15 @@ impl Int4Matrix {
         }
     }
 
-    /// The dequant oracle: row `r` as f32, `s·q + m` evaluated in f32.
+    /// The dequant oracle: row `r` of the layer's `W` as f32, `s·q + m` evaluated in f32, each
+    /// stored column put at its input (see [`Int4Matrix::input_order`]).
     pub fn dequant_row(&self, r: usize, out: &mut [f32]) {
         assert_eq!(out.len(), self.cols);
         let gpr = self.groups_per_row();
-        for (c, o) in out.iter_mut().enumerate() {
+        for c in 0..self.cols {
             let gi = r * gpr + c / self.group;
-            *o = self.scales[gi].to_f32() * self.q(r, c) as f32 + self.mins[gi];
+            let at = self.input_order.as_ref().map_or(c, |o| o[c] as usize);
+            out[at] = self.scales[gi].to_f32() * self.q(r, c) as f32 + self.mins[gi];
         }
     }
 
@@ -132,7 +158,11 @@ impl Int4Matrix {
         let packed = rows_of(half).map(|i| self.packed[i]).collect();
         let scales = rows_of(gpr).map(|i| self.scales[i]).collect();
         let mins = rows_of(gpr).map(|i| self.mins[i]).collect();
-        Self::new(self.rows, self.cols, self.group, packed, scales, mins)
+        let m = Self::new(self.rows, self.cols, self.group, packed, scales, mins)?;
+        match &self.input_order {
+            Some(o) => m.with_input_order(o.clone()),
+            None => Ok(m),
+        }
     }
 
     /// Round-to-nearest asymmetric quantization of a dense row-major `[rows, cols]` matrix:

@@ -228,6 +228,9 @@ pub struct CpuLinear {
     pub(crate) cols: usize,
     /// `(first output row, weight)`, in row order.
     pub(crate) parts: Vec<(usize, CpuWeight)>,
+    /// Stored column `j` reads input `input_order[j]` (GPTQ act-order); the activations are
+    /// gathered into that order before the matmul.
+    pub(crate) input_order: Option<Vec<u32>>,
 }
 
 impl CpuLinear {
@@ -237,6 +240,7 @@ impl CpuLinear {
             rows: stacked.rows,
             cols: stacked.cols,
             parts: stacked.parts,
+            input_order: stacked.input_order,
         })
     }
 
@@ -277,6 +281,17 @@ fn deinterleave(x: &[f32]) -> Vec<f32> {
 pub(crate) fn matmul(isa: Isa, precision: MatmulPrecision, x: &[f32], t: usize, w: &CpuLinear, out: &mut [f32]) {
     let (k, n_total) = (w.cols, w.rows);
     debug_assert_eq!(x.len(), t * k);
+    let gathered;
+    let x = match &w.input_order {
+        None => x,
+        Some(order) => {
+            gathered = x
+                .chunks_exact(k)
+                .flat_map(|row| order.iter().map(|&c| row[c as usize]))
+                .collect::<Vec<f32>>();
+            &gathered[..]
+        }
+    };
     debug_assert_eq!(out.len(), t * n_total);
     let gemm = t >= GEMM_MIN_ROWS;
     // De-interleaved activations, shared by every INT4 part; Q8-quantized copies for the Q8

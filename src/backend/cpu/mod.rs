@@ -183,6 +183,9 @@ impl Backend for CpuBackend {
 
     fn embed(&self, table: &CpuLinear, step: &CpuStep, out: &mut CpuTensor) -> Result<()> {
         check("embed", "out", out, step.rows(), table.cols)?;
+        if table.input_order.is_some() {
+            return Err(shape_err("embed", "an embedding table has no input order".into()));
+        }
         if let Some(&t) = step.tokens.iter().find(|&&t| t as usize >= table.rows) {
             return Err(Error::TokenOutOfRange {
                 id: t,

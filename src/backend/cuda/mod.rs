@@ -105,6 +105,8 @@ pub struct CudaLinear {
     rows: usize,
     cols: usize,
     parts: Vec<(usize, CudaWeight)>,
+    /// `[cols]` u32: stored column `j` reads input `order[j]` (GPTQ act-order).
+    input_order: Option<CudaSlice<u32>>,
 }
 
 pub struct CudaVector {
@@ -393,10 +395,15 @@ impl Backend for CudaBackend {
 
     fn upload_linear(&self, parts: &[&WeightMatrix]) -> Result<CudaLinear> {
         let stacked = super::stack_parts(parts, |p| self.upload_part(p))?;
+        let input_order = match &stacked.input_order {
+            Some(o) => Some(self.upload(o)?),
+            None => None,
+        };
         Ok(CudaLinear {
             rows: stacked.rows,
             cols: stacked.cols,
             parts: stacked.parts,
+            input_order,
         })
     }
 
@@ -477,6 +484,9 @@ impl Backend for CudaBackend {
         let [(_, part)] = table.parts.as_slice() else {
             return Err(shape_err("embed", "the table must be a single part".into()));
         };
+        if table.input_order.is_some() {
+            return Err(shape_err("embed", "an embedding table has no input order".into()));
+        }
         let d = table.cols as i32;
         let o = out.f16_mut("embed")?;
         let cfg = grid(rows, 1, ROW_BLOCK);
@@ -552,7 +562,27 @@ impl Backend for CudaBackend {
             ));
         }
         check("matmul", "out", out, x.rows, w.rows)?;
-        let xs = x.f16("matmul")?;
+        let gathered;
+        let xs = match &w.input_order {
+            None => x.f16("matmul")?,
+            Some(order) => {
+                let mut g = self.zeros::<f16>(x.rows * x.cols)?;
+                let k = x.cols as i32;
+                // SAFETY: x and g are [rows, k] f16, order [k] u32 < k (checked at upload).
+                unsafe {
+                    self.stream
+                        .launch_builder(self.kernels.get("gather_cols_f16")?)
+                        .arg(x.f16("matmul")?)
+                        .arg(order)
+                        .arg(&mut g)
+                        .arg(&k)
+                        .launch(grid(x.rows, 1, ROW_BLOCK))
+                }
+                .map_err(|e| cuda_err("gather_cols", e))?;
+                gathered = g;
+                &gathered
+            }
+        };
         for (col0, part) in &w.parts {
             for m0 in (0..x.rows).step_by(8) {
                 let rows = m0..(m0 + 8).min(x.rows);
