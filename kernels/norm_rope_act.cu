@@ -77,3 +77,11 @@ extern "C" __global__ void add_f16(__half* __restrict__ x, const __half* __restr
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) x[i] = __float2half(__half2float(x[i]) + __half2float(y[i]));
 }
+
+// x[r, :] += bias (a projection's bias, broadcast over the rows).
+//   x [rows, n] f16; bias [n] f32
+// Grid (rows), block (256).
+extern "C" __global__ void add_bias_f16(__half* __restrict__ x, const float* __restrict__ bias, int n) {
+    __half* row = x + (size_t)blockIdx.x * n;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) row[j] = __float2half(__half2float(row[j]) + bias[j]);
+}

@@ -186,13 +186,15 @@ impl ModelConfig {
             .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
             .unwrap_or_default();
         let model_type = obj.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
+        // The LLaMA block with optional projection biases (Qwen2: q/k/v; `attention_bias`,
+        // `mlp_bias`), which the loader finds by their tensors.
         let known = archs
             .iter()
-            .any(|a| *a == "LlamaForCausalLM" || *a == "MistralForCausalLM")
-            || matches!(model_type, "llama" | "mistral");
+            .any(|a| matches!(*a, "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM"))
+            || matches!(model_type, "llama" | "mistral" | "qwen2");
         if !known {
             return Err(Error::UnsupportedArchitecture(format!(
-                "{} (model_type {model_type:?}; supported: LlamaForCausalLM, MistralForCausalLM)",
+                "{} (model_type {model_type:?}; supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)",
                 if archs.is_empty() {
                     "no architectures".to_string()
                 } else {
@@ -200,11 +202,9 @@ impl ModelConfig {
                 }
             )));
         }
-        if obj.get("attention_bias").and_then(|v| v.as_bool()) == Some(true)
-            || obj.get("mlp_bias").and_then(|v| v.as_bool()) == Some(true)
-        {
-            return Err(Error::InvalidConfig(
-                "config.json: projection biases (attention_bias / mlp_bias) are not supported yet".into(),
+        if obj.get("use_sliding_window").and_then(|v| v.as_bool()) == Some(true) {
+            return Err(bad(
+                "sliding-window attention (use_sliding_window) is not supported".into()
             ));
         }
         let uint = |k: &str| -> Result<Option<usize>> {
@@ -409,7 +409,13 @@ mod tests {
         let mut yarn = llama31();
         yarn["rope_scaling"]["rope_type"] = json!("yarn");
         assert!(matches!(ModelConfig::from_hf(&yarn), Err(Error::InvalidConfig(m)) if m.contains("yarn")));
-        assert!(matches!(with("attention_bias", json!(true)), Err(Error::InvalidConfig(m)) if m.contains("bias")));
+        assert!(
+            matches!(with("use_sliding_window", json!(true)), Err(Error::InvalidConfig(m)) if m.contains("sliding"))
+        );
+        assert!(
+            with("attention_bias", json!(true)).is_ok(),
+            "biases are found by their tensors"
+        );
         let mut missing = llama31();
         missing.as_object_mut().unwrap().remove("num_hidden_layers");
         assert!(

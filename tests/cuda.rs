@@ -105,6 +105,23 @@ fn int4_and_dense_matmul_match_the_cpu_backend() {
 }
 
 #[test]
+fn add_bias_matches_the_cpu_backend() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    let (rows, n) = (5, 300);
+    let x = f16_round(&rand_values(rows * n, 8, 1.0));
+    let bias = rand_values(n, 9, 0.5);
+    let mut xg = g.upload_activations(rows, n, &x).unwrap();
+    g.add_bias(&mut xg, &g.upload_vector(&bias).unwrap()).unwrap();
+    let mut xc = CpuTensor { rows, cols: n, data: x };
+    c.run(|| c.add_bias(&mut xc, &bias)).unwrap();
+    // One f16 rounding of the sum: 1e-3 relative.
+    assert_close("add_bias", &host(&g, &xg), &xc.data, 1e-3, 1e-3);
+    let short = g.upload_vector(&bias[..10]).unwrap();
+    assert!(g.add_bias(&mut xg, &short).is_err());
+}
+
+#[test]
 fn paged_attention_matches_the_cpu_backend_over_scattered_blocks() {
     let Some(g) = gpu() else { return };
     let c = cpu();

@@ -593,3 +593,106 @@ fn bad_quantized_folders_are_typed_errors() {
     // The float layers of that folder still load (a mixed folder is fine).
     assert!(ckpt.matrix("blk.0.attn_k.weight").is_ok());
 }
+
+#[test]
+fn projection_biases_are_added_where_the_checkpoint_has_them() {
+    // Qwen2-style biases, checked by an identity: attention weights sum to 1, so a bias b_v on
+    // V adds exactly b_v (per KV head, repeated over its query heads) to every attention
+    // output, i.e. the same as an o_proj bias of W_o · expand(b_v).
+    let seed = 41;
+    let model = float_model(seed);
+    let mut rng = Rng(77);
+    let tok = tokenizer();
+    let write = |dir: &Path, extra: &[(String, Vec<f32>)], arch: &str| {
+        let mut tensors: Vec<OutTensor> = model
+            .iter()
+            .map(|(n, s, v)| OutTensor::f32(n.clone(), s.clone(), v))
+            .collect();
+        for (name, v) in extra {
+            tensors.push(OutTensor::f32(name.clone(), vec![v.len()], v));
+        }
+        let mut c = config(None);
+        if arch == "qwen2" {
+            c["architectures"] = json!(["Qwen2ForCausalLM"]);
+            c["model_type"] = json!("qwen2");
+        }
+        write_folder(dir, &c, &tok, &tensors).unwrap();
+    };
+    let mut v_bias = Vec::new();
+    let mut o_bias = Vec::new();
+    for l in 0..LAYERS {
+        let b_v: Vec<f32> = (0..KV_HEADS * HEAD_DIM).map(|_| 0.5 * rng.uniform()).collect();
+        let expanded: Vec<f64> = (0..HEADS * HEAD_DIM)
+            .map(|i| b_v[(i / HEAD_DIM) / (HEADS / KV_HEADS) * HEAD_DIM + i % HEAD_DIM] as f64)
+            .collect();
+        let w_o = &model
+            .iter()
+            .find(|t| t.0 == format!("model.layers.{l}.self_attn.o_proj.weight"))
+            .unwrap()
+            .2;
+        let b_o: Vec<f32> = (0..HIDDEN)
+            .map(|r| {
+                (0..HIDDEN)
+                    .map(|c| w_o[r * HIDDEN + c] as f64 * expanded[c])
+                    .sum::<f64>() as f32
+            })
+            .collect();
+        v_bias.push((format!("model.layers.{l}.self_attn.v_proj.bias"), b_v));
+        o_bias.push((format!("model.layers.{l}.self_attn.o_proj.bias"), b_o));
+    }
+    let (a, b, none, zeros, q) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    write(a.path(), &v_bias, "qwen2");
+    write(b.path(), &o_bias, "llama");
+    write(none.path(), &[], "llama");
+    let zero: Vec<(String, Vec<f32>)> = v_bias.iter().map(|(n, v)| (n.clone(), vec![0.0; v.len()])).collect();
+    write(zeros.path(), &zero, "qwen2");
+    let q_bias: Vec<(String, Vec<f32>)> = (0..LAYERS)
+        .map(|l| {
+            (
+                format!("model.layers.{l}.self_attn.q_proj.bias"),
+                (0..HIDDEN).map(|_| rng.uniform()).collect(),
+            )
+        })
+        .collect();
+    write(q.path(), &q_bias, "qwen2");
+    let run = |d: &Path| logits(&open(d, FloatWeights::F32).unwrap());
+    let (with_v, with_o, plain) = (run(a.path()), run(b.path()), run(none.path()));
+    // 1e-4: the same function computed two ways in f32.
+    common::assert_close(
+        "v_proj bias vs the equivalent o_proj bias",
+        &with_v,
+        &with_o,
+        1e-4,
+        1e-4,
+    );
+    assert!(
+        common::max_abs_diff(&with_v, &plain) > 1e-2,
+        "the bias changes the output"
+    );
+    assert_eq!(run(zeros.path()), plain, "zero biases change nothing");
+    assert!(
+        common::max_abs_diff(&run(q.path()), &plain) > 1e-3,
+        "q biases are applied"
+    );
+    // A bias of the wrong length is a shape error naming it.
+    let bad = tempfile::tempdir().unwrap();
+    write(
+        bad.path(),
+        &[("model.layers.1.mlp.down_proj.bias".into(), vec![0.0; 3])],
+        "llama",
+    );
+    let c = open(bad.path(), FloatWeights::F32).unwrap();
+    let err = Llama::load(CpuBackend::new(1).unwrap(), c.config().unwrap(), &c, |_, _| {})
+        .map(|_| ())
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::ShapeMismatch { tensor, .. } if tensor == "blk.1.ffn_down.bias"),
+        "{err}"
+    );
+}

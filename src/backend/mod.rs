@@ -347,6 +347,8 @@ pub trait Backend: Send + Sync {
     fn silu_mul(&self, gate_up: &Self::Activations, out: &mut Self::Activations) -> Result<()>;
     /// `x += y`.
     fn add_assign(&self, x: &mut Self::Activations, y: &Self::Activations) -> Result<()>;
+    /// `x[r, :] += bias` for every row (a projection's bias), `x [T, n]`, `bias [n]`.
+    fn add_bias(&self, x: &mut Self::Activations, bias: &Self::Vector) -> Result<()>;
     /// `out[i] = x[step.logit_rows[i]]`.
     fn gather_logit_rows(&self, x: &Self::Activations, step: &Self::Step, out: &mut Self::Activations) -> Result<()>;
     /// Copies whole blocks (all layers, K and V) `src → dst`, as one batch: copy-on-write.

@@ -158,6 +158,16 @@ pub fn hf_tensor_name(gguf: &str) -> Option<String> {
     hf_module(gguf).map(|(m, _)| format!("{m}.weight"))
 }
 
+/// The Hugging Face tensor of a projection bias asked for by GGUF name (`blk.3.attn_q.bias` →
+/// `model.layers.3.self_attn.q_proj.bias`).
+fn hf_bias_name(gguf: &str) -> Option<String> {
+    let weight = format!("{}.weight", gguf.strip_suffix(".bias")?);
+    match hf_module(&weight)? {
+        (m, true) => Some(format!("{m}.bias")),
+        _ => None,
+    }
+}
+
 impl HfCheckpoint {
     /// Reads the folder's config and maps its safetensors files (no tensor is read yet).
     pub fn open(dir: impl AsRef<Path>, options: LoadOptions) -> Result<Self> {
@@ -571,6 +581,9 @@ impl WeightSource for HfCheckpoint {
     }
 
     fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        if let Some(b) = hf_bias_name(name) {
+            return self.tensors.get(&b).map(|e| e.shape.clone());
+        }
         let (module, linear) = hf_module(name)?;
         if !linear {
             return self.tensors.get(&format!("{module}.weight")).map(|e| e.shape.clone());
@@ -616,6 +629,9 @@ impl WeightSource for HfCheckpoint {
     }
 
     fn vector(&self, name: &str) -> Result<Vec<f32>> {
+        if let Some(b) = hf_bias_name(name) {
+            return self.floats(&b);
+        }
         let (module, _) = hf_module(name).ok_or_else(|| Error::MissingTensor(name.to_string()))?;
         self.floats(&format!("{module}.weight"))
     }

@@ -31,6 +31,13 @@ pub struct LayerWeights<B: Backend> {
     pub w_gate_up: B::Linear,
     /// `[d, f]`
     pub w_down: B::Linear,
+    /// Projection biases where the checkpoint has them (Qwen2: q, k, v; `attention_bias`:
+    /// also o; `mlp_bias`: gate, up, down), each stacked like its weight (a missing part is
+    /// zeros).
+    pub qkv_bias: Option<B::Vector>,
+    pub o_bias: Option<B::Vector>,
+    pub gate_up_bias: Option<B::Vector>,
+    pub down_bias: Option<B::Vector>,
 }
 
 /// A paged K/V store with its shape.
@@ -92,6 +99,22 @@ impl<B: Backend> Llama<B> {
             check_shape(name, vec![n])?;
             backend.upload_vector(&src.vector(name)?)
         };
+        // The stacked bias of a fused projection, if any part has one: `(name, length)` per part.
+        let bias = |parts: &[(String, usize)]| -> Result<Option<B::Vector>> {
+            if !parts.iter().any(|(n, _)| src.has(n)) {
+                return Ok(None);
+            }
+            let mut all = Vec::with_capacity(parts.iter().map(|p| p.1).sum());
+            for (name, n) in parts {
+                if src.has(name) {
+                    check_shape(name, vec![*n])?;
+                    all.extend(src.vector(name)?);
+                } else {
+                    all.resize(all.len() + n, 0.0);
+                }
+            }
+            backend.upload_vector(&all).map(Some)
+        };
 
         let embed = backend.upload_linear(&[&matrix("token_embd.weight", c.vocab_size, d)?])?;
         tick();
@@ -111,6 +134,11 @@ impl<B: Backend> Llama<B> {
             let w_gate_up = backend.upload_linear(&[&gate, &up])?;
             drop((gate, up));
             let w_down = backend.upload_linear(&[&matrix(&name("ffn_down"), d, f)?])?;
+            let b = |t: &str, n: usize| (format!("blk.{l}.{t}.bias"), n);
+            let qkv_bias = bias(&[b("attn_q", c.q_dim()), b("attn_k", c.kv_dim()), b("attn_v", c.kv_dim())])?;
+            let o_bias = bias(&[b("attn_output", d)])?;
+            let gate_up_bias = bias(&[b("ffn_gate", f), b("ffn_up", f)])?;
+            let down_bias = bias(&[b("ffn_down", d)])?;
             for _ in 0..9 {
                 tick();
             }
@@ -121,6 +149,10 @@ impl<B: Backend> Llama<B> {
                 ffn_norm,
                 w_gate_up,
                 w_down,
+                qkv_bias,
+                o_bias,
+                gate_up_bias,
+                down_bias,
             });
         }
         let out_norm = vector("output_norm.weight", d)?;
@@ -228,17 +260,29 @@ impl<B: Backend> Llama<B> {
         for (l, w) in self.layers.iter().enumerate() {
             // Attention block.
             b.rmsnorm(&x, &w.attn_norm, c.rms_eps, &mut h)?; //           h = rmsnorm(x) ⊙ g_attn
-            b.matmul(&h, &w.wqkv, &mut qkv)?; //                          [q|k|v] = h · W_qkvᵀ
+            b.matmul(&h, &w.wqkv, &mut qkv)?; //                          [q|k|v] = h · W_qkvᵀ (+ b_qkv)
+            if let Some(bias) = &w.qkv_bias {
+                b.add_bias(&mut qkv, bias)?;
+            }
             b.rope(&mut qkv, layout, &self.rope_cos, &self.rope_sin, half_split, &step)?; // q, k rotated by position
             b.kv_write(&mut kv.store, l, &qkv, layout, &step)?; //        K[slot], V[slot] = k, v
             b.attention(&qkv, &kv.store, l, layout, &step, &mut attn)?; // a = softmax(q·Kᵀ/√hd)·V (causal, GQA)
-            b.matmul(&attn, &w.wo, &mut proj)?; //                        o = a · W_oᵀ
+            b.matmul(&attn, &w.wo, &mut proj)?; //                        o = a · W_oᵀ (+ b_o)
+            if let Some(bias) = &w.o_bias {
+                b.add_bias(&mut proj, bias)?;
+            }
             b.add_assign(&mut x, &proj)?; //                              x = x + o
                                           // MLP block.
             b.rmsnorm(&x, &w.ffn_norm, c.rms_eps, &mut h)?; //            h = rmsnorm(x) ⊙ g_ffn
-            b.matmul(&h, &w.w_gate_up, &mut gate_up)?; //                 [g|u] = h · W_gate_upᵀ
+            b.matmul(&h, &w.w_gate_up, &mut gate_up)?; //                 [g|u] = h · W_gate_upᵀ (+ b_gate_up)
+            if let Some(bias) = &w.gate_up_bias {
+                b.add_bias(&mut gate_up, bias)?;
+            }
             b.silu_mul(&gate_up, &mut act)?; //                           m = silu(g) ⊙ u
-            b.matmul(&act, &w.w_down, &mut proj)?; //                     y = m · W_downᵀ
+            b.matmul(&act, &w.w_down, &mut proj)?; //                     y = m · W_downᵀ (+ b_down)
+            if let Some(bias) = &w.down_bias {
+                b.add_bias(&mut proj, bias)?;
+            }
             b.add_assign(&mut x, &proj)?; //                              x = x + y
         }
 

@@ -310,6 +310,21 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn add_bias(&self, x: &mut CpuTensor, bias: &Vec<f32>) -> Result<()> {
+        if bias.len() != x.cols {
+            return Err(shape_err(
+                "add_bias",
+                format!("bias of {} for {} columns", bias.len(), x.cols),
+            ));
+        }
+        for row in x.data.chunks_exact_mut(bias.len().max(1)) {
+            for (v, b) in row.iter_mut().zip(bias) {
+                *v += b;
+            }
+        }
+        Ok(())
+    }
+
     fn gather_logit_rows(&self, x: &CpuTensor, step: &CpuStep, out: &mut CpuTensor) -> Result<()> {
         check("gather_logit_rows", "out", out, step.logit_rows.len(), x.cols)?;
         for (i, &r) in step.logit_rows.iter().enumerate() {

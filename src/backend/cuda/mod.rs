@@ -766,6 +766,27 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
+    fn add_bias(&self, x: &mut CudaTensor, bias: &CudaVector) -> Result<()> {
+        if bias.len != x.cols {
+            return Err(shape_err(
+                "add_bias",
+                format!("bias of {} for {} columns", bias.len, x.cols),
+            ));
+        }
+        let (rows, n) = (x.rows, x.cols as i32);
+        // SAFETY: x [rows, n] f16, bias [n] f32 (checked).
+        unsafe {
+            self.stream
+                .launch_builder(self.kernels.get("add_bias_f16")?)
+                .arg(x.f16_mut("add_bias")?)
+                .arg(&bias.data)
+                .arg(&n)
+                .launch(grid(rows, 1, ROW_BLOCK))
+        }
+        .map_err(|e| cuda_err("add_bias", e))?;
+        Ok(())
+    }
+
     fn add_assign(&self, x: &mut CudaTensor, y: &CudaTensor) -> Result<()> {
         check("add_assign", "y", y, x.rows, x.cols)?;
         let n = x.rows * x.cols;
