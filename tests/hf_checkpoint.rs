@@ -206,6 +206,25 @@ fn bad_folders_are_typed_errors() {
             .unwrap();
     });
     assert!(matches!(load(d.path()), Err(Error::Checkpoint { reason, .. }) if reason.contains("safetensors")));
+    // The chat template from tokenizer_config.json when there is no chat_template.jinja (as
+    // transformers 4.x writes it), and eos ids from config.json without generation_config.json.
+    let d = copy(&|d| {
+        let t = std::fs::read_to_string(d.join("chat_template.jinja")).unwrap();
+        std::fs::remove_file(d.join("chat_template.jinja")).unwrap();
+        std::fs::remove_file(d.join("generation_config.json")).unwrap();
+        std::fs::write(
+            d.join("tokenizer_config.json"),
+            serde_json::json!({"chat_template": t}).to_string(),
+        )
+        .unwrap();
+    });
+    let (a, b) = (
+        Checkpoint::open(dir.path(), opts).unwrap().tokenizer().unwrap(),
+        Checkpoint::open(d.path(), opts).unwrap().tokenizer().unwrap(),
+    );
+    assert!(b.chat_template().is_some());
+    assert_eq!(a.chat_template(), b.chat_template());
+    assert_eq!(a.eos_ids(), b.eos_ids());
     // Not a checkpoint: a text file.
     let f = dir.path().join("config.json");
     assert!(

@@ -382,6 +382,40 @@ mod tests {
     }
 
     #[test]
+    fn rtn_of_random_matrices_stays_within_the_analytic_bound() {
+        // Per group: |w − ŵ| ≤ s/2 (rounding to the nearest level) + 15·s·2^-11 (the f16
+        // rounding of s, accumulated over at most 15 levels); a constant group (s = 0) is
+        // exact. Random matrices of several scales, a constant row, and each group size.
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        };
+        let (rows, cols) = (9, 384);
+        for g in INT4_GROUP_SIZES {
+            for scale in [1e-3f32, 0.05, 1.0, 40.0] {
+                let mut w: Vec<f32> = (0..rows * cols).map(|_| scale * next()).collect();
+                w[..cols].fill(0.25 * scale); // a constant row
+                let q = Int4Matrix::quantize_rtn(rows, cols, g, &w).unwrap();
+                let back = WeightMatrix::Int4(q.clone()).dequant();
+                for (i, (&a, &b)) in w.iter().zip(&back).enumerate() {
+                    let s = q.scales[(i / cols) * (cols / g) + (i % cols) / g].to_f32();
+                    let tol = 0.5 * s + 15.0 * s * 2f32.powi(-11);
+                    assert!(
+                        (a - b).abs() <= tol,
+                        "g{g} scale {scale} element {i}: {a} vs {b} (tol {tol})"
+                    );
+                    if i < cols {
+                        assert_eq!(a, b, "a constant group is exact");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn bad_shapes_are_errors() {
         assert!(Int4Matrix::new(2, 48, 32, vec![0; 48], vec![f16::ZERO; 3], vec![0.0; 3]).is_err());
         assert!(Int4Matrix::new(2, 64, 16, vec![0; 64], vec![f16::ZERO; 8], vec![0.0; 8]).is_err());
