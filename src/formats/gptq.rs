@@ -589,17 +589,18 @@ pub fn pack_gptq(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    /// xorshift64: deterministic test randomness without a dependency.
-    struct Rng(u64);
+    /// xorshift64: deterministic test randomness without a dependency (also for the AWQ
+    /// tests).
+    pub(in crate::formats) struct Rng(u64);
 
     impl Rng {
-        fn new(seed: u64) -> Self {
+        pub(in crate::formats) fn new(seed: u64) -> Self {
             Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
         }
-        fn next(&mut self) -> u64 {
+        pub(in crate::formats) fn next(&mut self) -> u64 {
             let mut x = self.0;
             x ^= x << 13;
             x ^= x >> 7;
@@ -607,11 +608,11 @@ mod tests {
             self.0 = x;
             x
         }
-        fn below(&mut self, n: usize) -> usize {
+        pub(in crate::formats) fn below(&mut self, n: usize) -> usize {
             (self.next() % n as u64) as usize
         }
         /// A random f16 scale: either sign, magnitudes from subnormal to ~2, and exact zero.
-        fn scale(&mut self) -> f16 {
+        pub(in crate::formats) fn scale(&mut self) -> f16 {
             match self.below(20) {
                 0 => f16::ZERO,
                 1 => f16::from_bits(self.below(0x400) as u16 | ((self.below(2) as u16) << 15)),
@@ -625,7 +626,7 @@ mod tests {
 
     /// Equal bits, or both zeros of either sign (`s·q + m` gives +0 where `s·(q − z)` may
     /// give −0; see [`gptq_to_int4`]).
-    fn same_f32(a: f32, b: f32) -> bool {
+    pub(in crate::formats) fn same_f32(a: f32, b: f32) -> bool {
         a.to_bits() == b.to_bits() || (a == 0.0 && b == 0.0)
     }
 
