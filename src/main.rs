@@ -366,6 +366,25 @@ enum BenchCommand {
     /// ToT over a question set with sharing and batching, then with every node a fresh
     /// request one question at a time: wall time, tokens computed, thoughts per second.
     Tot(Box<cli::tot::BenchTotArgs>),
+    /// INT4 matmul at LLaMA-3.1-8B / LLaMA-2-70B layer shapes for M = 1..64: time, weight GB/s,
+    /// share of the measured copy bandwidth, and the dense baseline (cuBLAS f16 on CUDA, the
+    /// f32 dense kernel on the CPU).
+    Kernels(BenchKernelsArgs),
+}
+
+#[derive(Args)]
+struct BenchKernelsArgs {
+    /// Layer shapes: 8b, 70b or all.
+    #[arg(long, default_value = "8b")]
+    shapes: String,
+    /// Batch rows (tokens) per matmul.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32,64")]
+    m: Vec<usize>,
+    /// Timed calls per point (median reported), after 3 warm-up calls.
+    #[arg(long, default_value_t = 20)]
+    reps: usize,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 #[derive(Args)]
@@ -416,6 +435,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Tot(a)) => cli::tot::cmd_bench_tot(*a),
         Command::Bench(BenchCommand::Decode(a)) => cmd_bench_decode(a),
         Command::Bench(BenchCommand::Tree(a)) => cmd_bench_tree(a),
+        Command::Bench(BenchCommand::Kernels(a)) => cmd_bench_kernels(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -732,6 +752,60 @@ fn print_config(c: &ModelConfig) {
     println!("rms eps:         {:e}", c.rms_eps);
     println!("rope scaling:    {:?}", c.rope_scaling);
     println!("tied output:     {}", c.tied_output);
+}
+
+fn cmd_bench_kernels(a: BenchKernelsArgs) -> Result<()> {
+    use qmtot::bench::kernels::{LLAMA2_70B, LLAMA3_8B};
+    let shapes: Vec<_> = match a.shapes.as_str() {
+        "8b" => LLAMA3_8B.to_vec(),
+        "70b" => LLAMA2_70B.to_vec(),
+        "all" => LLAMA3_8B.iter().chain(&LLAMA2_70B).copied().collect(),
+        other => return Err(Error::InvalidArgument(format!("--shapes {other:?}: 8b, 70b or all"))),
+    };
+    if a.m.is_empty() || a.m.contains(&0) || a.reps == 0 {
+        return Err(Error::InvalidArgument(
+            "--m needs positive sizes and --reps at least 1".into(),
+        ));
+    }
+    match pick_device(a.run.device) {
+        Picked::Cpu => {
+            let b = cpu_backend(&a.run)?;
+            println!("device: {} ({})", b.name(), cpu_model());
+            bench_kernels_on(&b, &shapes, &a)
+        }
+        Picked::Cuda(n) => {
+            let b = CudaBackend::new(n)?;
+            println!("device: {}", b.name());
+            bench_kernels_on(&b, &shapes, &a)
+        }
+    }
+}
+
+fn bench_kernels_on<B: qmtot::bench::kernels::KernelBenchDevice>(
+    b: &B,
+    shapes: &[qmtot::bench::kernels::Shape],
+    a: &BenchKernelsArgs,
+) -> Result<()> {
+    println!("| shape | N×K | M | INT4 µs | weight GB/s | % of copy | baseline | baseline µs | speed-up |");
+    println!("|---|---|---:|---:|---:|---:|---|---:|---:|");
+    let report = qmtot::bench::kernels::run(b, shapes, &a.m, a.reps, |r| {
+        println!(
+            "| {} | {}×{} | {} | {:.1} | {:.0} | {:.0}% | {} | {:.1} | {:.2}× |",
+            r.shape.name,
+            r.shape.n,
+            r.shape.k,
+            r.m,
+            r.seconds * 1e6,
+            r.weight_gbps,
+            100.0 * r.fraction_of_copy,
+            r.baseline,
+            r.baseline_seconds * 1e6,
+            r.baseline_seconds / r.seconds
+        );
+        let _ = std::io::stdout().flush();
+    })?;
+    println!("measured copy bandwidth: {:.0} GB/s (read + write)", report.copy_gbps);
+    Ok(())
 }
 
 fn cmd_bench_decode(a: BenchDecodeArgs) -> Result<()> {

@@ -2,5 +2,6 @@
 //! benchmarks join these with the CUDA backend.
 
 pub mod decode;
+pub mod kernels;
 pub mod tot;
 pub mod tree;

@@ -13,6 +13,7 @@
 //! libcuda is loaded dynamically: [`CudaBackend::new`] checks that it is present before any
 //! driver call (cudarc panics otherwise) and returns a typed error when it is not.
 
+mod bench;
 pub mod kernel_cache;
 mod kernels;
 pub mod nvrtc;
