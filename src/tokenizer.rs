@@ -195,6 +195,12 @@ impl Tokenizer {
         })
     }
 
+    /// The same tokenizer with these end-of-generation ids.
+    pub fn with_eos(mut self, eos: Vec<u32>) -> Self {
+        self.eos = eos;
+        self
+    }
+
     /// Token ids of `text`. With `add_special`, the model's BOS (if it wants one) is prepended;
     /// special-token text such as `<|im_start|>` is always matched as its token.
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {

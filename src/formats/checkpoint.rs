@@ -63,6 +63,32 @@ impl Checkpoint {
         }
     }
 
+    /// The group size of the INT4 linear layers this checkpoint loads as, if it has any: 32 for
+    /// GGUF Q4_0 / Q4_1 layers, the quantizer's group for GPTQ, AWQ and qmtot folders, the
+    /// `--group-size` of float folders loaded as INT4. (Read from metadata: no layer is
+    /// converted to find it.)
+    pub fn int4_group(&self) -> Option<usize> {
+        use super::gguf::GgmlType;
+        use super::safetensors::{FloatWeights, Quantization};
+        match self {
+            Checkpoint::Gguf(g) => g
+                .tensors
+                .iter()
+                .filter(|t| t.name != "token_embd.weight" && t.name != "output.weight")
+                .any(|t| matches!(t.ty, GgmlType::Q4_0 | GgmlType::Q4_1))
+                .then_some(32),
+            Checkpoint::Hf(h) => match &h.quantization {
+                Quantization::Float => match h.options.weights {
+                    FloatWeights::Int4 { group } => Some(group),
+                    FloatWeights::F16 | FloatWeights::F32 => None,
+                },
+                Quantization::Qmtot { group } => Some(*group),
+                Quantization::Gptq(c) => Some(c.group_size),
+                Quantization::Awq(c) => Some(c.group_size),
+            },
+        }
+    }
+
     fn source(&self) -> &dyn WeightSource {
         match self {
             Checkpoint::Gguf(g) => g.as_ref(),

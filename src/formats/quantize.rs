@@ -20,7 +20,7 @@ use safetensors::Dtype;
 use serde_json::json;
 
 use super::checkpoint::Checkpoint;
-use super::gguf::{quantize_q4_1, GgmlType, GgufWriter};
+use super::gguf::{GgmlType, GgufWriter};
 use super::hf_write::{config_json, rope_unpermute_order, unpermute_rope_rows, write_folder, OutTensor};
 use super::safetensors::{hf_tensor_name, QMTOT_QUANT_METHOD};
 use crate::config::{ModelConfig, RopeStyle};
@@ -57,18 +57,14 @@ fn is_embed_or_head(name: &str) -> bool {
     name == "token_embd.weight" || name == "output.weight"
 }
 
-/// `m` as canonical INT4 with group `group` (`None`: keep an INT4 `m` as it is), requantized
-/// when it has an input order and the output format cannot hold one.
-fn to_int4(m: &WeightMatrix, group: Option<usize>, default: usize, keeps_order: bool) -> Result<(Int4Matrix, bool)> {
-    match (m, group) {
-        (WeightMatrix::Int4(q), _) if q.input_order.is_some() && !keeps_order => Ok((
-            Int4Matrix::quantize_rtn(q.rows, q.cols, group.unwrap_or(default), &m.dequant())?,
-            true,
-        )),
-        (WeightMatrix::Int4(q), None) => Ok((q.clone(), false)),
-        (WeightMatrix::Int4(q), Some(g)) if q.group == g => Ok((q.clone(), false)),
-        (other, g) => Ok((
-            Int4Matrix::quantize_rtn(other.rows(), other.cols(), g.unwrap_or(default), &other.dequant())?,
+/// `m` as canonical INT4 with group `group`: an INT4 `m` of that group is kept as it is
+/// (unless it has an input order the output format cannot hold); anything else is quantized
+/// round-to-nearest. The flag says whether it was quantized here.
+fn to_int4(m: &WeightMatrix, group: usize, keeps_order: bool) -> Result<(Int4Matrix, bool)> {
+    match m {
+        WeightMatrix::Int4(q) if q.group == group && (keeps_order || q.input_order.is_none()) => Ok((q.clone(), false)),
+        other => Ok((
+            Int4Matrix::quantize_rtn(other.rows(), other.cols(), group, &other.dequant())?,
             true,
         )),
     }
@@ -102,17 +98,7 @@ pub fn quantize(
             let tokenizer = src.tokenizer()?;
             let default = 128;
             // One group size for every INT4 tensor of the folder (its config says which).
-            let group = match opts.group {
-                Some(g) => g,
-                None => names
-                    .iter()
-                    .filter(|n| !is_embed_or_head(n))
-                    .find_map(|n| match src.matrix(n) {
-                        Ok(WeightMatrix::Int4(q)) => Some(q.group),
-                        _ => None,
-                    })
-                    .unwrap_or(default),
-            };
+            let group = opts.group.or(src.int4_group()).unwrap_or(default);
             let mut tensors = Vec::new();
             for (i, name) in names.iter().enumerate() {
                 let hf = hf_tensor_name(name).expect("model tensor names map to Hugging Face names");
@@ -131,7 +117,7 @@ pub fn quantize(
                         });
                         summary.other_tensors += 1;
                     } else {
-                        let (q, requantized) = to_int4(&m, Some(group), group, true)?;
+                        let (q, requantized) = to_int4(&m, group, true)?;
                         summary.int4_tensors += 1;
                         summary.requantized += usize::from(requantized);
                         let module = hf.strip_suffix(".weight").expect("weights end in .weight");
@@ -213,7 +199,7 @@ pub fn quantize(
                         }
                         summary.other_tensors += 1;
                     } else {
-                        let (q, requantized) = to_int4(&m, Some(32), 32, false)?;
+                        let (q, requantized) = to_int4(&m, 32, false)?;
                         summary.int4_tensors += 1;
                         summary.requantized += usize::from(requantized);
                         w.tensor(name, &shape, GgmlType::Q4_1, int4_to_q4_1(&q))?;
@@ -256,14 +242,12 @@ fn hf_rope_order(c: &ModelConfig, name: &str, m: WeightMatrix) -> Result<WeightM
 
 /// Canonical INT4 with group 32 as GGUF Q4_1 blocks (`d` f16, `m` f16, 16 bytes: element `j`
 /// in the low nibble of byte `j`, element `j + 16` in the high nibble). `m` is rounded to f16.
+/// `q` has group 32 (so whole blocks: `Int4Matrix::new` checks that the group divides the
+/// columns) and no input order (`to_int4` requantizes such layers for GGUF).
 fn int4_to_q4_1(q: &Int4Matrix) -> Vec<u8> {
-    debug_assert_eq!(q.group, 32);
+    debug_assert!(q.group == 32 && q.input_order.is_none());
     let gpr = q.cols / 32;
     let mut out = Vec::with_capacity(q.rows * gpr * 20);
-    if q.cols % 32 != 0 {
-        // to_int4 made group 32, so cols is a multiple of 32; keep the function total anyway.
-        return quantize_q4_1(&WeightMatrix::Int4(q.clone()).dequant());
-    }
     for r in 0..q.rows {
         for g in 0..gpr {
             let i = r * gpr + g;

@@ -320,23 +320,20 @@ impl HfCheckpoint {
                 _ => None,
             }
         };
-        let mut tok = Tokenizer::from_file(self.dir.join("tokenizer.json"), eos.clone(), template)?;
-        if eos.is_empty() {
-            // Fall back to the tokenizer config's eos token by name.
-            if let Some(id) = tokenizer_config
-                .as_ref()
-                .and_then(|c| c.get("eos_token"))
-                .and_then(|v| v.as_str().or_else(|| v.get("content").and_then(Value::as_str)))
-                .and_then(|name| tok.token_to_id(name))
-            {
-                tok = Tokenizer::from_file(
-                    self.dir.join("tokenizer.json"),
-                    vec![id],
-                    tok.chat_template().map(str::to_string),
-                )?;
-            }
+        let tok = Tokenizer::from_file(self.dir.join("tokenizer.json"), eos, template)?;
+        if !tok.eos_ids().is_empty() {
+            return Ok(tok);
         }
-        Ok(tok)
+        // Fall back to the tokenizer config's eos token by name.
+        match tokenizer_config
+            .as_ref()
+            .and_then(|c| c.get("eos_token"))
+            .and_then(|v| v.as_str().or_else(|| v.get("content").and_then(Value::as_str)))
+            .and_then(|name| tok.token_to_id(name))
+        {
+            Some(id) => Ok(tok.with_eos(vec![id])),
+            None => Ok(tok),
+        }
     }
 
     /// Every tensor: name, dtype, shape (for `qmtot info`).

@@ -125,6 +125,14 @@ pub struct ChatMessageIn {
     pub name: Option<String>,
 }
 
+/// The messages as the tokenizer's chat template takes them.
+pub fn chat_messages(messages: &[ChatMessageIn]) -> Vec<crate::tokenizer::ChatMessage> {
+    messages
+        .iter()
+        .map(|m| crate::tokenizer::ChatMessage::new(&m.role, &m.content))
+        .collect()
+}
+
 #[derive(Clone, Debug, Deserialize)]
 pub struct ChatRequest {
     pub messages: Vec<ChatMessageIn>,

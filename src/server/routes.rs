@@ -18,15 +18,15 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::api::{
-    alternatives, finish_reason, no_unknown, ApiError, ChatRequest, Common, CompletionRequest, DetokenizeRequest,
-    OnePrompt, TokenizeRequest, TotRequest, Usage, MAX_CHOICES,
+    alternatives, chat_messages, finish_reason, no_unknown, ApiError, ChatRequest, Common, CompletionRequest,
+    DetokenizeRequest, OnePrompt, TokenizeRequest, TotRequest, Usage, MAX_CHOICES,
 };
 use super::metrics::Metrics;
 use super::tot_jobs::{TotJob, TotUpdate};
 use super::worker::{Job, PromptInput, Update, Work};
 use super::ServerConfig;
 use crate::error::Error;
-use crate::tokenizer::{ChatMessage, Tokenizer};
+use crate::tokenizer::Tokenizer;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -155,17 +155,20 @@ async fn tokenize(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -
         let special = r.add_special_tokens.unwrap_or(true);
         let text = match (r.prompt, r.messages) {
             (Some(p), None) => p,
-            (None, Some(m)) => {
-                let messages: Vec<ChatMessage> = m.iter().map(|m| ChatMessage::new(&m.role, &m.content)).collect();
-                st.tokenizer
-                    .apply_chat_template(&messages, r.add_generation_prompt.unwrap_or(true))
-                    .map_err(refused)?
-            }
+            (None, Some(m)) => st
+                .tokenizer
+                .apply_chat_template(&chat_messages(&m), r.add_generation_prompt.unwrap_or(true))
+                .map_err(refused)?,
             _ => return Err(ApiError::bad("give exactly one of prompt and messages", Some("prompt"))),
         };
         let tokens = st.tokenizer.encode(&text, special).map_err(refused)?;
         Ok(json!({"tokens": tokens, "count": tokens.len(), "max_model_len": st.context}))
     })();
+    json_or_error(result)
+}
+
+/// A JSON answer, or the error in OpenAI's shape.
+fn json_or_error(result: Result<Value, ApiError>) -> Response {
     match result {
         Ok(v) => axum::Json(v).into_response(),
         Err(e) => e.into_response(),
@@ -184,10 +187,7 @@ async fn detokenize(State(st): State<AppState>, headers: HeaderMap, body: Bytes)
         let text = st.tokenizer.decode(&r.tokens).map_err(refused)?;
         Ok(json!({ "prompt": text }))
     })();
-    match result {
-        Ok(v) => axum::Json(v).into_response(),
-        Err(e) => e.into_response(),
-    }
+    json_or_error(result)
 }
 
 /// `GET /tokenizer_info`: the special tokens, the chat template and the context length.
@@ -272,12 +272,7 @@ async fn chat(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> Re
             max_tokens: r.max_completion_tokens.or(r.max_tokens).unwrap_or(256),
             logprobs,
             echo: false,
-            prompts: vec![PromptInput::Chat(
-                r.messages
-                    .iter()
-                    .map(|m| ChatMessage::new(&m.role, &m.content))
-                    .collect(),
-            )],
+            prompts: vec![PromptInput::Chat(chat_messages(&r.messages))],
         })
     });
     respond(st, parsed, Kind::Chat).await

@@ -7,7 +7,7 @@ use half::f16;
 
 use super::kernels::cuda_err;
 use super::{CudaBackend, CudaTensor};
-use crate::bench::kernels::{random_values, KernelBenchDevice};
+use crate::bench::kernels::{median, random_values, KernelBenchDevice};
 use crate::error::Result;
 
 impl CudaBackend {
@@ -43,8 +43,7 @@ impl KernelBenchDevice for CudaBackend {
                 times.push(t);
             }
         }
-        times.sort_by(f64::total_cmp);
-        Ok(2.0 * bytes as f64 / times[times.len() / 2] / 1e9)
+        Ok(2.0 * bytes as f64 / median(times) / 1e9)
     }
 
     fn baseline(&self, m: usize, n: usize, k: usize, reps: usize) -> Result<(String, f64)> {
@@ -78,8 +77,7 @@ impl KernelBenchDevice for CudaBackend {
         for _ in 0..reps {
             times.push(self.event_seconds(&mut call)?);
         }
-        times.sort_by(f64::total_cmp);
-        Ok(("cuBLAS f16".into(), times[times.len() / 2]))
+        Ok(("cuBLAS f16".into(), median(times)))
     }
 
     fn cache_bytes(&self) -> usize {
