@@ -383,6 +383,22 @@ struct BenchKernelsArgs {
     /// Timed calls per point (median reported), after 3 warm-up calls.
     #[arg(long, default_value_t = 20)]
     reps: usize,
+    /// Which parts: matmul, attention (decode over long contexts), cascade (shared prefix vs
+    /// plain for sibling groups).
+    #[arg(long, value_delimiter = ',', default_value = "matmul,attention,cascade")]
+    parts: Vec<String>,
+    /// Decode attention: contexts (tokens per row).
+    #[arg(long, value_delimiter = ',', default_value = "1024,2048,4096,8192,16384,32768")]
+    contexts: Vec<usize>,
+    /// Decode attention: rows per step.
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    attention_batch: Vec<usize>,
+    /// Cascade: siblings per group (K).
+    #[arg(long, value_delimiter = ',', default_value = "4,16,64")]
+    siblings: Vec<usize>,
+    /// Cascade: shared prefix lengths (rounded up to whole 16-token blocks).
+    #[arg(long, value_delimiter = ',', default_value = "128,512,2048,8192,32768")]
+    prefixes: Vec<usize>,
     #[command(flatten)]
     run: RunArgs,
 }
@@ -762,10 +778,21 @@ fn cmd_bench_kernels(a: BenchKernelsArgs) -> Result<()> {
         "all" => LLAMA3_8B.iter().chain(&LLAMA2_70B).copied().collect(),
         other => return Err(Error::InvalidArgument(format!("--shapes {other:?}: 8b, 70b or all"))),
     };
-    if a.m.is_empty() || a.m.contains(&0) || a.reps == 0 {
+    let lists = [&a.m, &a.contexts, &a.attention_batch, &a.siblings, &a.prefixes];
+    if lists.iter().any(|l| l.is_empty() || l.contains(&0)) || a.reps == 0 {
         return Err(Error::InvalidArgument(
-            "--m needs positive sizes and --reps at least 1".into(),
+            "--m, --contexts, --attention-batch, --siblings and --prefixes need positive sizes, --reps at least 1"
+                .into(),
         ));
+    }
+    if let Some(p) = a
+        .parts
+        .iter()
+        .find(|p| !["matmul", "attention", "cascade"].contains(&p.as_str()))
+    {
+        return Err(Error::InvalidArgument(format!(
+            "--parts {p:?}: matmul, attention or cascade"
+        )));
     }
     match pick_device(a.run.device) {
         Picked::Cpu => {
@@ -782,6 +809,58 @@ fn cmd_bench_kernels(a: BenchKernelsArgs) -> Result<()> {
 }
 
 fn bench_kernels_on<B: qmtot::bench::kernels::KernelBenchDevice>(
+    b: &B,
+    shapes: &[qmtot::bench::kernels::Shape],
+    a: &BenchKernelsArgs,
+) -> Result<()> {
+    let part = |p: &str| a.parts.iter().any(|x| x == p);
+    if part("matmul") {
+        bench_matmul_on(b, shapes, a)?;
+    }
+    let layout = qmtot::bench::attention::LLAMA3_8B_ATTENTION;
+    if part("attention") {
+        println!();
+        println!("Decode attention, LLaMA-3.1-8B heads (32 × 128, 8 KV heads), one layer:");
+        println!("| rows | context | µs | K/V GB/s |");
+        println!("|---:|---:|---:|---:|");
+        for &batch in &a.attention_batch {
+            for &context in &a.contexts {
+                let r = qmtot::bench::attention::decode(b, layout, batch, context, a.reps)?;
+                println!(
+                    "| {} | {} | {:.1} | {:.0} |",
+                    r.batch,
+                    r.context,
+                    r.seconds * 1e6,
+                    r.kv_gbps
+                );
+                let _ = std::io::stdout().flush();
+            }
+        }
+    }
+    if part("cascade") {
+        println!();
+        println!("Sibling decode rows over a shared prefix, one layer: plain paged attention vs cascade:");
+        println!("| siblings | prefix | plain µs | cascade µs | speed-up |");
+        println!("|---:|---:|---:|---:|---:|");
+        for &k in &a.siblings {
+            for &prefix in &a.prefixes {
+                let r = qmtot::bench::attention::cascade(b, layout, k, prefix, a.reps)?;
+                println!(
+                    "| {} | {} | {:.1} | {:.1} | {:.2}× |",
+                    r.siblings,
+                    r.prefix,
+                    r.plain_seconds * 1e6,
+                    r.cascade_seconds * 1e6,
+                    r.plain_seconds / r.cascade_seconds
+                );
+                let _ = std::io::stdout().flush();
+            }
+        }
+    }
+    Ok(())
+}
+
+fn bench_matmul_on<B: qmtot::bench::kernels::KernelBenchDevice>(
     b: &B,
     shapes: &[qmtot::bench::kernels::Shape],
     a: &BenchKernelsArgs,

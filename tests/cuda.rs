@@ -121,11 +121,81 @@ fn add_bias_matches_the_cpu_backend() {
     assert!(g.add_bias(&mut xg, &short).is_err());
 }
 
+/// A step for the attention tests: `seqs[s] = (length, rows)` — sequence `s` has K/V at
+/// positions `0..length` and the step's rows at positions `rows` (all < length) — over block
+/// tables scattered through a pool of `n_blocks`, where `groups` `(members, blocks)` share
+/// their lead's first blocks. Returns the step and a "fill" step whose rows write every
+/// position's K/V once (a shared block through its lead only).
+fn attention_steps(seqs: &[(usize, Vec<u32>)], groups: &[(Vec<u32>, u32)], n_blocks: u32) -> (StepInput, StepInput) {
+    use qmtot::backend::SharedPrefix;
+    let bs = 16usize;
+    // Scatter: block i of the pool order is physical block (i·97 + 5) mod n_blocks.
+    let mut next = 0u32;
+    let mut take = || {
+        let b = (next * 97 + 5) % n_blocks;
+        next += 1;
+        b
+    };
+    let mut tables: Vec<Vec<u32>> = seqs
+        .iter()
+        .map(|(len, _)| (0..len.div_ceil(bs)).map(|_| take()).collect())
+        .collect();
+    // shared[s] = leading blocks of s that belong to its group's lead.
+    let mut shared = vec![0usize; seqs.len()];
+    let mut step = StepInput::default();
+    for (members, blocks) in groups {
+        let nb = *blocks as usize;
+        let lead = tables[members[0] as usize][..nb].to_vec();
+        for &m in &members[1..] {
+            tables[m as usize][..nb].copy_from_slice(&lead);
+            shared[m as usize] = nb * bs;
+        }
+        step.groups.push(SharedPrefix {
+            seqs: members.clone(),
+            blocks: *blocks,
+        });
+    }
+    let mut fill = StepInput::default();
+    let push = |st: &mut StepInput, s: usize, p: u32, table: &[u32]| {
+        st.tokens.push(0);
+        st.positions.push(p);
+        st.slots.push(table[p as usize / bs] * bs as u32 + p % bs as u32);
+        st.row_seq.push(s as u32);
+    };
+    for (s, (len, rows)) in seqs.iter().enumerate() {
+        for p in shared[s]..*len {
+            push(&mut fill, s, p as u32, &tables[s]);
+        }
+        for &p in rows {
+            push(&mut step, s, p, &tables[s]);
+        }
+    }
+    fill.block_tables = tables.clone();
+    step.block_tables = tables;
+    (step, fill)
+}
+
 #[test]
-fn paged_attention_matches_the_cpu_backend_over_scattered_blocks() {
+fn attention_matches_the_cpu_backend_for_decode_prefill_and_cascade() {
     let Some(g) = gpu() else { return };
     let c = cpu();
-    for (n_heads, n_kv, hd) in [(9, 3, 64), (8, 2, 128), (4, 4, 64)] {
+    // Scenarios, each checked with its sharing groups (cascade) and without (plain):
+    //   * scattered prefill rows of two short sequences (the tile kernel, causal);
+    //   * decode rows over 3000 and 1200 keys (flash-decoding split over many chunks), a
+    //     70-row prefill after a 100-token cached prefix (several tiles, odd ends), five
+    //     siblings one to three tokens past a shared 320-token prefix plus a member still
+    //     prefilling 25 rows (cascade over the prefix, then split rows and a tile).
+    let short = vec![(40usize, (0..40).collect::<Vec<u32>>()), (23, (0..23).collect())];
+    let mut long = vec![(3000usize, vec![2999]), (1200, vec![1199]), (170, (100..170).collect())];
+    let mut members = Vec::new();
+    for i in 0..5u32 {
+        members.push(long.len() as u32);
+        long.push((321 + i as usize % 3, vec![320 + i % 3]));
+    }
+    members.push(long.len() as u32);
+    long.push((345, (320..345).collect()));
+    let scenarios = [(short, vec![]), (long, vec![(members, 20u32)])];
+    for (n_heads, n_kv, hd) in [(9, 3, 64), (8, 2, 128), (8, 1, 128), (4, 4, 64)] {
         let layout = QkvLayout {
             n_heads,
             n_kv_heads: n_kv,
@@ -133,49 +203,60 @@ fn paged_attention_matches_the_cpu_backend_over_scattered_blocks() {
         };
         let shape = qmtot::backend::KvShape {
             n_layers: 1,
-            n_blocks: 16,
+            n_blocks: 400,
             block_size: 16,
             n_kv_heads: n_kv,
             head_dim: hd,
         };
-        // Two sequences over scattered blocks: 40 and 23 positions, every position written.
-        let tables = vec![vec![9, 2, 14], vec![5, 11]];
-        let lens = [40usize, 23];
-        let mut step = StepInput::default();
-        for (s, &len) in lens.iter().enumerate() {
-            for p in 0..len {
-                step.tokens.push(0);
-                step.positions.push(p as u32);
-                step.slots.push(tables[s][p / 16] * 16 + (p % 16) as u32);
-                step.row_seq.push(s as u32);
+        for (si, (seqs, groups)) in scenarios.iter().enumerate() {
+            let (step, fill) = attention_steps(seqs, groups, shape.n_blocks as u32);
+            // K/V of every position (unfilled slots stay NaN-poisoned on both backends).
+            let (mut kg, mut kc) = (g.alloc_kv(shape).unwrap(), c.alloc_kv(shape).unwrap());
+            let kv_vals = f16_round(&rand_values(fill.rows() * layout.width(), 11 + si as u64, 1.0));
+            let fg = g.upload_activations(fill.rows(), layout.width(), &kv_vals).unwrap();
+            let fc = CpuTensor {
+                rows: fill.rows(),
+                cols: layout.width(),
+                data: kv_vals,
+            };
+            g.kv_write(&mut kg, 0, &fg, layout, &g.upload_step(&fill).unwrap())
+                .unwrap();
+            c.kv_write(&mut kc, 0, &fc, layout, &c.upload_step(&fill).unwrap())
+                .unwrap();
+            // Queries of the step's rows: scale 3 makes the softmax peaked, so a wrong mask or
+            // merge shows.
+            let rows = step.rows();
+            let q = f16_round(&rand_values(rows * layout.width(), 7 + si as u64, 3.0));
+            let qg = g.upload_activations(rows, layout.width(), &q).unwrap();
+            let qc = CpuTensor {
+                rows,
+                cols: layout.width(),
+                data: q,
+            };
+            let what = format!("attention scenario {si} h={n_heads} kv={n_kv} hd={hd}");
+            let mut plain = step.clone();
+            plain.groups.clear();
+            let mut outs = Vec::new();
+            for st in [&step, &plain] {
+                let mut og = g.alloc_activations(rows, n_heads * hd).unwrap();
+                g.attention(&qg, &kg, 0, layout, &g.upload_step(st).unwrap(), &mut og)
+                    .unwrap();
+                let got = host(&g, &og);
+                assert!(
+                    got.iter().all(|v| v.is_finite()),
+                    "{what}: a NaN-poisoned slot was read"
+                );
+                outs.push(got);
             }
+            let mut oc = c.alloc_activations(rows, n_heads * hd).unwrap();
+            let sc = c.upload_step(&step).unwrap();
+            c.run(|| c.attention(&qc, &kc, 0, layout, &sc, &mut oc)).unwrap();
+            // Against the CPU: f16 output rounding plus summation order (module doc).
+            assert_close(&what, &outs[0], &oc.data, 2e-3, 4e-3);
+            // Cascade against plain on the same device: the same sums in another order, each
+            // rounded once to f16 — within an f16 ulp or two (2⁻¹⁰ relative).
+            assert_close(&format!("{what}: cascade vs plain"), &outs[0], &outs[1], 1e-3, 1e-3);
         }
-        step.block_tables = tables;
-        let rows = step.rows();
-        let qkv = f16_round(&rand_values(rows * layout.width(), 7, 1.0));
-        let (sg, sc) = (g.upload_step(&step).unwrap(), c.upload_step(&step).unwrap());
-        let (mut kg, mut kc) = (g.alloc_kv(shape).unwrap(), c.alloc_kv(shape).unwrap());
-        let qg = g.upload_activations(rows, layout.width(), &qkv).unwrap();
-        let qc = CpuTensor {
-            rows,
-            cols: layout.width(),
-            data: qkv,
-        };
-        g.kv_write(&mut kg, 0, &qg, layout, &sg).unwrap();
-        c.kv_write(&mut kc, 0, &qc, layout, &sc).unwrap();
-        let mut og = g.alloc_activations(rows, n_heads * hd).unwrap();
-        let mut oc = c.alloc_activations(rows, n_heads * hd).unwrap();
-        g.attention(&qg, &kg, 0, layout, &sg, &mut og).unwrap();
-        c.run(|| c.attention(&qc, &kc, 0, layout, &sc, &mut oc)).unwrap();
-        let got = host(&g, &og);
-        assert!(got.iter().all(|v| v.is_finite()), "a NaN-poisoned slot was read");
-        assert_close(
-            &format!("attention h={n_heads} kv={n_kv} hd={hd}"),
-            &got,
-            &oc.data,
-            2e-3,
-            4e-3,
-        );
     }
 }
 

@@ -22,6 +22,8 @@ pub trait KernelBenchDevice: Backend {
     fn baseline(&self, m: usize, n: usize, k: usize, reps: usize) -> Result<(String, f64)>;
     /// Bytes the weights must exceed not to stay cache-resident.
     fn cache_bytes(&self) -> usize;
+    /// Bytes of one stored K or V element (f16 on CUDA, f32 on the CPU).
+    fn kv_element_bytes(&self) -> usize;
     /// Activations `[rows, cols]` holding `values`.
     fn activations(&self, rows: usize, cols: usize, values: &[f32]) -> Result<Self::Activations>;
 }
@@ -229,6 +231,10 @@ impl KernelBenchDevice for crate::backend::cpu::CpuBackend {
 
     fn cache_bytes(&self) -> usize {
         64 << 20
+    }
+
+    fn kv_element_bytes(&self) -> usize {
+        4
     }
 
     fn activations(&self, rows: usize, cols: usize, values: &[f32]) -> Result<crate::backend::cpu::CpuTensor> {

@@ -85,6 +85,10 @@ impl KernelBenchDevice for CudaBackend {
         64 << 20
     }
 
+    fn kv_element_bytes(&self) -> usize {
+        2
+    }
+
     fn activations(&self, rows: usize, cols: usize, values: &[f32]) -> Result<CudaTensor> {
         self.upload_activations(rows, cols, values)
     }

@@ -79,10 +79,15 @@ fn entry_points(source: &str) -> Vec<String> {
             names.push(format!("int4_matmul_m{}_f16", first_arg(args)));
         } else if let Some(args) = line.strip_prefix("DENSE_MATMUL_ENTRY(") {
             names.push(format!("dense_matmul_m{}_f16", first_arg(args)));
-        } else if let Some(args) = line.strip_prefix("PAGED_ATTENTION_ENTRY(") {
+        } else if let Some((op, args)) = ["SPLIT", "TILE"]
+            .iter()
+            .find_map(|op| Some((op, line.strip_prefix(&format!("ATTENTION_{op}_ENTRY("))?)))
+        {
             let mut it = args.trim_end_matches(')').split(',').map(str::trim);
             let (hd, g) = (it.next().unwrap_or(""), it.next().unwrap_or(""));
-            names.push(format!("paged_attention_hd{hd}_g{g}_f16"));
+            names.push(format!("attention_{}_hd{hd}_g{g}_f16", op.to_lowercase()));
+        } else if let Some(args) = line.strip_prefix("ATTENTION_MERGE_ENTRY(") {
+            names.push(format!("attention_merge_hd{}_f16", first_arg(args)));
         }
     }
     names
@@ -115,8 +120,12 @@ mod tests {
             "dense_matmul_m4_f16",
             "splitk_reduce_f16",
             "splitk_reduce_f32",
-            "paged_attention_hd64_g3_f16",
-            "paged_attention_hd128_g8_f16",
+            "attention_split_hd64_g3_f16",
+            "attention_split_hd128_g8_f16",
+            "attention_tile_hd64_g1_f16",
+            "attention_tile_hd128_g4_f16",
+            "attention_merge_hd64_f16",
+            "attention_merge_hd128_f16",
         ] {
             assert!(all.iter().any(|n| n == name), "{name} missing from {all:?}");
         }

@@ -13,6 +13,7 @@
 //! libcuda is loaded dynamically: [`CudaBackend::new`] checks that it is present before any
 //! driver call (cudarc panics otherwise) and returns a typed error when it is not.
 
+pub mod attention_plan;
 mod bench;
 pub mod kernel_cache;
 mod kernels;
@@ -138,6 +139,21 @@ pub struct CudaStep {
     block_tables: CudaSlice<i32>,
     max_blocks: usize,
     logit_rows: Option<CudaSlice<i32>>,
+    /// The attention plan for this step, made by the first layer's `attention` and reused by
+    /// the others (keyed by the GQA group it was made for).
+    attention: std::sync::OnceLock<((usize, usize), DevicePlan)>,
+}
+
+/// An [`attention_plan::AttentionPlan`] on the device (i32 arrays; empty ones hold one unused
+/// element, since a kernel argument needs an allocation).
+struct DevicePlan {
+    plan: attention_plan::AttentionPlan,
+    split_rows: CudaSlice<i32>,
+    split_from: CudaSlice<i32>,
+    split_part0: CudaSlice<i32>,
+    tasks: CudaSlice<i32>,
+    task_rows: CudaSlice<i32>,
+    row_parts: CudaSlice<i32>,
 }
 
 pub struct CudaBackend {
@@ -146,6 +162,8 @@ pub struct CudaBackend {
     kernels: Kernels,
     device_name: String,
     arch: String,
+    /// Multiprocessors: the attention plan sizes its chunks by them.
+    n_sms: usize,
 }
 
 fn shape_err(op: &str, reason: String) -> Error {
@@ -194,6 +212,10 @@ impl CudaBackend {
             .map_err(|e| cuda_err("compute capability", e))?;
         let arch = arch_for(major, minor);
         let device_name = ctx.name().map_err(|e| cuda_err("device name", e))?;
+        let n_sms = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| cuda_err("multiprocessor count", e))?
+            .max(1) as usize;
         let stream = ctx.default_stream();
         let kernels = Kernels::load(&ctx, &arch, &KernelCache::new(KernelCache::default_dir()))?;
         Ok(Self {
@@ -202,6 +224,7 @@ impl CudaBackend {
             kernels,
             device_name,
             arch,
+            n_sms,
         })
     }
 
@@ -276,6 +299,32 @@ impl CudaBackend {
                 }
             }
         })
+    }
+
+    /// The step's attention plan on the device, made once per step (by its first layer).
+    fn attention_plan<'s>(&self, step: &'s CudaStep, gqa: usize, n_kv: usize) -> Result<&'s DevicePlan> {
+        if step.attention.get().is_none() {
+            let plan = attention_plan::plan(&step.host, gqa, n_kv, 16, self.n_sms);
+            let ints = |v: &[u32]| self.upload(&i32s(if v.is_empty() { &[0] } else { v }));
+            let words = plan.task_words();
+            let dp = DevicePlan {
+                split_rows: ints(&plan.split_rows)?,
+                split_from: ints(&plan.split_from)?,
+                split_part0: ints(&plan.split_part0)?,
+                tasks: self.upload(if words.is_empty() { &[0] } else { &words[..] })?,
+                task_rows: ints(&plan.task_rows)?,
+                row_parts: ints(&plan.row_parts)?,
+                plan,
+            };
+            let _ = step.attention.set(((gqa, n_kv), dp));
+        }
+        match step.attention.get() {
+            Some((key, dp)) if *key == (gqa, n_kv) => Ok(dp),
+            _ => Err(shape_err(
+                "attention",
+                format!("one step serves one attention shape; this one was planned for another than GQA {gqa} × {n_kv} KV heads"),
+            )),
+        }
     }
 
     /// `out[rows, col0 .. col0+n] = x[rows] · Wᵀ` for one part `(col0, W[n, k])` and one tile
@@ -470,6 +519,7 @@ impl Backend for CudaBackend {
             } else {
                 Some(self.upload(&i32s(&step.logit_rows))?)
             },
+            attention: std::sync::OnceLock::new(),
         })
     }
 
@@ -714,36 +764,112 @@ impl Backend for CudaBackend {
                 ));
             }
         }
-        let group = layout.n_heads / layout.n_kv_heads;
-        let name = format!("paged_attention_hd{}_g{group}_f16", layout.head_dim);
-        let f = self.kernels.get(&name).map_err(|_| {
-            shape_err(
+        step.host.validate_groups(s.block_size)?;
+        if s.block_size != 16 {
+            return Err(shape_err(
                 "attention",
-                format!("no kernel for head_dim {} and GQA group {group}", layout.head_dim),
-            )
-        })?;
+                format!(
+                    "the kernels are built for 16-token blocks; the store has {}",
+                    s.block_size
+                ),
+            ));
+        }
+        let (n_heads, n_kv, hd) = (layout.n_heads, layout.n_kv_heads, layout.head_dim);
+        let group = n_heads / n_kv.max(1);
+        let kernel = |op: &str| {
+            let name = match op {
+                "merge" => format!("attention_merge_hd{hd}_f16"),
+                _ => format!("attention_{op}_hd{hd}_g{group}_f16"),
+            };
+            self.kernels.get(&name).map_err(|_| {
+                shape_err(
+                    "attention",
+                    format!("no kernel for head_dim {hd} and GQA group {group} ({n_heads} heads, {n_kv} KV heads)"),
+                )
+            })
+        };
+        let (split, tile, merge) = (kernel("split")?, kernel("tile")?, kernel("merge")?);
+        if n_heads % n_kv != 0 {
+            return Err(shape_err("attention", format!("{n_heads} heads over {n_kv} KV heads")));
+        }
+        let dp = self.attention_plan(step, group, n_kv)?;
+        let plan = &dp.plan;
+        let rows = qkv.rows;
+        // Partials [rows, n_heads, n_parts, 2 | hd] f32 (see kernels/attention.cu).
+        let np = plan.n_parts;
+        let mut part_ml = self.zeros::<f32>(rows * n_heads * np * 2)?;
+        let mut part_o = self.zeros::<f32>(rows * n_heads * np * hd)?;
         let plane = kv.plane();
         let k = kv.store.slice(2 * layer * plane..(2 * layer + 1) * plane);
         let v = kv.store.slice((2 * layer + 1) * plane..(2 * layer + 2) * plane);
-        let (n_kv, bs, mb) = (layout.n_kv_heads as i32, s.block_size as i32, step.max_blocks as i32);
-        let rows = qkv.rows;
-        // SAFETY: block tables cover every row's positions (checked); reads K/V of this layer.
+        let (n_kv_i, mb, np_i) = (n_kv as i32, step.max_blocks as i32, np as i32);
+        let x = qkv.f16("attention")?;
+        if !plan.split_rows.is_empty() {
+            let chunk = plan.split_chunk as i32;
+            let cfg = LaunchConfig {
+                grid_dim: (plan.split_rows.len() as u32, n_kv as u32, plan.split_max_chunks as u32),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: the plan covers positions inside each row's checked block table and
+            // writes parts < n_parts of rows < rows.
+            unsafe {
+                self.stream
+                    .launch_builder(split)
+                    .arg(x)
+                    .arg(&k)
+                    .arg(&v)
+                    .arg(&step.block_tables)
+                    .arg(&step.row_seq)
+                    .arg(&step.positions)
+                    .arg(&dp.split_rows)
+                    .arg(&dp.split_from)
+                    .arg(&dp.split_part0)
+                    .arg(&mut part_ml)
+                    .arg(&mut part_o)
+                    .arg(&n_kv_i)
+                    .arg(&mb)
+                    .arg(&chunk)
+                    .arg(&np_i)
+                    .launch(cfg)
+            }
+            .map_err(|e| cuda_err("attention_split", e))?;
+        }
+        if !plan.tasks.is_empty() {
+            // SAFETY: as above; every task's keys lie inside its sequence's table.
+            unsafe {
+                self.stream
+                    .launch_builder(tile)
+                    .arg(x)
+                    .arg(&k)
+                    .arg(&v)
+                    .arg(&step.block_tables)
+                    .arg(&step.positions)
+                    .arg(&dp.tasks)
+                    .arg(&dp.task_rows)
+                    .arg(&mut part_ml)
+                    .arg(&mut part_o)
+                    .arg(&n_kv_i)
+                    .arg(&mb)
+                    .arg(&np_i)
+                    .launch(grid(plan.tasks.len(), n_kv, 256))
+            }
+            .map_err(|e| cuda_err("attention_tile", e))?;
+        }
+        let n_heads_i = n_heads as i32;
+        // SAFETY: every row has row_parts[row] ≥ 1 written parts; writes out[rows, n_heads·hd].
         unsafe {
             self.stream
-                .launch_builder(f)
-                .arg(qkv.f16("attention")?)
-                .arg(&k)
-                .arg(&v)
-                .arg(&step.block_tables)
-                .arg(&step.row_seq)
-                .arg(&step.positions)
+                .launch_builder(merge)
+                .arg(&part_ml)
+                .arg(&part_o)
+                .arg(&dp.row_parts)
                 .arg(out.f16_mut("attention")?)
-                .arg(&n_kv)
-                .arg(&bs)
-                .arg(&mb)
-                .launch(grid(rows, layout.n_kv_heads, 128))
+                .arg(&n_heads_i)
+                .arg(&np_i)
+                .launch(grid(rows, n_heads, hd as u32))
         }
-        .map_err(|e| cuda_err("attention", e))?;
+        .map_err(|e| cuda_err("attention_merge", e))?;
         Ok(())
     }
 

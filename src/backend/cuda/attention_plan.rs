@@ -1,0 +1,437 @@
+//! Host plan of one step's attention on the CUDA backend: which kernel covers which keys of
+//! which rows, and where each leaves its partial result (`kernels/attention.cu`).
+//!
+//! Row `r` (sequence `s`, position `p`) attends keys `0..=p`. The plan cuts them so that every
+//! key of every row is covered by exactly one part, and `row_parts[r]` counts the row's parts:
+//!
+//! * **shared prefix** (cascade): for a sharing group ([`crate::backend::SharedPrefix`]) whose
+//!   prefix has at least [`CASCADE_MIN_PREFIX`] tokens and whose members have at least two
+//!   rows, keys `0..P` of all the members' rows are `attention_tile` tasks — tiles of at most
+//!   64 (row, query head) queries × chunks of the prefix — so each prefix key is read once per
+//!   tile instead of once per row. These are parts `0..` of every member row. Below the
+//!   threshold the group is read as plain attention: the prefix is too short for the saving
+//!   to pay for the extra partials and launch.
+//! * **own keys** `from..=p` (`from` = the cascaded prefix length, else 0):
+//!   * a sequence with one row in the step (a decode row) is an `attention_split` row, its keys
+//!     cut into chunks of `split_chunk` (flash-decoding);
+//!   * a sequence with several rows (a prefill chunk) is cut into tiles of consecutive rows,
+//!     each an `attention_tile` task over keys `from..=max position of the tile`, with the
+//!     causal mask per row, chunked like a prefix when the range is long.
+//!
+//! Chunk lengths follow from the step's shapes and the device's multiprocessor count only (so
+//! a result never depends on timing), aiming at [`CTAS_PER_SM`] CTAs per multiprocessor.
+//! Pure host code: its unit tests run the plan through an f32 model of the kernels and
+//! compare with direct attention, without a GPU.
+
+use crate::backend::StepInput;
+
+/// Queries ((row, query head) pairs) per `attention_tile` task (`ATT_QUERIES`).
+pub const TILE_QUERIES: usize = 64;
+/// Shortest shared prefix, in tokens, read by cascade. Below it the whole group is plain
+/// attention. Provisional until `qmtot bench kernels` measures the crossover on a GPU: at 16
+/// blocks a group of 2+ rows saves at least 256 key reads per extra row.
+pub const CASCADE_MIN_PREFIX: usize = 256;
+/// CTAs per multiprocessor the chunking aims at.
+pub const CTAS_PER_SM: usize = 2;
+/// Bounds of a key chunk (multiples of the 32 keys a tile step stages).
+const MIN_CHUNK: usize = 64;
+const MAX_CHUNK: usize = 1024;
+
+/// One `attention_tile` task: rows `task_rows[rows.0 .. rows.0 + rows.1]`, keys
+/// `keys.0 .. keys.1` through block table `seq`, written to part `part` of every row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TileTask {
+    pub rows_offset: u32,
+    pub n_rows: u32,
+    pub seq: u32,
+    pub key_start: u32,
+    pub key_end: u32,
+    pub part: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AttentionPlan {
+    /// `attention_split` rows: row, first own key, first part.
+    pub split_rows: Vec<u32>,
+    pub split_from: Vec<u32>,
+    pub split_part0: Vec<u32>,
+    /// Keys per split chunk, and the most chunks of any split row (the grid's z).
+    pub split_chunk: usize,
+    pub split_max_chunks: usize,
+    pub tasks: Vec<TileTask>,
+    pub task_rows: Vec<u32>,
+    /// `[rows]` parts of each row; `n_parts` = their max (the partial buffers' stride).
+    pub row_parts: Vec<u32>,
+    pub n_parts: usize,
+}
+
+/// Chunk length that spreads `keys` keys (per KV head) over about `target` CTAs.
+fn chunk_for(keys: usize, n_kv_heads: usize, target: usize) -> usize {
+    (keys * n_kv_heads)
+        .div_ceil(target.max(1))
+        .next_multiple_of(32)
+        .clamp(MIN_CHUNK, MAX_CHUNK)
+}
+
+/// Plans `step` (validated: rows' positions inside their tables, groups per
+/// [`StepInput::validate_groups`]) for GQA group `gqa` (= n_heads / n_kv_heads).
+pub fn plan(step: &StepInput, gqa: usize, n_kv_heads: usize, block_size: usize, n_sms: usize) -> AttentionPlan {
+    let rows = step.rows();
+    let n_seqs = step.block_tables.len();
+    let target = CTAS_PER_SM * n_sms.max(1);
+    let rows_per_tile = (TILE_QUERIES / gqa.max(1)).max(1);
+
+    // Each sequence's rows, in position order.
+    let mut seq_rows: Vec<Vec<u32>> = vec![Vec::new(); n_seqs];
+    for r in 0..rows {
+        seq_rows[step.row_seq[r] as usize].push(r as u32);
+    }
+    for rs in &mut seq_rows {
+        rs.sort_by_key(|&r| step.positions[r as usize]);
+    }
+
+    let mut p = AttentionPlan {
+        row_parts: vec![0; rows],
+        ..Default::default()
+    };
+    // from[s]: the first key sequence s reads itself (its cascaded prefix length).
+    let mut from = vec![0usize; n_seqs];
+
+    // Shared prefixes worth cascading.
+    for g in &step.groups {
+        let prefix = g.blocks as usize * block_size;
+        let members: Vec<u32> = g
+            .seqs
+            .iter()
+            .flat_map(|&s| seq_rows[s as usize].iter().copied())
+            .collect();
+        if prefix < CASCADE_MIN_PREFIX || members.len() < 2 {
+            continue;
+        }
+        for &s in &g.seqs {
+            from[s as usize] = prefix;
+        }
+        let tiles: Vec<&[u32]> = members.chunks(rows_per_tile).collect();
+        let chunk = chunk_for(prefix * tiles.len(), n_kv_heads, target);
+        // Any member's table reads the prefix (the group invariant).
+        p.add_tasks(&tiles, g.seqs[0], 0, prefix, chunk);
+    }
+
+    // Own keys: split rows and prefill tiles. The split chunk is one length for the launch.
+    let split_keys: usize = seq_rows
+        .iter()
+        .enumerate()
+        .filter(|(_, rs)| rs.len() == 1)
+        .map(|(s, rs)| step.positions[rs[0] as usize] as usize + 1 - from[s])
+        .sum();
+    p.split_chunk = chunk_for(split_keys, n_kv_heads, target);
+    for (s, rs) in seq_rows.iter().enumerate() {
+        match rs.as_slice() {
+            [] => {}
+            &[r] => {
+                let keys = step.positions[r as usize] as usize + 1 - from[s];
+                let chunks = keys.div_ceil(p.split_chunk);
+                p.split_rows.push(r);
+                p.split_from.push(from[s] as u32);
+                p.split_part0.push(p.row_parts[r as usize]);
+                p.row_parts[r as usize] += chunks as u32;
+                p.split_max_chunks = p.split_max_chunks.max(chunks);
+            }
+            rs => {
+                for tile in rs.chunks(rows_per_tile) {
+                    let last = step.positions[*tile.last().expect("tiles are non-empty") as usize] as usize;
+                    let chunk = chunk_for(last + 1 - from[s], n_kv_heads, target);
+                    p.add_tasks(&[tile], s as u32, from[s], last + 1, chunk);
+                }
+            }
+        }
+    }
+    p.n_parts = p.row_parts.iter().copied().max().unwrap_or(0) as usize;
+    p
+}
+
+impl AttentionPlan {
+    /// Tasks for each tile of `tiles` × each `chunk` of keys `start..end` of table `seq`. Every
+    /// row of a tile has the same part count so far (they share a sequence, or a group whose
+    /// prefix parts come first), so chunk `c` is part `count + c` for all of them.
+    fn add_tasks(&mut self, tiles: &[&[u32]], seq: u32, start: usize, end: usize, chunk: usize) {
+        for tile in tiles {
+            let rows_offset = self.task_rows.len() as u32;
+            self.task_rows.extend_from_slice(tile);
+            let part0 = self.row_parts[tile[0] as usize];
+            let mut n = 0;
+            for key_start in (start..end).step_by(chunk) {
+                self.tasks.push(TileTask {
+                    rows_offset,
+                    n_rows: tile.len() as u32,
+                    seq,
+                    key_start: key_start as u32,
+                    key_end: (key_start + chunk).min(end) as u32,
+                    part: part0 + n,
+                });
+                n += 1;
+            }
+            for &r in tile.iter() {
+                debug_assert_eq!(self.row_parts[r as usize], part0);
+                self.row_parts[r as usize] += n;
+            }
+        }
+    }
+
+    /// The tasks as the kernel reads them: `[n_tasks, 6]` i32.
+    pub fn task_words(&self) -> Vec<i32> {
+        self.tasks
+            .iter()
+            .flat_map(|t| [t.rows_offset, t.n_rows, t.seq, t.key_start, t.key_end, t.part].map(|x| x as i32))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::SharedPrefix;
+
+    /// A model of the three kernels in f32 over dense per-sequence K/V (`kv[s][p]` = (k, v),
+    /// one KV head, `gqa` query heads): every part's (m, l, o) as the kernels define it, then
+    /// the merge. Returns `[rows][gqa][hd]`.
+    fn run_plan(
+        plan: &AttentionPlan,
+        step: &StepInput,
+        q: &[Vec<Vec<f32>>],
+        kv: &[Vec<(Vec<f32>, Vec<f32>)>],
+        gqa: usize,
+        hd: usize,
+    ) -> Vec<Vec<Vec<f32>>> {
+        let np = plan.n_parts;
+        let rows = step.rows();
+        // parts[r][g][part] = Some((m, l, o)) once written.
+        let mut parts = vec![vec![vec![None::<(f32, f32, Vec<f32>)>; np]; gqa]; rows];
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut partial = |r: usize, g: usize, seq: usize, keys: std::ops::Range<usize>, part: usize| {
+            let pos = step.positions[r] as usize;
+            let scores: Vec<(f32, usize)> = keys
+                .filter(|&k| k <= pos)
+                .map(|k| {
+                    (
+                        q[r][g].iter().zip(&kv[seq][k].0).map(|(a, b)| a * b).sum::<f32>() * scale,
+                        k,
+                    )
+                })
+                .collect();
+            let m = scores.iter().map(|s| s.0).fold(f32::NEG_INFINITY, f32::max);
+            let (mut l, mut o) = (0.0, vec![0.0; hd]);
+            for &(s, k) in &scores {
+                let w = (s - m).exp();
+                l += w;
+                for (o, v) in o.iter_mut().zip(&kv[seq][k].1) {
+                    *o += w * v;
+                }
+            }
+            let slot = &mut parts[r][g][part];
+            assert!(slot.is_none(), "row {r} head {g}: part {part} written twice");
+            *slot = Some((m, l, o));
+        };
+        for i in 0..plan.split_rows.len() {
+            let r = plan.split_rows[i] as usize;
+            let (seq, pos) = (step.row_seq[r] as usize, step.positions[r] as usize);
+            for c in 0..plan.split_max_chunks {
+                let start = plan.split_from[i] as usize + c * plan.split_chunk;
+                if start > pos {
+                    continue; // the kernel returns before writing
+                }
+                let end = (start + plan.split_chunk).min(pos + 1);
+                for g in 0..gqa {
+                    partial(r, g, seq, start..end, plan.split_part0[i] as usize + c);
+                }
+            }
+        }
+        for t in &plan.tasks {
+            assert!(
+                t.n_rows as usize * gqa <= TILE_QUERIES && t.key_start < t.key_end,
+                "{t:?}"
+            );
+            let tile = &plan.task_rows[t.rows_offset as usize..(t.rows_offset + t.n_rows) as usize];
+            for &r in tile {
+                for g in 0..gqa {
+                    partial(
+                        r as usize,
+                        g,
+                        t.seq as usize,
+                        t.key_start as usize..t.key_end as usize,
+                        t.part as usize,
+                    );
+                }
+            }
+        }
+        (0..rows)
+            .map(|r| {
+                (0..gqa)
+                    .map(|g| {
+                        let own = &parts[r][g][..plan.row_parts[r] as usize];
+                        let own: Vec<&(f32, f32, Vec<f32>)> = own
+                            .iter()
+                            .map(|p| p.as_ref().expect("a counted part is written"))
+                            .collect();
+                        let mx = own.iter().map(|p| p.0).fold(f32::NEG_INFINITY, f32::max);
+                        let (mut num, mut den) = (vec![0.0; hd], 0.0);
+                        for (m, l, o) in own.iter().map(|p| (p.0, p.1, &p.2)) {
+                            if m == f32::NEG_INFINITY {
+                                continue;
+                            }
+                            let c = (m - mx).exp();
+                            den += c * l;
+                            for (n, o) in num.iter_mut().zip(o) {
+                                *n += c * o;
+                            }
+                        }
+                        num.iter().map(|n| n / den).collect()
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Deterministic values in (-1, 1).
+    fn val(a: usize, b: usize, c: usize) -> f32 {
+        let h = (a as u64 * 0x9E37_79B9 + b as u64 * 0x85EB_CA6B + c as u64 * 0xC2B2_AE35) % 2001;
+        h as f32 / 1000.0 - 1.0
+    }
+
+    /// Builds a step: `seqs[s] = (rows' positions)`, tables over the sequences' own blocks
+    /// except that group members share their first `blocks` blocks.
+    fn step_for(seqs: &[Vec<u32>], groups: &[(Vec<u32>, u32)], bs: usize) -> StepInput {
+        let mut step = StepInput::default();
+        let mut next_block = 0u32;
+        let mut tables: Vec<Vec<u32>> = Vec::new();
+        for rows in seqs {
+            let len = *rows.iter().max().unwrap() as usize + 1;
+            tables.push((0..len.div_ceil(bs) as u32).map(|i| next_block + i).collect());
+            next_block += len.div_ceil(bs) as u32;
+        }
+        for (members, blocks) in groups {
+            let lead = tables[members[0] as usize].clone();
+            for &s in &members[1..] {
+                tables[s as usize][..*blocks as usize].copy_from_slice(&lead[..*blocks as usize]);
+            }
+            step.groups.push(SharedPrefix {
+                seqs: members.clone(),
+                blocks: *blocks,
+            });
+        }
+        for (s, rows) in seqs.iter().enumerate() {
+            for &p in rows {
+                step.tokens.push(0);
+                step.positions.push(p);
+                step.row_seq.push(s as u32);
+                step.slots.push(tables[s][p as usize / bs] * bs as u32 + p % bs as u32);
+            }
+        }
+        step.block_tables = tables;
+        step
+    }
+
+    fn check(seqs: &[Vec<u32>], groups: &[(Vec<u32>, u32)], gqa: usize, n_sms: usize) -> AttentionPlan {
+        let (bs, hd) = (16, 8);
+        let step = step_for(seqs, groups, bs);
+        step.validate_groups(bs).unwrap();
+        let plan = plan(&step, gqa, 2, bs, n_sms);
+        // K/V per sequence as its own table sees them: shared blocks hold the group lead's.
+        let n_blocks = step.block_tables.iter().flatten().max().unwrap() + 1;
+        let block_kv = |b: u32, off: usize| -> (Vec<f32>, Vec<f32>) {
+            let k = (0..hd).map(|d| val(b as usize, off, d)).collect();
+            let v = (0..hd).map(|d| val(b as usize + 7, off + 3, d)).collect();
+            (k, v)
+        };
+        assert!(n_blocks < 10_000);
+        let kv: Vec<Vec<(Vec<f32>, Vec<f32>)>> = step
+            .block_tables
+            .iter()
+            .map(|t| (0..t.len() * bs).map(|p| block_kv(t[p / bs], p % bs)).collect())
+            .collect();
+        let q: Vec<Vec<Vec<f32>>> = (0..step.rows())
+            .map(|r| {
+                (0..gqa)
+                    .map(|g| (0..hd).map(|d| 2.0 * val(r + 11, g, d)).collect())
+                    .collect()
+            })
+            .collect();
+        let got = run_plan(&plan, &step, &q, &kv, gqa, hd);
+        // Direct softmax attention over 0..=pos.
+        for r in 0..step.rows() {
+            let (seq, pos) = (step.row_seq[r] as usize, step.positions[r] as usize);
+            for g in 0..gqa {
+                let s: Vec<f32> = (0..=pos)
+                    .map(|k| q[r][g].iter().zip(&kv[seq][k].0).map(|(a, b)| a * b).sum::<f32>() / (hd as f32).sqrt())
+                    .collect();
+                let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let w: Vec<f32> = s.iter().map(|x| (x - m).exp()).collect();
+                let l: f32 = w.iter().sum();
+                for (d, &have) in got[r][g].iter().enumerate() {
+                    let want: f32 = (0..=pos).map(|k| w[k] * kv[seq][k].1[d]).sum::<f32>() / l;
+                    // f32 sums of ≤ 3000 terms in another order: ≪ 1e-5 on values ≤ 1.
+                    assert!((have - want).abs() < 1e-5, "row {r} head {g} dim {d}: {have} vs {want}");
+                }
+            }
+        }
+        plan
+    }
+
+    #[test]
+    fn decode_rows_split_their_keys_into_chunks() {
+        // One decode row at 5000 keys on a 132-SM part: 5000·2/264 → 64-key chunks.
+        let plan = check(&[vec![4999]], &[], 4, 132);
+        assert_eq!(plan.split_rows, [0]);
+        assert_eq!(plan.split_chunk, 64);
+        assert_eq!(plan.split_max_chunks, 5000usize.div_ceil(64));
+        assert!(plan.tasks.is_empty());
+        // Many rows share one chunk length; short rows use fewer chunks.
+        let plan = check(&[vec![3], vec![700], vec![2047], vec![0]], &[], 3, 4);
+        assert_eq!(plan.split_rows.len(), 4);
+        assert_eq!(plan.row_parts[3], 1);
+    }
+
+    #[test]
+    fn prefill_rows_become_causal_tiles() {
+        // 70 rows of one sequence after a 30-token cached prefix, GQA 3: tiles of 21 rows.
+        let rows: Vec<u32> = (30..100).collect();
+        let plan = check(&[rows, vec![40]], &[], 3, 2);
+        assert!(plan.split_rows == [70]);
+        let tiles: std::collections::BTreeSet<u32> = plan.tasks.iter().map(|t| t.rows_offset).collect();
+        assert_eq!(tiles.len(), 70usize.div_ceil(21));
+    }
+
+    #[test]
+    fn cascade_reads_the_shared_prefix_in_tiles_for_all_members() {
+        // 16 siblings one token past a 512-token prefix, and a prefilling member.
+        let mut seqs: Vec<Vec<u32>> = (0..16).map(|i| vec![512 + i % 3]).collect();
+        seqs.push((512..540).collect());
+        let members: Vec<u32> = (0..17).collect();
+        let plan = check(&seqs, &[(members, 32)], 4, 8);
+        let prefix_tasks = plan.tasks.iter().filter(|t| t.key_end <= 512).count();
+        assert!(prefix_tasks > 0);
+        // Every member row's first parts are the prefix; own keys start at 512.
+        assert!(plan.split_from.iter().all(|&f| f == 512));
+        // A short prefix stays plain attention.
+        let plan = check(&[vec![40], vec![41]], &[(vec![0, 1], 2)], 4, 8);
+        assert!(plan.tasks.is_empty() && plan.split_from == [0, 0]);
+        // A group with a single row is not worth a cascade either.
+        let plan = check(&[vec![600]], &[(vec![0], 32)], 4, 8);
+        assert!(plan.tasks.is_empty());
+    }
+
+    #[test]
+    fn mixed_steps_cover_every_key_once_at_odd_shapes() {
+        for (gqa, sms) in [(1, 1), (3, 7), (8, 132)] {
+            let seqs = vec![
+                vec![300, 301, 302],           // a short prefill after a long prefix
+                vec![299],                     // decode
+                (256..320).collect(),          // long member prefill
+                vec![257],                     // member decode
+                vec![17],                      // short decode
+                (0..33).collect::<Vec<u32>>(), // fresh prefill, odd length
+            ];
+            check(&seqs, &[(vec![2, 3], 16)], gqa, sms);
+        }
+    }
+}
