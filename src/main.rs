@@ -419,6 +419,8 @@ struct BenchTreeArgs {
     #[arg(long, default_value_t = 3)]
     reps: usize,
     #[command(flatten)]
+    shape: ShapeArgs,
+    #[command(flatten)]
     run: RunArgs,
 }
 
@@ -433,8 +435,77 @@ struct BenchDecodeArgs {
     /// Timed repetitions (median reported), after one warm-up.
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// Batched decode instead: sequences decoding together, one row each per step (e.g.
+    /// 1,8,16,32,64); prints ms/step and tok/s per batch size.
+    #[arg(long, value_delimiter = ',')]
+    batch: Vec<usize>,
+    /// Batched decode: tokens in each sequence's cache before the timed steps.
+    #[arg(long, default_value_t = 128)]
+    context: usize,
+    #[command(flatten)]
+    shape: ShapeArgs,
     #[command(flatten)]
     run: RunArgs,
+}
+
+/// A benchmark model by shape, with random weights, instead of a checkpoint.
+#[derive(Args)]
+struct ShapeArgs {
+    /// A model shape instead of a checkpoint (llama3-8b, llama2-70b), with --random-weights.
+    #[arg(long)]
+    shape: Option<String>,
+    /// Random INT4 weights (f16 embedding and lm_head) at --shape's sizes: speed only.
+    #[arg(long)]
+    random_weights: bool,
+    /// With --shape: only the first N blocks (a quick run; per-step figures then cover N
+    /// blocks, not the whole model).
+    #[arg(long)]
+    layers: Option<usize>,
+}
+
+impl ShapeArgs {
+    /// The random-weight model's configuration and weights, or `None` for a checkpoint.
+    fn random_model(&self) -> Result<Option<(qmtot::config::ModelConfig, qmtot::bench::random_model::RandomWeights)>> {
+        use qmtot::bench::random_model::{RandomWeights, ShapePreset};
+        match (&self.shape, self.random_weights) {
+            (None, false) => Ok(None),
+            (Some(shape), true) => {
+                let config = ShapePreset::parse(shape)?.config(self.layers);
+                eprintln!(
+                    "{shape}, random INT4 weights: {} blocks, d {}, {} heads / {} KV heads, vocab {}",
+                    config.n_layers, config.d_model, config.n_heads, config.n_kv_heads, config.vocab_size
+                );
+                Ok(Some((config.clone(), RandomWeights::new(config))))
+            }
+            (Some(_), false) => Err(Error::InvalidArgument(
+                "--shape needs --random-weights (no checkpoint is read)".into(),
+            )),
+            (None, true) => Err(Error::InvalidArgument("--random-weights needs --shape".into())),
+        }
+    }
+}
+
+/// Runs `$body` with `$model` bound to the benchmark's model: random weights at `$shape`'s
+/// shape, or the checkpoint of `$run`, on the backend `--device` picks.
+macro_rules! with_bench_model {
+    ($shape:expr, $run:expr, $model:ident => $body:expr) => {
+        match $shape.random_model()? {
+            None => with_model!($run, loaded => {
+                let $model = loaded.model;
+                $body
+            }),
+            Some((config, weights)) => match pick_device($run.device) {
+                Picked::Cpu => {
+                    let $model = Llama::load(cpu_backend(&$run)?, config, &weights, |_, _| {})?;
+                    $body
+                }
+                Picked::Cuda(n) => {
+                    let $model = Llama::load(CudaBackend::new(n)?, config, &weights, |_, _| {})?;
+                    $body
+                }
+            },
+        }
+    };
 }
 
 fn main() -> ExitCode {
@@ -888,11 +959,29 @@ fn bench_matmul_on<B: qmtot::bench::kernels::KernelBenchDevice>(
 }
 
 fn cmd_bench_decode(a: BenchDecodeArgs) -> Result<()> {
-    with_model!(a.run, loaded => bench_decode_on(&a, loaded))
+    if a.shape.random_weights && a.batch.is_empty() {
+        return Err(Error::InvalidArgument(
+            "--random-weights measures batched decode: give --batch".into(),
+        ));
+    }
+    with_bench_model!(a.shape, a.run, model => bench_decode_on(&a, model))
 }
 
-fn bench_decode_on<B: Backend>(a: &BenchDecodeArgs, loaded: Loaded<B>) -> Result<()> {
-    let model = loaded.model;
+fn bench_decode_on<B: Backend>(a: &BenchDecodeArgs, model: Llama<B>) -> Result<()> {
+    if !a.batch.is_empty() {
+        println!("backend: {}", model.backend_name());
+        println!("| batch | context | ms/step | tok/s |");
+        println!("|---:|---:|---:|---:|");
+        for &batch in &a.batch {
+            let r = qmtot::bench::decode::run_batched(&model, batch, a.context, a.decode_tokens, a.reps)?;
+            println!(
+                "| {} | {} | {:.2} | {:.1} |",
+                r.batch, r.context, r.ms_per_step, r.tok_per_s
+            );
+            let _ = std::io::stdout().flush();
+        }
+        return Ok(());
+    }
     let r = qmtot::bench::decode::run(&model, a.prompt_tokens, a.decode_tokens, a.reps)?;
     println!("backend:  {}", model.backend_name());
     println!("cpu:      {}", cpu_model());
@@ -921,11 +1010,10 @@ pub(crate) fn cpu_model() -> String {
 }
 
 fn cmd_bench_tree(a: BenchTreeArgs) -> Result<()> {
-    with_model!(a.run, loaded => bench_tree_on(&a, loaded))
+    with_bench_model!(a.shape, a.run, model => bench_tree_on(&a, model))
 }
 
-fn bench_tree_on<B: Backend>(a: &BenchTreeArgs, loaded: Loaded<B>) -> Result<()> {
-    let model = loaded.model;
+fn bench_tree_on<B: Backend>(a: &BenchTreeArgs, model: Llama<B>) -> Result<()> {
     println!("backend:  {}", model.backend_name());
     println!("cpu:      {}", cpu_model());
     println!(

@@ -69,3 +69,95 @@ pub fn run<B: Backend>(
         decode_ms_per_token: 1000.0 / decode_tok_per_s,
     })
 }
+
+#[derive(Clone, Debug)]
+pub struct BatchDecodeResult {
+    pub batch: usize,
+    /// Tokens in each sequence's cache when the timed steps start.
+    pub context: usize,
+    pub steps: usize,
+    /// Median over repetitions: one step decodes one token of every sequence.
+    pub ms_per_step: f64,
+    pub tok_per_s: f64,
+}
+
+/// Decode of `batch` independent sequences together, one token each per step, as the engine
+/// batches them: each sequence first holds `context` prompt tokens (prefilled one sequence at
+/// a time, untimed), then `steps` greedy steps of `batch` rows are timed. Each repetition
+/// starts from the prefilled caches again (their extra tokens overwritten); one untimed
+/// warm-up repetition comes first. Logits of every row come back to the host and are argmaxed
+/// there, as the engine does today.
+pub fn run_batched<B: Backend>(
+    model: &Llama<B>,
+    batch: usize,
+    context: usize,
+    steps: usize,
+    reps: usize,
+) -> Result<BatchDecodeResult> {
+    use crate::backend::StepInput;
+    use crate::kv::DEFAULT_BLOCK_SIZE as BS;
+    if batch == 0 || context == 0 || steps == 0 {
+        return Err(crate::error::Error::InvalidArgument(
+            "batched decode needs a batch, a context and steps".into(),
+        ));
+    }
+    crate::engine::check_prompt(context, steps, model.config.context_length)?;
+    let vocab = model.config.vocab_size;
+    // Sequence s owns blocks s·per_seq .. (s+1)·per_seq.
+    let per_seq = (context + steps).div_ceil(BS);
+    let mut kv = model.new_kv_cache(batch * per_seq, BS)?;
+    let tables: Vec<Vec<u32>> = (0..batch)
+        .map(|s| (0..per_seq).map(|i| (s * per_seq + i) as u32).collect())
+        .collect();
+    let slot = |s: usize, p: usize| tables[s][p / BS] * BS as u32 + (p % BS) as u32;
+    let mut next = vec![0u32; batch];
+    for (s, tok) in next.iter_mut().enumerate() {
+        let prompt: Vec<u32> = (0..context as u64)
+            .map(|i| ((i * 2_654_435_761 + 1000 + s as u64 * 7919) % vocab as u64) as u32)
+            .collect();
+        let step = StepInput {
+            tokens: prompt,
+            positions: (0..context as u32).collect(),
+            slots: (0..context).map(|p| slot(s, p)).collect(),
+            row_seq: vec![0; context],
+            block_tables: vec![tables[s].clone()],
+            logit_rows: vec![context as u32 - 1],
+            groups: Vec::new(),
+        };
+        *tok = argmax(&model.forward(&mut kv, &step)?);
+    }
+    let first = next.clone();
+    let mut per_step = Vec::new();
+    for rep in 0..=reps.max(1) {
+        next.clone_from(&first);
+        let t = Instant::now();
+        for i in 0..steps {
+            let p = context + i;
+            let step = StepInput {
+                tokens: next.clone(),
+                positions: vec![p as u32; batch],
+                slots: (0..batch).map(|s| slot(s, p)).collect(),
+                row_seq: (0..batch as u32).collect(),
+                block_tables: tables.clone(),
+                logit_rows: (0..batch as u32).collect(),
+                groups: Vec::new(),
+            };
+            let logits = model.forward(&mut kv, &step)?;
+            for (s, row) in logits.chunks_exact(vocab).enumerate() {
+                next[s] = argmax(row);
+            }
+        }
+        if rep > 0 {
+            per_step.push(t.elapsed().as_secs_f64() / steps as f64);
+        }
+    }
+    per_step.sort_by(f64::total_cmp);
+    let sec = per_step[per_step.len() / 2];
+    Ok(BatchDecodeResult {
+        batch,
+        context,
+        steps,
+        ms_per_step: sec * 1e3,
+        tok_per_s: batch as f64 / sec,
+    })
+}

@@ -4,5 +4,6 @@
 pub mod attention;
 pub mod decode;
 pub mod kernels;
+pub mod random_model;
 pub mod tot;
 pub mod tree;

@@ -285,6 +285,12 @@ impl CudaBackend {
                     mins: self.upload(&m.mins)?,
                 }
             }
+            // Already f16: uploaded as it is (an 8B model's embedding and lm_head are 1 GiB each).
+            WeightMatrix::F16(m) => CudaWeight::F16 {
+                rows,
+                cols,
+                data: self.upload(&m.data)?,
+            },
             other => {
                 let mut row = vec![0f32; cols];
                 let mut data = Vec::with_capacity(rows * cols);
