@@ -442,6 +442,9 @@ struct BenchDecodeArgs {
     /// Batched decode: tokens in each sequence's cache before the timed steps.
     #[arg(long, default_value_t = 128)]
     context: usize,
+    /// Batched decode: capture the decode step once and replay it (CUDA graphs).
+    #[arg(long)]
+    graphs: bool,
     #[command(flatten)]
     shape: ShapeArgs,
     #[command(flatten)]
@@ -970,12 +973,13 @@ fn cmd_bench_decode(a: BenchDecodeArgs) -> Result<()> {
 fn bench_decode_on<B: Backend>(a: &BenchDecodeArgs, model: Llama<B>) -> Result<()> {
     if !a.batch.is_empty() {
         println!("backend: {}", model.backend_name());
-        println!("| batch | context | ms/step | tok/s |");
-        println!("|---:|---:|---:|---:|");
+        println!("| batch | context | ms/step | tok/s | graph |");
+        println!("|---:|---:|---:|---:|---|");
         for &batch in &a.batch {
-            let r = qmtot::bench::decode::run_batched(&model, batch, a.context, a.decode_tokens, a.reps)?;
+            let r = qmtot::bench::decode::run_batched(&model, batch, a.context, a.decode_tokens, a.reps, a.graphs)?;
+            let graph = if r.graphs { "yes" } else { "no" };
             println!(
-                "| {} | {} | {:.2} | {:.1} |",
+                "| {} | {} | {:.2} | {:.1} | {graph} |",
                 r.batch, r.context, r.ms_per_step, r.tok_per_s
             );
             let _ = std::io::stdout().flush();

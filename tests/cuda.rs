@@ -329,3 +329,78 @@ fn forked_siblings_on_cuda_equal_unshared_runs() {
         assert_close(&format!("child {k}"), &got, want, 2e-2, 1e-2);
     }
 }
+
+#[test]
+fn a_captured_decode_graph_replays_the_uncaptured_decode() {
+    use qmtot::backend::StepInput;
+    let Some(g) = gpu() else { return };
+    let (model, _) = load_smollm2(g);
+    let (bs, batch, context, steps, max_context) = (16usize, 3usize, 21usize, 6usize, 64usize);
+    let per_seq = max_context / bs;
+    let tables: Vec<Vec<u32>> = (0..batch)
+        .map(|s| (0..per_seq as u32).map(|i| (s * per_seq) as u32 + i).collect())
+        .collect();
+    let slot = |s: usize, p: usize| tables[s][p / bs] * bs as u32 + (p % bs) as u32;
+    // Two caches holding the same three prompts: one decodes uncaptured, one through a graph.
+    let mut caches = [
+        model.new_kv_cache(batch * per_seq, bs).unwrap(),
+        model.new_kv_cache(batch * per_seq, bs).unwrap(),
+    ];
+    let mut next = vec![0u32; batch];
+    for cache in caches.iter_mut() {
+        for (s, tok) in next.iter_mut().enumerate() {
+            let prompt: Vec<u32> = (0..context as u32)
+                .map(|i| 1 + (i * 37 + s as u32 * 101) % 4000)
+                .collect();
+            let step = StepInput {
+                tokens: prompt,
+                positions: (0..context as u32).collect(),
+                slots: (0..context).map(|p| slot(s, p)).collect(),
+                row_seq: vec![0; context],
+                block_tables: vec![tables[s].clone()],
+                logit_rows: vec![context as u32 - 1],
+                groups: Vec::new(),
+            };
+            *tok = argmax(&model.forward(cache, &step).unwrap());
+        }
+    }
+    let decode = |tokens: &[u32], p: usize| StepInput {
+        tokens: tokens.to_vec(),
+        positions: vec![p as u32; tokens.len()],
+        slots: (0..tokens.len()).map(|s| slot(s, p)).collect(),
+        row_seq: (0..tokens.len() as u32).collect(),
+        block_tables: tables[..tokens.len()].to_vec(),
+        logit_rows: (0..tokens.len() as u32).collect(),
+        groups: Vec::new(),
+    };
+    let [plain_kv, graph_kv] = &mut caches;
+    let mut graph = model
+        .capture_decode(graph_kv, &decode(&next, context), max_context)
+        .unwrap()
+        .expect("the CUDA backend captures graphs");
+    let vocab = model.config.vocab_size;
+    for i in 0..steps {
+        let step = decode(&next, context + i);
+        let want = model.forward(plain_kv, &step).unwrap();
+        let got = model
+            .replay_decode(&mut graph, graph_kv, &step)
+            .unwrap()
+            .expect("the step fits the graph");
+        // The same kernels on the same data with the same attention chunking (one chunk below
+        // 64 keys either way) and deterministic reductions: identical up to nothing.
+        assert_close(&format!("graph step {i}"), &got, &want, 1e-6, 0.0);
+        for (s, row) in want.chunks_exact(vocab).enumerate() {
+            next[s] = argmax(row);
+        }
+    }
+    // Steps that do not fit fall back to the uncaptured forward: another batch size, another
+    // number of logit rows.
+    let p = context + steps;
+    assert!(model
+        .replay_decode(&mut graph, graph_kv, &decode(&next[..2], p))
+        .unwrap()
+        .is_none());
+    let mut fewer = decode(&next, p);
+    fewer.logit_rows.pop();
+    assert!(model.replay_decode(&mut graph, graph_kv, &fewer).unwrap().is_none());
+}

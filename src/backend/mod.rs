@@ -280,6 +280,9 @@ pub trait Backend: Send + Sync {
     type KvStore: Send;
     /// A step's index data ([`StepInput`]) as the kernels read it.
     type Step;
+    /// A recorded sequence of device work replayed as one launch (CUDA graphs); `()` on a
+    /// backend without graphs.
+    type Graph;
 
     /// Human-readable name, e.g. `cpu (2 threads, avx2+fma)`.
     fn name(&self) -> String;
@@ -355,4 +358,31 @@ pub trait Backend: Send + Sync {
     fn copy_blocks(&self, kv: &mut Self::KvStore, copies: &[(u32, u32)]) -> Result<()>;
     /// Reads activations back as f32 `[rows · cols]`.
     fn to_host(&self, x: &Self::Activations, out: &mut Vec<f32>) -> Result<()>;
+
+    // ---- graphs (optional) ----------------------------------------------------------------
+
+    /// A step for capture: device data that later decode steps of the same shape overwrite
+    /// in place ([`Backend::refill_step`]), with block tables long enough for `max_context`
+    /// positions. `Ok(None)` on a backend without graphs.
+    fn graph_step(&self, _input: &StepInput, _max_context: usize) -> Result<Option<Self::Step>> {
+        Ok(None)
+    }
+    /// Overwrites a [`Backend::graph_step`] with `input`; `Ok(false)` when `input` does not fit
+    /// it (another row or sequence count, another number of logit rows, a position past its
+    /// `max_context`), and the caller runs the step without the graph.
+    fn refill_step(&self, _step: &mut Self::Step, _input: &StepInput) -> Result<bool> {
+        Ok(false)
+    }
+    /// Records the device work `f` launches, without running it. `Ok(None)` on a backend
+    /// without graphs (`f` is not called).
+    fn capture(&self, _f: &mut dyn FnMut() -> Result<()>) -> Result<Option<Self::Graph>> {
+        Ok(None)
+    }
+    /// Runs a recorded graph.
+    fn replay(&self, _graph: &Self::Graph) -> Result<()> {
+        Err(crate::error::Error::InvalidArgument(format!(
+            "{}: no graphs on this backend",
+            self.name()
+        )))
+    }
 }

@@ -79,6 +79,8 @@ pub struct BatchDecodeResult {
     /// Median over repetitions: one step decodes one token of every sequence.
     pub ms_per_step: f64,
     pub tok_per_s: f64,
+    /// The steps replayed a captured graph (CUDA graphs).
+    pub graphs: bool,
 }
 
 /// Decode of `batch` independent sequences together, one token each per step, as the engine
@@ -86,13 +88,15 @@ pub struct BatchDecodeResult {
 /// a time, untimed), then `steps` greedy steps of `batch` rows are timed. Each repetition
 /// starts from the prefilled caches again (their extra tokens overwritten); one untimed
 /// warm-up repetition comes first. Logits of every row come back to the host and are argmaxed
-/// there, as the engine does today.
+/// there, as the engine does today. With `graphs`, the decode step is captured once and
+/// replayed (on a backend with graphs; elsewhere the steps run as usual).
 pub fn run_batched<B: Backend>(
     model: &Llama<B>,
     batch: usize,
     context: usize,
     steps: usize,
     reps: usize,
+    graphs: bool,
 ) -> Result<BatchDecodeResult> {
     use crate::backend::StepInput;
     use crate::kv::DEFAULT_BLOCK_SIZE as BS;
@@ -127,22 +131,33 @@ pub fn run_batched<B: Backend>(
         *tok = argmax(&model.forward(&mut kv, &step)?);
     }
     let first = next.clone();
+    let decode_step = |tokens: &[u32], p: usize| StepInput {
+        tokens: tokens.to_vec(),
+        positions: vec![p as u32; batch],
+        slots: (0..batch).map(|s| slot(s, p)).collect(),
+        row_seq: (0..batch as u32).collect(),
+        block_tables: tables.clone(),
+        logit_rows: (0..batch as u32).collect(),
+        groups: Vec::new(),
+    };
+    let mut graph = match graphs {
+        true => model.capture_decode(&mut kv, &decode_step(&first, context), context + steps)?,
+        false => None,
+    };
     let mut per_step = Vec::new();
     for rep in 0..=reps.max(1) {
         next.clone_from(&first);
         let t = Instant::now();
         for i in 0..steps {
-            let p = context + i;
-            let step = StepInput {
-                tokens: next.clone(),
-                positions: vec![p as u32; batch],
-                slots: (0..batch).map(|s| slot(s, p)).collect(),
-                row_seq: (0..batch as u32).collect(),
-                block_tables: tables.clone(),
-                logit_rows: (0..batch as u32).collect(),
-                groups: Vec::new(),
+            let step = decode_step(&next, context + i);
+            let replayed = match &mut graph {
+                Some(g) => model.replay_decode(g, &mut kv, &step)?,
+                None => None,
             };
-            let logits = model.forward(&mut kv, &step)?;
+            let logits = match replayed {
+                Some(l) => l,
+                None => model.forward(&mut kv, &step)?,
+            };
             for (s, row) in logits.chunks_exact(vocab).enumerate() {
                 next[s] = argmax(row);
             }
@@ -159,5 +174,6 @@ pub fn run_batched<B: Backend>(
         steps,
         ms_per_step: sec * 1e3,
         tok_per_s: batch as f64 / sec,
+        graphs: graph.is_some(),
     })
 }

@@ -223,11 +223,15 @@ mod tests {
         assert_eq!(logits.len(), 1000);
         assert!(logits.iter().all(|v| v.is_finite()));
         assert!(logits.iter().any(|&v| v != logits[0]));
-        let r = crate::bench::decode::run_batched(&model, 3, 5, 2, 1).unwrap();
-        assert_eq!((r.batch, r.context, r.steps), (3, 5, 2));
+        let r = crate::bench::decode::run_batched(&model, 3, 5, 2, 1, true).unwrap();
+        assert_eq!(
+            (r.batch, r.context, r.steps, r.graphs),
+            (3, 5, 2, false),
+            "no graphs on the CPU"
+        );
         assert!(r.ms_per_step > 0.0 && r.tok_per_s.is_finite());
         assert!(
-            crate::bench::decode::run_batched(&model, 3, 60, 10, 1).is_err(),
+            crate::bench::decode::run_batched(&model, 3, 60, 10, 1, false).is_err(),
             "past the context"
         );
     }

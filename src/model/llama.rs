@@ -242,63 +242,164 @@ impl<B: Backend> Llama<B> {
     fn forward_in_context(&self, kv: &mut KvCache<B>, input: &StepInput) -> Result<Vec<f32>> {
         let c = &self.config;
         input.validate(c.vocab_size, c.context_length, &kv.shape)?;
-        let b = &self.backend;
-        let t = input.rows();
-        let layout = self.qkv_layout();
-        let half_split = c.rope_style == RopeStyle::HalfSplit;
-        let step = b.upload_step(input)?;
-
-        let mut x = b.alloc_activations(t, c.d_model)?;
-        let mut h = b.alloc_activations(t, c.d_model)?;
-        let mut qkv = b.alloc_activations(t, c.qkv_dim())?;
-        let mut attn = b.alloc_activations(t, c.q_dim())?;
-        let mut proj = b.alloc_activations(t, c.d_model)?;
-        let mut gate_up = b.alloc_activations(t, 2 * c.d_ff)?;
-        let mut act = b.alloc_activations(t, c.d_ff)?;
-
-        b.embed(&self.embed, &step, &mut x)?; //                         x = E[tokens]
-        for (l, w) in self.layers.iter().enumerate() {
-            // Attention block.
-            b.rmsnorm(&x, &w.attn_norm, c.rms_eps, &mut h)?; //           h = rmsnorm(x) ⊙ g_attn
-            b.matmul(&h, &w.wqkv, &mut qkv)?; //                          [q|k|v] = h · W_qkvᵀ (+ b_qkv)
-            if let Some(bias) = &w.qkv_bias {
-                b.add_bias(&mut qkv, bias)?;
-            }
-            b.rope(&mut qkv, layout, &self.rope_cos, &self.rope_sin, half_split, &step)?; // q, k rotated by position
-            b.kv_write(&mut kv.store, l, &qkv, layout, &step)?; //        K[slot], V[slot] = k, v
-            b.attention(&qkv, &kv.store, l, layout, &step, &mut attn)?; // a = softmax(q·Kᵀ/√hd)·V (causal, GQA)
-            b.matmul(&attn, &w.wo, &mut proj)?; //                        o = a · W_oᵀ (+ b_o)
-            if let Some(bias) = &w.o_bias {
-                b.add_bias(&mut proj, bias)?;
-            }
-            b.add_assign(&mut x, &proj)?; //                              x = x + o
-                                          // MLP block.
-            b.rmsnorm(&x, &w.ffn_norm, c.rms_eps, &mut h)?; //            h = rmsnorm(x) ⊙ g_ffn
-            b.matmul(&h, &w.w_gate_up, &mut gate_up)?; //                 [g|u] = h · W_gate_upᵀ (+ b_gate_up)
-            if let Some(bias) = &w.gate_up_bias {
-                b.add_bias(&mut gate_up, bias)?;
-            }
-            b.silu_mul(&gate_up, &mut act)?; //                           m = silu(g) ⊙ u
-            b.matmul(&act, &w.w_down, &mut proj)?; //                     y = m · W_downᵀ (+ b_down)
-            if let Some(bias) = &w.down_bias {
-                b.add_bias(&mut proj, bias)?;
-            }
-            b.add_assign(&mut x, &proj)?; //                              x = x + y
-        }
-
+        let step = self.backend.upload_step(input)?;
         let r = input.logit_rows.len();
+        let mut bufs = self.alloc_buffers(input.rows(), r)?;
+        self.run_step(&mut kv.store, &step, &mut bufs)?;
         let mut logits_host = Vec::new();
-        if r == 0 {
-            return Ok(logits_host);
+        if r > 0 {
+            self.backend.to_host(&bufs.logits, &mut logits_host)?;
         }
-        let mut last = b.alloc_activations(r, c.d_model)?;
-        b.gather_logit_rows(&x, &step, &mut last)?; //                    rows that want logits
-        let mut normed = b.alloc_activations(r, c.d_model)?;
-        b.rmsnorm(&last, &self.out_norm, c.rms_eps, &mut normed)?; //    h = rmsnorm(x) ⊙ g_out
-        let mut logits = b.alloc_logits(r, c.vocab_size)?;
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        b.matmul(&normed, head, &mut logits)?; //                         logits = h · W_outᵀ
-        b.to_host(&logits, &mut logits_host)?;
         Ok(logits_host)
     }
+
+    /// The activations of a step of `t` rows, `r` of them returning logits.
+    fn alloc_buffers(&self, t: usize, r: usize) -> Result<StepBuffers<B>> {
+        let (b, c) = (&self.backend, &self.config);
+        Ok(StepBuffers {
+            x: b.alloc_activations(t, c.d_model)?,
+            h: b.alloc_activations(t, c.d_model)?,
+            qkv: b.alloc_activations(t, c.qkv_dim())?,
+            attn: b.alloc_activations(t, c.q_dim())?,
+            proj: b.alloc_activations(t, c.d_model)?,
+            gate_up: b.alloc_activations(t, 2 * c.d_ff)?,
+            act: b.alloc_activations(t, c.d_ff)?,
+            last: b.alloc_activations(r, c.d_model)?,
+            normed: b.alloc_activations(r, c.d_model)?,
+            logits: b.alloc_logits(r, c.vocab_size)?,
+            logit_rows: r,
+        })
+    }
+
+    /// The forward proper, on device data only (so a graph can record it): every layer, then
+    /// the logits of the step's logit rows into `bufs.logits`.
+    fn run_step(&self, kv: &mut B::KvStore, step: &B::Step, bufs: &mut StepBuffers<B>) -> Result<()> {
+        let (b, c) = (&self.backend, &self.config);
+        let layout = self.qkv_layout();
+        let half_split = c.rope_style == RopeStyle::HalfSplit;
+        let StepBuffers {
+            x,
+            h,
+            qkv,
+            attn,
+            proj,
+            gate_up,
+            act,
+            last,
+            normed,
+            logits,
+            logit_rows,
+        } = bufs;
+
+        b.embed(&self.embed, step, x)?; //                                x = E[tokens]
+        for (l, w) in self.layers.iter().enumerate() {
+            // Attention block.
+            b.rmsnorm(x, &w.attn_norm, c.rms_eps, h)?; //                 h = rmsnorm(x) ⊙ g_attn
+            b.matmul(h, &w.wqkv, qkv)?; //                                [q|k|v] = h · W_qkvᵀ (+ b_qkv)
+            if let Some(bias) = &w.qkv_bias {
+                b.add_bias(qkv, bias)?;
+            }
+            b.rope(qkv, layout, &self.rope_cos, &self.rope_sin, half_split, step)?; // q, k rotated by position
+            b.kv_write(kv, l, qkv, layout, step)?; //                     K[slot], V[slot] = k, v
+            b.attention(qkv, kv, l, layout, step, attn)?; //              a = softmax(q·Kᵀ/√hd)·V (causal, GQA)
+            b.matmul(attn, &w.wo, proj)?; //                              o = a · W_oᵀ (+ b_o)
+            if let Some(bias) = &w.o_bias {
+                b.add_bias(proj, bias)?;
+            }
+            b.add_assign(x, proj)?; //                                    x = x + o
+                                    // MLP block.
+            b.rmsnorm(x, &w.ffn_norm, c.rms_eps, h)?; //                  h = rmsnorm(x) ⊙ g_ffn
+            b.matmul(h, &w.w_gate_up, gate_up)?; //                       [g|u] = h · W_gate_upᵀ (+ b_gate_up)
+            if let Some(bias) = &w.gate_up_bias {
+                b.add_bias(gate_up, bias)?;
+            }
+            b.silu_mul(gate_up, act)?; //                                 m = silu(g) ⊙ u
+            b.matmul(act, &w.w_down, proj)?; //                           y = m · W_downᵀ (+ b_down)
+            if let Some(bias) = &w.down_bias {
+                b.add_bias(proj, bias)?;
+            }
+            b.add_assign(x, proj)?; //                                    x = x + y
+        }
+
+        if *logit_rows == 0 {
+            return Ok(());
+        }
+        b.gather_logit_rows(x, step, last)?; //                           rows that want logits
+        b.rmsnorm(last, &self.out_norm, c.rms_eps, normed)?; //          h = rmsnorm(x) ⊙ g_out
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        b.matmul(normed, head, logits) //                                 logits = h · W_outᵀ
+    }
+
+    /// Records the decode step shaped like `input` as a graph (CUDA graphs): later steps with
+    /// as many rows, sequences and logit rows, every position below `max_context`, replay it
+    /// with [`Llama::replay_decode`], one launch for the whole forward. Nothing runs here
+    /// (`input`'s K/V are not written). `Ok(None)` on a backend without graphs. The graph
+    /// belongs to `kv`: replay it only with that cache.
+    pub fn capture_decode(
+        &self,
+        kv: &mut KvCache<B>,
+        input: &StepInput,
+        max_context: usize,
+    ) -> Result<Option<DecodeGraph<B>>> {
+        let c = &self.config;
+        input.validate(c.vocab_size, c.context_length, &kv.shape)?;
+        let b = &self.backend;
+        let Some(step) = b.graph_step(input, max_context.min(c.context_length))? else {
+            return Ok(None);
+        };
+        let mut bufs = self.alloc_buffers(input.rows(), input.logit_rows.len())?;
+        let Some(graph) = b.capture(&mut || self.run_step(&mut kv.store, &step, &mut bufs))? else {
+            return Ok(None);
+        };
+        Ok(Some(DecodeGraph {
+            step,
+            bufs,
+            graph,
+            kv_shape: kv.shape,
+        }))
+    }
+
+    /// Runs `input` through `g`: its logits, or `Ok(None)` when `input` does not fit the
+    /// graph (then run [`Llama::forward`]).
+    pub fn replay_decode(
+        &self,
+        g: &mut DecodeGraph<B>,
+        kv: &mut KvCache<B>,
+        input: &StepInput,
+    ) -> Result<Option<Vec<f32>>> {
+        let c = &self.config;
+        input.validate(c.vocab_size, c.context_length, &kv.shape)?;
+        if kv.shape != g.kv_shape || !self.backend.refill_step(&mut g.step, input)? {
+            return Ok(None);
+        }
+        self.backend.replay(&g.graph)?;
+        let mut logits = Vec::new();
+        self.backend.to_host(&g.bufs.logits, &mut logits)?;
+        Ok(Some(logits))
+    }
+}
+
+/// Every activation of one step (see the module doc for the shapes).
+struct StepBuffers<B: Backend> {
+    x: B::Activations,
+    h: B::Activations,
+    qkv: B::Activations,
+    attn: B::Activations,
+    proj: B::Activations,
+    gate_up: B::Activations,
+    act: B::Activations,
+    /// `[R, d]`, `[R, d]`, `[R, vocab]` for the `R` logit rows.
+    last: B::Activations,
+    normed: B::Activations,
+    logits: B::Activations,
+    logit_rows: usize,
+}
+
+/// A captured decode step ([`Llama::capture_decode`]): its step data and activations stay
+/// allocated, so every replay reads and writes the same device memory.
+pub struct DecodeGraph<B: Backend> {
+    step: B::Step,
+    bufs: StepBuffers<B>,
+    graph: B::Graph,
+    kv_shape: KvShape,
 }

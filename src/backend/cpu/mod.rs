@@ -135,6 +135,7 @@ impl Backend for CpuBackend {
     type Vector = Vec<f32>;
     type KvStore = CpuKv;
     type Step = CpuStep;
+    type Graph = ();
 
     fn name(&self) -> String {
         format!(

@@ -150,6 +150,31 @@ pub fn plan(step: &StepInput, gqa: usize, n_kv_heads: usize, block_size: usize, 
     p
 }
 
+/// The plan of a captured decode step (CUDA graphs): every row an `attention_split` row over
+/// all its keys `0..=p` in chunks of `chunk`, the grid sized for `max_chunks`, sharing groups
+/// ignored (plain attention), so that from step to step only `row_parts` changes — the graph
+/// keeps its launch shapes and kernel arguments. Positions must be below `chunk·max_chunks`.
+pub fn graph_plan(step: &StepInput, chunk: usize, max_chunks: usize) -> AttentionPlan {
+    let rows = step.rows();
+    let row_parts: Vec<u32> = step
+        .positions
+        .iter()
+        .map(|&p| (p as usize + 1).div_ceil(chunk) as u32)
+        .collect();
+    debug_assert!(row_parts.iter().all(|&n| n as usize <= max_chunks));
+    AttentionPlan {
+        split_rows: (0..rows as u32).collect(),
+        split_from: vec![0; rows],
+        split_part0: vec![0; rows],
+        split_chunk: chunk,
+        split_max_chunks: max_chunks,
+        tasks: Vec::new(),
+        task_rows: Vec::new(),
+        row_parts,
+        n_parts: max_chunks,
+    }
+}
+
 impl AttentionPlan {
     /// Tasks for each tile of `tiles` × each `chunk` of keys `start..end` of table `seq`. Every
     /// row of a tile has the same part count so far (they share a sequence, or a group whose
@@ -331,33 +356,44 @@ mod tests {
         step
     }
 
-    fn check(seqs: &[Vec<u32>], groups: &[(Vec<u32>, u32)], gqa: usize, n_sms: usize) -> AttentionPlan {
-        let (bs, hd) = (16, 8);
-        let step = step_for(seqs, groups, bs);
-        step.validate_groups(bs).unwrap();
-        let plan = plan(&step, gqa, 2, bs, n_sms);
-        // K/V per sequence as its own table sees them: shared blocks hold the group lead's.
-        let n_blocks = step.block_tables.iter().flatten().max().unwrap() + 1;
+    /// K/V per sequence as its own table sees them (shared blocks hold the group lead's) and
+    /// queries per row, deterministic.
+    #[allow(clippy::type_complexity)]
+    fn plan_inputs(
+        step: &StepInput,
+        gqa: usize,
+        hd: usize,
+    ) -> (Vec<Vec<Vec<f32>>>, Vec<Vec<(Vec<f32>, Vec<f32>)>>, usize) {
+        let bs = 16;
         let block_kv = |b: u32, off: usize| -> (Vec<f32>, Vec<f32>) {
             let k = (0..hd).map(|d| val(b as usize, off, d)).collect();
             let v = (0..hd).map(|d| val(b as usize + 7, off + 3, d)).collect();
             (k, v)
         };
-        assert!(n_blocks < 10_000);
-        let kv: Vec<Vec<(Vec<f32>, Vec<f32>)>> = step
+        let kv = step
             .block_tables
             .iter()
             .map(|t| (0..t.len() * bs).map(|p| block_kv(t[p / bs], p % bs)).collect())
             .collect();
-        let q: Vec<Vec<Vec<f32>>> = (0..step.rows())
+        let q = (0..step.rows())
             .map(|r| {
                 (0..gqa)
                     .map(|g| (0..hd).map(|d| 2.0 * val(r + 11, g, d)).collect())
                     .collect()
             })
             .collect();
-        let got = run_plan(&plan, &step, &q, &kv, gqa, hd);
-        // Direct softmax attention over 0..=pos.
+        (q, kv, hd)
+    }
+
+    /// `got` equals direct softmax attention of each row over `0..=pos`.
+    fn assert_matches_direct(
+        step: &StepInput,
+        q: &[Vec<Vec<f32>>],
+        kv: &[Vec<(Vec<f32>, Vec<f32>)>],
+        got: &[Vec<Vec<f32>>],
+        gqa: usize,
+        hd: usize,
+    ) {
         for r in 0..step.rows() {
             let (seq, pos) = (step.row_seq[r] as usize, step.positions[r] as usize);
             for g in 0..gqa {
@@ -374,7 +410,32 @@ mod tests {
                 }
             }
         }
+    }
+
+    fn check(seqs: &[Vec<u32>], groups: &[(Vec<u32>, u32)], gqa: usize, n_sms: usize) -> AttentionPlan {
+        let bs = 16;
+        let step = step_for(seqs, groups, bs);
+        step.validate_groups(bs).unwrap();
+        let plan = plan(&step, gqa, 2, bs, n_sms);
+        let (q, kv, hd) = plan_inputs(&step, gqa, 8);
+        let got = run_plan(&plan, &step, &q, &kv, gqa, hd);
+        assert_matches_direct(&step, &q, &kv, &got, gqa, hd);
         plan
+    }
+
+    #[test]
+    fn a_graph_plan_covers_every_key_with_a_fixed_grid() {
+        let step = step_for(
+            &[vec![0], vec![255], vec![256], vec![1000], (0..3).collect()],
+            &[(vec![1, 2], 8)],
+            16,
+        );
+        let plan = graph_plan(&step, 256, 4);
+        assert_eq!(plan.row_parts, [1, 1, 2, 4, 1, 1, 1]);
+        assert_eq!((plan.split_max_chunks, plan.n_parts, plan.tasks.len()), (4, 4, 0));
+        let (q, kv, hd) = plan_inputs(&step, 1, 8);
+        let got = run_plan(&plan, &step, &q, &kv, 1, hd);
+        assert_matches_direct(&step, &q, &kv, &got, 1, hd);
     }
 
     #[test]

@@ -15,6 +15,7 @@
 
 pub mod attention_plan;
 mod bench;
+mod graph;
 pub mod kernel_cache;
 mod kernels;
 pub mod nvrtc;
@@ -140,8 +141,11 @@ pub struct CudaStep {
     max_blocks: usize,
     logit_rows: Option<CudaSlice<i32>>,
     /// The attention plan for this step, made by the first layer's `attention` and reused by
-    /// the others (keyed by the GQA group it was made for).
-    attention: std::sync::OnceLock<((usize, usize), DevicePlan)>,
+    /// the others (keyed by the GQA group and KV heads it was made for; `None`: a graph step's
+    /// plan, which fits any).
+    attention: std::sync::OnceLock<(Option<(usize, usize)>, DevicePlan)>,
+    /// Set on a step made for capture (`graph_step`): what later steps must fit.
+    graph: Option<graph::GraphShape>,
 }
 
 /// An [`attention_plan::AttentionPlan`] on the device (i32 arrays; empty ones hold one unused
@@ -171,6 +175,17 @@ fn shape_err(op: &str, reason: String) -> Error {
         backend: "cuda",
         reason: format!("{op}: {reason}"),
     }
+}
+
+/// `[n_seqs, max_blocks]` i32 block tables, padded with 0 (at least one element).
+fn padded_tables(step: &StepInput, max_blocks: usize) -> Vec<i32> {
+    let mut tables = vec![0i32; step.block_tables.len().max(1) * max_blocks];
+    for (s, t) in step.block_tables.iter().enumerate() {
+        for (i, &b) in t.iter().enumerate() {
+            tables[s * max_blocks + i] = b as i32;
+        }
+    }
+    tables
 }
 
 fn i32s(v: &[u32]) -> Vec<i32> {
@@ -216,6 +231,11 @@ impl CudaBackend {
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| cuda_err("multiprocessor count", e))?
             .max(1) as usize;
+        // One stream does all the work, so cudarc's per-buffer events (for ordering across
+        // streams) would only add an event record per kernel argument, and they are not
+        // allowed inside a graph capture.
+        // SAFETY: no buffer of this context is used from another stream.
+        unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         let kernels = Kernels::load(&ctx, &arch, &KernelCache::new(KernelCache::default_dir()))?;
         Ok(Self {
@@ -307,25 +327,49 @@ impl CudaBackend {
         })
     }
 
+    /// A step's device data with block tables padded to `max_blocks` per sequence.
+    fn upload_step_with(&self, step: &StepInput, max_blocks: usize) -> Result<CudaStep> {
+        let tables = padded_tables(step, max_blocks);
+        Ok(CudaStep {
+            host: step.clone(),
+            tokens: self.upload(&i32s(&step.tokens))?,
+            positions: self.upload(&i32s(&step.positions))?,
+            slots: self.upload(&i32s(&step.slots))?,
+            row_seq: self.upload(&i32s(&step.row_seq))?,
+            block_tables: self.upload(&tables)?,
+            max_blocks,
+            logit_rows: if step.logit_rows.is_empty() {
+                None
+            } else {
+                Some(self.upload(&i32s(&step.logit_rows))?)
+            },
+            attention: std::sync::OnceLock::new(),
+            graph: None,
+        })
+    }
+
+    fn upload_plan(&self, plan: attention_plan::AttentionPlan) -> Result<DevicePlan> {
+        let ints = |v: &[u32]| self.upload(&i32s(if v.is_empty() { &[0] } else { v }));
+        let words = plan.task_words();
+        Ok(DevicePlan {
+            split_rows: ints(&plan.split_rows)?,
+            split_from: ints(&plan.split_from)?,
+            split_part0: ints(&plan.split_part0)?,
+            tasks: self.upload(if words.is_empty() { &[0] } else { &words[..] })?,
+            task_rows: ints(&plan.task_rows)?,
+            row_parts: ints(&plan.row_parts)?,
+            plan,
+        })
+    }
+
     /// The step's attention plan on the device, made once per step (by its first layer).
     fn attention_plan<'s>(&self, step: &'s CudaStep, gqa: usize, n_kv: usize) -> Result<&'s DevicePlan> {
         if step.attention.get().is_none() {
-            let plan = attention_plan::plan(&step.host, gqa, n_kv, 16, self.n_sms);
-            let ints = |v: &[u32]| self.upload(&i32s(if v.is_empty() { &[0] } else { v }));
-            let words = plan.task_words();
-            let dp = DevicePlan {
-                split_rows: ints(&plan.split_rows)?,
-                split_from: ints(&plan.split_from)?,
-                split_part0: ints(&plan.split_part0)?,
-                tasks: self.upload(if words.is_empty() { &[0] } else { &words[..] })?,
-                task_rows: ints(&plan.task_rows)?,
-                row_parts: ints(&plan.row_parts)?,
-                plan,
-            };
-            let _ = step.attention.set(((gqa, n_kv), dp));
+            let dp = self.upload_plan(attention_plan::plan(&step.host, gqa, n_kv, 16, self.n_sms))?;
+            let _ = step.attention.set((Some((gqa, n_kv)), dp));
         }
         match step.attention.get() {
-            Some((key, dp)) if *key == (gqa, n_kv) => Ok(dp),
+            Some((key, dp)) if key.is_none_or(|k| k == (gqa, n_kv)) => Ok(dp),
             _ => Err(shape_err(
                 "attention",
                 format!("one step serves one attention shape; this one was planned for another than GQA {gqa} × {n_kv} KV heads"),
@@ -440,6 +484,7 @@ impl Backend for CudaBackend {
     type Vector = CudaVector;
     type KvStore = CudaKv;
     type Step = CudaStep;
+    type Graph = cudarc::driver::CudaGraph;
 
     fn name(&self) -> String {
         format!("cuda ({}, {})", self.device_name, self.arch)
@@ -506,27 +551,7 @@ impl Backend for CudaBackend {
 
     fn upload_step(&self, step: &StepInput) -> Result<CudaStep> {
         let max_blocks = step.block_tables.iter().map(Vec::len).max().unwrap_or(0).max(1);
-        let mut tables = vec![0i32; step.block_tables.len().max(1) * max_blocks];
-        for (s, t) in step.block_tables.iter().enumerate() {
-            for (i, &b) in t.iter().enumerate() {
-                tables[s * max_blocks + i] = b as i32;
-            }
-        }
-        Ok(CudaStep {
-            host: step.clone(),
-            tokens: self.upload(&i32s(&step.tokens))?,
-            positions: self.upload(&i32s(&step.positions))?,
-            slots: self.upload(&i32s(&step.slots))?,
-            row_seq: self.upload(&i32s(&step.row_seq))?,
-            block_tables: self.upload(&tables)?,
-            max_blocks,
-            logit_rows: if step.logit_rows.is_empty() {
-                None
-            } else {
-                Some(self.upload(&i32s(&step.logit_rows))?)
-            },
-            attention: std::sync::OnceLock::new(),
-        })
+        self.upload_step_with(step, max_blocks)
     }
 
     fn embed(&self, table: &CudaLinear, step: &CudaStep, out: &mut CudaTensor) -> Result<()> {
@@ -803,8 +828,12 @@ impl Backend for CudaBackend {
         let rows = qkv.rows;
         // Partials [rows, n_heads, n_parts, 2 | hd] f32 (see kernels/attention.cu).
         let np = plan.n_parts;
-        let mut part_ml = self.zeros::<f32>(rows * n_heads * np * 2)?;
-        let mut part_o = self.zeros::<f32>(rows * n_heads * np * hd)?;
+        // Not zeroed: the merge reads only the parts a kernel wrote (row_parts), and a graph
+        // step's partials (sized for its longest context) would cost a large memset per layer.
+        // SAFETY: f32 has no invalid bit patterns; see above for why nothing unwritten is read.
+        let alloc = |n: usize| unsafe { self.stream.alloc::<f32>(n.max(1)) }.map_err(|e| cuda_err("alloc", e));
+        let mut part_ml = alloc(rows * n_heads * np * 2)?;
+        let mut part_o = alloc(rows * n_heads * np * hd)?;
         let plane = kv.plane();
         let k = kv.store.slice(2 * layer * plane..(2 * layer + 1) * plane);
         let v = kv.store.slice((2 * layer + 1) * plane..(2 * layer + 2) * plane);
@@ -997,6 +1026,22 @@ impl Backend for CudaBackend {
         }
         .map_err(|e| cuda_err("copy_blocks", e))?;
         Ok(())
+    }
+
+    fn graph_step(&self, input: &StepInput, max_context: usize) -> Result<Option<CudaStep>> {
+        self.new_graph_step(input, max_context).map(Some)
+    }
+
+    fn refill_step(&self, step: &mut CudaStep, input: &StepInput) -> Result<bool> {
+        self.refill_graph_step(step, input)
+    }
+
+    fn capture(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<Option<Self::Graph>> {
+        self.capture_graph(f).map(Some)
+    }
+
+    fn replay(&self, graph: &Self::Graph) -> Result<()> {
+        graph.launch().map_err(|e| cuda_err("graph launch", e))
     }
 
     fn to_host(&self, x: &CudaTensor, out: &mut Vec<f32>) -> Result<()> {

@@ -1,0 +1,118 @@
+//! CUDA graphs for the decode step: a step whose device data later steps overwrite in place,
+//! the capture of the forward's launches, and their replay.
+//!
+//! A graph replays the same kernels with the same arguments and grids, so everything a
+//! captured forward reads must stay at one address and every launch shape must be fixed:
+//!
+//! * the step's arrays (tokens, positions, slots, row → sequence, block tables padded to the
+//!   capacity's `max_blocks`, logit rows) are allocated once and refilled by copies before each
+//!   replay ([`CudaBackend::refill_graph_step`]);
+//! * attention uses [`attention_plan::graph_plan`]: every row a flash-decoding split row with
+//!   chunks of [`GRAPH_CHUNK`] keys and a grid sized for `max_context`, so only the per-row part
+//!   counts change (a chunk past a row's position exits at once); sharing groups are read as
+//!   plain attention;
+//! * the activations live in the model's [`crate::model::llama::DecodeGraph`], and the
+//!   temporaries an op allocates (matmul and attention partials) are allocated and freed inside
+//!   the capture, which makes them the graph's own memory (stream-ordered allocation nodes).
+//!
+//! Anything else — another row, sequence or logit-row count, a position at or past
+//! `max_context` — does not fit, and the caller runs the step uncaptured.
+
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+
+use super::attention_plan::{self, AttentionPlan};
+use super::kernels::cuda_err;
+use super::{i32s, padded_tables, CudaBackend, CudaStep};
+use crate::backend::StepInput;
+use crate::error::{Error, Result};
+
+/// Keys per split chunk in a captured step.
+pub const GRAPH_CHUNK: usize = 256;
+
+/// What a graph step holds room for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct GraphShape {
+    /// Positions stay below this.
+    max_context: usize,
+    max_chunks: usize,
+}
+
+impl CudaBackend {
+    /// A step for capture shaped like `input`, with room for positions below `max_context`.
+    pub(super) fn new_graph_step(&self, input: &StepInput, max_context: usize) -> Result<CudaStep> {
+        let bs = 16;
+        let max_blocks = max_context.div_ceil(bs).max(1);
+        if let Some(&p) = input.positions.iter().find(|&&p| p as usize >= max_context) {
+            return Err(Error::InvalidArgument(format!(
+                "graph step: position {p} at or past its max_context {max_context}"
+            )));
+        }
+        if let Some(t) = input.block_tables.iter().find(|t| t.len() > max_blocks) {
+            return Err(Error::InvalidArgument(format!(
+                "graph step: a block table of {} blocks for a max_context of {max_context}",
+                t.len()
+            )));
+        }
+        let mut step = self.upload_step_with(input, max_blocks)?;
+        let shape = GraphShape {
+            max_context,
+            max_chunks: max_context.div_ceil(GRAPH_CHUNK),
+        };
+        let plan = self.upload_plan(attention_plan::graph_plan(input, GRAPH_CHUNK, shape.max_chunks))?;
+        // Set before the capture, so no layer uploads a plan while it is recorded.
+        let _ = step.attention.set((None, plan));
+        step.graph = Some(shape);
+        Ok(step)
+    }
+
+    /// Overwrites a graph step with `input` (same shapes); `Ok(false)` when it does not fit.
+    pub(super) fn refill_graph_step(&self, step: &mut CudaStep, input: &StepInput) -> Result<bool> {
+        let Some(shape) = step.graph else {
+            return Ok(false);
+        };
+        let old = &step.host;
+        let fits = input.rows() == old.rows()
+            && input.block_tables.len() == old.block_tables.len()
+            && input.logit_rows.len() == old.logit_rows.len()
+            && input.block_tables.iter().all(|t| t.len() <= step.max_blocks)
+            && input.positions.iter().all(|&p| (p as usize) < shape.max_context);
+        if !fits {
+            return Ok(false);
+        }
+        let copy = |src: &[i32], dst: &mut cudarc::driver::CudaSlice<i32>| {
+            self.stream
+                .memcpy_htod(src, dst)
+                .map_err(|e| cuda_err("refill step", e))
+        };
+        copy(&i32s(&input.tokens), &mut step.tokens)?;
+        copy(&i32s(&input.positions), &mut step.positions)?;
+        copy(&i32s(&input.slots), &mut step.slots)?;
+        copy(&i32s(&input.row_seq), &mut step.row_seq)?;
+        copy(&padded_tables(input, step.max_blocks), &mut step.block_tables)?;
+        if let Some(rows) = &mut step.logit_rows {
+            copy(&i32s(&input.logit_rows), rows)?;
+        }
+        let plan: AttentionPlan = attention_plan::graph_plan(input, GRAPH_CHUNK, shape.max_chunks);
+        let Some((_, dp)) = step.attention.get_mut() else {
+            return Err(cuda_err("refill step", "a graph step without its attention plan"));
+        };
+        copy(&i32s(&plan.row_parts), &mut dp.row_parts)?;
+        dp.plan = plan;
+        step.host = input.clone();
+        Ok(true)
+    }
+
+    /// Records what `f` launches on the backend's stream into an instantiated graph.
+    pub(super) fn capture_graph(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<cudarc::driver::CudaGraph> {
+        self.stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|e| cuda_err("begin capture", e))?;
+        let recorded = f();
+        // End the capture whatever `f` did, so the stream leaves capture mode.
+        let graph = self.stream.end_capture(CUgraphInstantiate_flags(0));
+        recorded?;
+        graph
+            .map_err(|e| cuda_err("end capture", e))?
+            .ok_or_else(|| cuda_err("end capture", "nothing was recorded"))
+    }
+}
