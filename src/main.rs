@@ -272,6 +272,9 @@ pub(crate) struct EngineArgs {
     /// Plain paged attention even for sequences that share a prefix.
     #[arg(long)]
     no_cascade: bool,
+    /// Run decode steps uncaptured (no CUDA graphs).
+    #[arg(long)]
+    no_graphs: bool,
 }
 
 impl EngineArgs {
@@ -285,6 +288,7 @@ impl EngineArgs {
             },
             prefix_cache: !self.no_prefix_cache,
             cascade_min_blocks: (!self.no_cascade).then_some(1),
+            graphs: !self.no_graphs,
         }
     }
 }

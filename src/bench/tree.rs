@@ -76,6 +76,9 @@ pub fn run<B: Backend>(
         },
         prefix_cache: false,
         cascade_min_blocks: (mode == TreeMode::Cascade).then_some(1),
+        // Graphs capture only steps without sharing groups, so they would speed up every setup
+        // but cascade: off, to compare the attention setups alone.
+        graphs: false,
     };
     let mut engine = Engine::new(model, None, config)?;
     let vocab = model.config.vocab_size as u64;

@@ -37,6 +37,7 @@ pub use stop::{FinishReason, StopConditions, StopMatcher};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::kv::{BlockPool, PoolStats, RadixCache, DEFAULT_BLOCK_SIZE};
+use crate::model::llama::DecodeGraph;
 use crate::model::{KvCache, Llama};
 use crate::tokenizer::Tokenizer;
 use sequence::{Candidate, Generating, Scoring, Sequence, Task};
@@ -57,6 +58,8 @@ pub struct EngineConfig {
     pub prefix_cache: bool,
     /// Cascade attention for sequences sharing at least this many leading blocks; `None` off.
     pub cascade_min_blocks: Option<usize>,
+    /// Replay captured graphs for decode steps (CUDA graphs; no effect on a backend without).
+    pub graphs: bool,
 }
 
 impl EngineConfig {
@@ -79,6 +82,7 @@ impl Default for EngineConfig {
             scheduler: SchedulerConfig::default(),
             prefix_cache: true,
             cascade_min_blocks: Some(1),
+            graphs: true,
         }
     }
 }
@@ -189,6 +193,8 @@ impl Generation {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EngineStats {
     pub steps: usize,
+    /// Steps that replayed a captured graph.
+    pub graph_steps: usize,
     /// Rows run through the model (prompt, decode and candidate tokens).
     pub computed_tokens: usize,
     /// Tokens whose K/V came from the prefix cache instead.
@@ -229,7 +235,17 @@ pub struct Engine<'m, B: Backend> {
     /// Task start counter (scheduling priority).
     next_order: u64,
     stats: EngineStats,
+    /// Captured decode steps by (rows, context bucket); `graphs_unavailable` once the backend
+    /// has said it captures none.
+    graphs: HashMap<(usize, usize), DecodeGraph<B>>,
+    graphs_unavailable: bool,
 }
+
+/// Most rows of a decode step that gets a graph (a graph per row count and context bucket).
+pub const MAX_GRAPH_ROWS: usize = 64;
+/// Smallest context bucket of a decode graph: buckets are powers of two from here, so a
+/// graph's attention grid covers at most twice the longest row's keys.
+const MIN_GRAPH_CONTEXT: usize = 512;
 
 impl<'m, B: Backend> Engine<'m, B> {
     pub fn new(model: &'m Llama<B>, tokenizer: Option<&'m Tokenizer>, config: EngineConfig) -> Result<Self> {
@@ -250,6 +266,8 @@ impl<'m, B: Backend> Engine<'m, B> {
             next_id: 0,
             next_order: 0,
             stats: EngineStats::default(),
+            graphs: HashMap::new(),
+            graphs_unavailable: false,
         })
     }
 
@@ -486,6 +504,43 @@ impl<'m, B: Backend> Engine<'m, B> {
 
     // ---- running -------------------------------------------------------------------------------
 
+    /// The step's forward: a captured graph for a decode step (one row per sequence, every
+    /// row returning logits, at most [`MAX_GRAPH_ROWS`], no sharing groups — a graph reads
+    /// shared prefixes as plain attention, so steps that could cascade run uncaptured) when
+    /// the config allows and the backend has graphs; else, or when the step does not fit its
+    /// graph, the plain forward.
+    fn run_forward(&mut self, input: &crate::backend::StepInput) -> Result<Vec<f32>> {
+        let rows = input.rows();
+        let decode = rows <= MAX_GRAPH_ROWS
+            && rows == input.block_tables.len()
+            && input.logit_rows.len() == rows
+            && input.groups.is_empty();
+        if !self.config.graphs || self.graphs_unavailable || !decode {
+            return self.model.forward(&mut self.kv, input);
+        }
+        let longest = input.positions.iter().max().map_or(1, |&p| p as usize + 1);
+        let bucket = longest
+            .next_power_of_two()
+            .max(MIN_GRAPH_CONTEXT)
+            .min(self.model.config.context_length);
+        let key = (rows, bucket);
+        if !self.graphs.contains_key(&key) {
+            match self.model.capture_decode(&mut self.kv, input, bucket)? {
+                Some(g) => {
+                    self.graphs.insert(key, g);
+                }
+                None => self.graphs_unavailable = true,
+            }
+        }
+        if let Some(g) = self.graphs.get_mut(&key) {
+            if let Some(logits) = self.model.replay_decode(g, &mut self.kv, input)? {
+                self.stats.graph_steps += 1;
+                return Ok(logits);
+            }
+        }
+        self.model.forward(&mut self.kv, input)
+    }
+
     /// Runs one batched forward over the scheduled rows and returns the events it caused.
     /// Returns no events and does nothing when no task has work.
     pub fn step(&mut self) -> Result<Vec<Event>> {
@@ -505,7 +560,7 @@ impl<'m, B: Backend> Engine<'m, B> {
         let result = self
             .model
             .copy_blocks(&mut self.kv, &copies)
-            .and_then(|()| self.model.forward(&mut self.kv, &input));
+            .and_then(|()| self.run_forward(&input));
         let logits = match result {
             Ok(logits) => logits,
             Err(e) => {
