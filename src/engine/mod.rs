@@ -525,11 +525,17 @@ impl<'m, B: Backend> Engine<'m, B> {
             .min(self.model.config.context_length);
         let key = (rows, bucket);
         if !self.graphs.contains_key(&key) {
-            match self.model.capture_decode(&mut self.kv, input, bucket)? {
-                Some(g) => {
+            match self.model.capture_decode(&mut self.kv, input, bucket) {
+                Ok(Some(g)) => {
                     self.graphs.insert(key, g);
                 }
-                None => self.graphs_unavailable = true,
+                Ok(None) => self.graphs_unavailable = true,
+                // A capture that fails leaves nothing recorded and nothing run: the engine goes
+                // on uncaptured rather than fail the step.
+                Err(e) => {
+                    eprintln!("qmtot: decode graph capture failed, running uncaptured from now on: {e}");
+                    self.graphs_unavailable = true;
+                }
             }
         }
         if let Some(g) = self.graphs.get_mut(&key) {
