@@ -4,6 +4,12 @@
 //! Reported log-probabilities are those of the model's own distribution (log-softmax of the
 //! raw logits, temperature 1, no filtering), as OpenAI-style APIs report them; the filters
 //! only decide which token is drawn.
+//!
+//! The CUDA backend samples on the device (`kernels/sampling.cu`); [`kept_weights`] and
+//! [`draw_with_uniform`] are its semantics as pure host code, the oracle its GPU tests compare
+//! against. It draws from the same distribution as [`Sampler`], with the host's `u`
+//! ([`Sampler::next_uniform`]), but walks the kept tokens in ascending id order, so with top-k or
+//! top-p on the same `u` may pick another token than `Sampler::sample` would.
 
 use crate::error::{Error, Result};
 
@@ -172,6 +178,80 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
+/// The tokens a draw can return and their tempered weights, in ascending id order: the device
+/// sampler's semantics (`kernels/sampling.cu`), which give the same distribution as
+/// [`Sampler`]. Temperature 0: the [`argmax`] alone. Otherwise, over the non-NaN tokens ordered
+/// most likely first (`total_cmp`, so −0 below +0; ties by lower id): top-k keeps the first k;
+/// the weight is `exp((l − max) / T)` relative to the most likely token (exactly 1 where
+/// `l == max`, so rows whose maximum is ±inf stay defined where `Sampler` gives NaN weights);
+/// min-p drops weights below `min_p`; top-p keeps the shortest first-in-order prefix whose
+/// mass reaches `top_p` × the mass left; tokens of weight 0 are dropped. Empty when every
+/// logit is NaN.
+///
+/// Weights here are f64; the device's are f32 (relative error ≤ ~4e-6 at |l − max|/T ≤ 20;
+/// see the kernel's precision note), so kept sets agree except when a weight lies that close
+/// to `min_p` or a top-p prefix mass that close to its target.
+pub fn kept_weights(logits: &[f32], params: &SamplingParams) -> Vec<(u32, f64)> {
+    let mut idx: Vec<u32> = (0..logits.len() as u32)
+        .filter(|&i| !logits[i as usize].is_nan())
+        .collect();
+    if idx.is_empty() {
+        return Vec::new();
+    }
+    if params.temperature == 0.0 {
+        return vec![(argmax(logits), 1.0)];
+    }
+    let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+    idx.sort_unstable_by(by_logit);
+    if params.top_k > 0 && params.top_k < idx.len() {
+        idx.truncate(params.top_k);
+    }
+    let max = logits[idx[0] as usize];
+    // The same arithmetic as `Sampler`'s weights (f64, times 1/T).
+    let inv_t = 1.0 / params.temperature as f64;
+    let weight = |l: f32| {
+        if l == max {
+            1.0
+        } else {
+            ((l as f64 - max as f64) * inv_t).exp()
+        }
+    };
+    let mut kept: Vec<(u32, f64)> = idx
+        .iter()
+        .map(|&i| (i, weight(logits[i as usize])))
+        .filter(|&(_, w)| w >= params.min_p as f64)
+        .collect();
+    if params.top_p < 1.0 {
+        let target = params.top_p as f64 * kept.iter().map(|k| k.1).sum::<f64>();
+        let mut mass = 0.0;
+        let keep = kept.iter().position(|&(_, w)| {
+            mass += w;
+            mass >= target
+        });
+        kept.truncate(keep.map_or(kept.len(), |i| i + 1));
+    }
+    kept.retain(|&(_, w)| w > 0.0);
+    kept.sort_unstable_by_key(|&(i, _)| i);
+    kept
+}
+
+/// The token the device sampler draws for uniform `u ∈ [0, 1)`: walking [`kept_weights`] in
+/// ascending id order, the first whose cumulative weight exceeds `u` × the kept mass (the last
+/// kept token if rounding leaves none). Token 0 when every logit is NaN (the host [`argmax`]
+/// then gives the last id; neither means anything).
+pub fn draw_with_uniform(logits: &[f32], params: &SamplingParams, u: f64) -> u32 {
+    let kept = kept_weights(logits, params);
+    let target = u * kept.iter().map(|k| k.1).sum::<f64>();
+    let mut cumulative = 0.0;
+    for &(id, w) in &kept {
+        cumulative += w;
+        if target < cumulative {
+            return id;
+        }
+    }
+    kept.last().map_or(0, |k| k.0)
+}
+
 /// A sampler for one sequence: its parameters and its own random stream.
 #[derive(Clone, Debug)]
 pub struct Sampler {
@@ -188,6 +268,18 @@ impl Sampler {
 
     pub fn params(&self) -> &SamplingParams {
         &self.params
+    }
+
+    /// The uniform `u ∈ [0, 1)` that a device draw consumes ([`draw_with_uniform`]): the next
+    /// value of the same stream [`Sampler::sample`] draws from, so a seed means the same
+    /// randomness on both backends. At temperature 0 nothing is drawn (as `sample` draws
+    /// nothing) and 0 is returned.
+    pub fn next_uniform(&mut self) -> f64 {
+        if self.params.temperature == 0.0 {
+            0.0
+        } else {
+            self.rng.next_f64()
+        }
     }
 
     /// Draws the next token from one row of logits.
@@ -380,6 +472,188 @@ mod tests {
             ..Default::default()
         };
         assert!(Sampler::new(too_many).is_err());
+    }
+
+    fn ids(kept: &[(u32, f64)]) -> Vec<u32> {
+        kept.iter().map(|k| k.0).collect()
+    }
+
+    #[test]
+    fn device_semantics_keep_the_filtered_sets_with_ties_by_lower_id() {
+        // Probabilities ≈ [0.64, 0.24, 0.09, 0.03] at temperature 1.
+        let logits = [3.0f32, 2.0, 1.0, 0.0];
+        let kept = |t, k, p, m| ids(&kept_weights(&logits, &params(t, k, p, m, 0)));
+        assert_eq!(kept(1.0, 0, 1.0, 0.0), vec![0, 1, 2, 3]);
+        assert_eq!(kept(1.0, 2, 1.0, 0.0), vec![0, 1]);
+        assert_eq!(kept(1.0, 0, 0.8, 0.0), vec![0, 1]);
+        assert_eq!(kept(1.0, 0, 0.6, 0.0), vec![0]);
+        assert_eq!(kept(1.0, 0, 1.0, 0.3), vec![0, 1]);
+        assert_eq!(kept(0.0, 2, 0.5, 0.5), vec![0], "greedy ignores the filters");
+        // Weights are relative to the most likely token: min-p 1 keeps the maxima only.
+        let w = kept_weights(&logits, &params(0.5, 0, 1.0, 0.0, 0));
+        assert_eq!(w[0].1, 1.0);
+        assert!((w[1].1 - (-2.0f64).exp()).abs() < 1e-15);
+        // Top-k keeps exactly k: ties at the k-th value go to the lower ids.
+        let tied = [1.0f32, 2.0, 2.0, 2.0, 0.0, 2.0];
+        let kept = |k, p| ids(&kept_weights(&tied, &params(1.0, k, p, 0.0, 0)));
+        assert_eq!(kept(1, 1.0), vec![1]);
+        assert_eq!(kept(2, 1.0), vec![1, 2]);
+        assert_eq!(kept(3, 1.0), vec![1, 2, 3]);
+        assert_eq!(kept(5, 1.0), vec![0, 1, 2, 3, 5]);
+        // Top-p over equal weights: the shortest lowest-id prefix reaching top_p of the mass.
+        let flat = [0.5f32; 8];
+        let kept = |p| ids(&kept_weights(&flat, &params(1.0, 0, p, 0.0, 0)));
+        assert_eq!(kept(0.25), vec![0, 1]);
+        assert_eq!(kept(0.26), vec![0, 1, 2]);
+        assert_eq!(kept(0.1), vec![0]);
+        // Combined: top-k, then min-p, then top-p over what is left.
+        let k_then_p = ids(&kept_weights(&tied, &params(1.0, 3, 0.5, 0.0, 0)));
+        assert_eq!(k_then_p, vec![1, 2], "half of three equal weights needs two");
+        // total_cmp: +0 ranks above −0 for top-k, while greedy (float comparison) ties them.
+        let zeros = [-0.0f32, 0.0, -1.0];
+        assert_eq!(ids(&kept_weights(&zeros, &params(1.0, 1, 1.0, 0.0, 0))), vec![1]);
+        assert_eq!(ids(&kept_weights(&zeros, &params(0.0, 0, 1.0, 0.0, 0))), vec![0]);
+    }
+
+    #[test]
+    fn device_semantics_never_draw_nan_and_define_degenerate_rows() {
+        let logits = [f32::NAN, 1.0, f32::NAN, 0.5, f32::NAN];
+        for p in [
+            params(1.0, 0, 1.0, 0.0, 0),
+            params(2.0, 1, 1.0, 0.0, 0),
+            params(1.0, 0, 0.9, 0.1, 0),
+        ] {
+            for i in 0..1000 {
+                let t = draw_with_uniform(&logits, &p, i as f64 / 1000.0);
+                assert!(t == 1 || t == 3, "drew {t} with {p:?}");
+            }
+        }
+        assert_eq!(draw_with_uniform(&logits, &params(0.0, 0, 1.0, 0.0, 0), 0.3), 1);
+        let all_nan = [f32::NAN; 3];
+        assert!(kept_weights(&all_nan, &params(1.0, 0, 1.0, 0.0, 0)).is_empty());
+        assert_eq!(draw_with_uniform(&all_nan, &params(1.0, 0, 1.0, 0.0, 0), 0.5), 0);
+        // An infinite maximum takes all the weight; an all −inf row is uniform.
+        let inf = [0.0f32, f32::INFINITY, 3.0, f32::INFINITY];
+        assert_eq!(
+            kept_weights(&inf, &params(1.0, 0, 1.0, 0.0, 0)),
+            vec![(1, 1.0), (3, 1.0)]
+        );
+        let neg = [f32::NEG_INFINITY; 3];
+        assert_eq!(ids(&kept_weights(&neg, &params(1.0, 0, 1.0, 0.0, 0))), vec![0, 1, 2]);
+        // u = 0 draws the first kept id, u → 1 the last.
+        let logits = [0.0f32, 1.0, 2.0, 0.5];
+        let p = params(1.0, 3, 1.0, 0.0, 0);
+        assert_eq!(draw_with_uniform(&logits, &p, 0.0), 1);
+        assert_eq!(draw_with_uniform(&logits, &p, 1.0 - f64::EPSILON / 2.0), 3);
+    }
+
+    #[test]
+    fn device_semantics_equal_the_sampler_token_for_token_without_top_k_and_top_p() {
+        // Without top-k and top-p both walk the candidates in id order: same seed, same tokens.
+        let logits: Vec<f32> = (0..1000)
+            .map(|i| ((i * 7919) % 997) as f32 / 997.0 * 6.0 - 3.0)
+            .collect();
+        for p in [
+            params(1.0, 0, 1.0, 0.0, 11),
+            params(0.5, 0, 1.0, 0.2, 12),
+            params(0.0, 0, 1.0, 0.0, 13),
+        ] {
+            let (mut host, mut device) = (Sampler::new(p.clone()).unwrap(), Sampler::new(p.clone()).unwrap());
+            for _ in 0..2000 {
+                let u = device.next_uniform();
+                assert_eq!(host.sample(&logits).token, draw_with_uniform(&logits, &p, u), "{p:?}");
+            }
+        }
+    }
+
+    /// Chi-square critical value for `df` degrees of freedom at upper-tail normal quantile `z`
+    /// (Wilson–Hilferty; z = 3.72 is p = 1e-4).
+    fn chi2_critical(df: usize, z: f64) -> f64 {
+        let (d, a) = (df as f64, 2.0 / (9.0 * df as f64));
+        d * (1.0 - a + z * a.sqrt()).powi(3)
+    }
+
+    /// Goodness of fit of `counts` (by token id) to the normalized weights; bins expecting
+    /// fewer than 5 draws are pooled. Returns (statistic, degrees of freedom).
+    fn chi2_fit(counts: &[usize], kept: &[(u32, f64)]) -> (f64, usize) {
+        let n = counts.iter().sum::<usize>() as f64;
+        let total: f64 = kept.iter().map(|k| k.1).sum();
+        let (mut stat, mut bins, mut pool) = (0.0, 0, (0.0, 0.0));
+        for &(id, w) in kept {
+            let (o, e) = (counts[id as usize] as f64, n * w / total);
+            if e < 5.0 {
+                pool = (pool.0 + o, pool.1 + e);
+            } else {
+                stat += (o - e).powi(2) / e;
+                bins += 1;
+            }
+        }
+        if pool.1 > 0.0 {
+            stat += (pool.0 - pool.1).powi(2) / pool.1;
+            bins += 1;
+        }
+        (stat, bins.max(2) - 1)
+    }
+
+    /// Two-sample chi-square of equal-size samples; bins with fewer than 10 draws pooled.
+    fn chi2_two_sample(a: &[usize], b: &[usize]) -> (f64, usize) {
+        let (mut stat, mut bins, mut pool) = (0.0, 0, (0.0, 0.0));
+        for (&x, &y) in a.iter().zip(b) {
+            let (x, y) = (x as f64, y as f64);
+            if x + y < 10.0 {
+                pool = (pool.0 + x, pool.1 + y);
+            } else {
+                stat += (x - y).powi(2) / (x + y);
+                bins += 1;
+            }
+        }
+        if pool.0 + pool.1 > 0.0 {
+            stat += (pool.0 - pool.1).powi(2) / (pool.0 + pool.1);
+            bins += 1;
+        }
+        (stat, bins.max(2) - 1)
+    }
+
+    #[test]
+    fn device_semantics_draw_from_the_sampler_distribution() {
+        // 40 tokens on 13 levels: ties inside and at the edges of every filter.
+        let logits: Vec<f32> = (0..40).map(|i| ((i * 7919) % 13) as f32 * 0.35 - 2.0).collect();
+        let n = 20000;
+        for (t, k, p, m) in [
+            (1.0, 0, 1.0, 0.0),
+            (1.0, 10, 1.0, 0.0),
+            (0.8, 0, 0.7, 0.0),
+            (1.3, 0, 1.0, 0.1),
+            (0.9, 25, 0.9, 0.02),
+        ] {
+            let p = params(t, k, p, m, 21);
+            let kept = kept_weights(&logits, &p);
+            let mut rng = Rng::new(5);
+            let mut device = vec![0usize; logits.len()];
+            for _ in 0..n {
+                device[draw_with_uniform(&logits, &p, rng.next_f64()) as usize] += 1;
+            }
+            let mut sampler = Sampler::new(p.clone()).unwrap();
+            let mut host = vec![0usize; logits.len()];
+            for _ in 0..n {
+                host[sampler.sample(&logits).token as usize] += 1;
+            }
+            for (id, &c) in device.iter().enumerate() {
+                assert!(
+                    c == 0 || kept.iter().any(|k| k.0 == id as u32),
+                    "{p:?}: drew {id}, not kept"
+                );
+            }
+            for (what, (stat, df)) in [
+                ("fit", chi2_fit(&device, &kept)),
+                ("vs Sampler", chi2_two_sample(&device, &host)),
+            ] {
+                assert!(
+                    stat < chi2_critical(df, 3.72),
+                    "{p:?} {what}: chi² {stat:.1} with {df} df"
+                );
+            }
+        }
     }
 
     #[test]

@@ -126,6 +126,8 @@ mod tests {
             "attention_tile_hd128_g4_f16",
             "attention_merge_hd64_f16",
             "attention_merge_hd128_f16",
+            "sample_f32",
+            "logprobs_f32",
         ] {
             assert!(all.iter().any(|n| n == name), "{name} missing from {all:?}");
         }

@@ -19,6 +19,7 @@ mod graph;
 pub mod kernel_cache;
 mod kernels;
 pub mod nvrtc;
+pub mod sampling;
 
 use std::sync::Arc;
 

@@ -46,6 +46,10 @@ pub const SOURCES: &[KernelSource] = &[
         name: "attention.cu",
         source: include_str!("../../../kernels/attention.cu"),
     },
+    KernelSource {
+        name: "sampling.cu",
+        source: include_str!("../../../kernels/sampling.cu"),
+    },
 ];
 
 fn err(reason: String) -> Error {
