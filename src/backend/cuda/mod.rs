@@ -282,6 +282,13 @@ impl CudaBackend {
         self.stream.alloc_zeros(n.max(1)).map_err(|e| cuda_err("alloc", e))
     }
 
+    /// Uninitialized f32 scratch of `n` elements (at least one), for partial results that
+    /// their kernels write before anything reads them (each caller says why).
+    fn scratch_f32(&self, n: usize) -> Result<CudaSlice<f32>> {
+        // SAFETY: f32 has no invalid bit patterns; callers read only what kernels wrote.
+        unsafe { self.stream.alloc::<f32>(n.max(1)) }.map_err(|e| cuda_err("alloc", e))
+    }
+
     fn upload_part(&self, w: &WeightMatrix) -> Result<CudaWeight> {
         let (rows, cols) = (w.rows(), w.cols());
         if cols % 32 != 0 {
@@ -397,7 +404,8 @@ impl CudaBackend {
             _ => 1,
         };
         let splits = k.div_ceil(K_SLICE);
-        let mut partial = self.zeros::<f32>(splits * mt * n)?;
+        // Not zeroed: the matmul kernels write every (split, row, column) the reduce reads.
+        let mut partial = self.scratch_f32(splits * mt * n)?;
         let xv = x.slice(m0 * k..);
         let cfg = grid(n.div_ceil(4 * rows_per_warp), splits, 128);
         let (mt_i, n_i, k_i) = (mt as i32, n as i32, k as i32);
@@ -831,10 +839,8 @@ impl Backend for CudaBackend {
         let np = plan.n_parts;
         // Not zeroed: the merge reads only the parts a kernel wrote (row_parts), and a graph
         // step's partials (sized for its longest context) would cost a large memset per layer.
-        // SAFETY: f32 has no invalid bit patterns; see above for why nothing unwritten is read.
-        let alloc = |n: usize| unsafe { self.stream.alloc::<f32>(n.max(1)) }.map_err(|e| cuda_err("alloc", e));
-        let mut part_ml = alloc(rows * n_heads * np * 2)?;
-        let mut part_o = alloc(rows * n_heads * np * hd)?;
+        let mut part_ml = self.scratch_f32(rows * n_heads * np * 2)?;
+        let mut part_o = self.scratch_f32(rows * n_heads * np * hd)?;
         let plane = kv.plane();
         let k = kv.store.slice(2 * layer * plane..(2 * layer + 1) * plane);
         let v = kv.store.slice((2 * layer + 1) * plane..(2 * layer + 2) * plane);
