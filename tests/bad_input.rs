@@ -299,6 +299,21 @@ fn cli_rejects_bad_input_with_a_message_and_status_1() {
             &["generate", "--prompt", "hi", "--kv-blocks", "1", "--model", model],
             "KV blocks",
         ),
+        (
+            &["bench", "decode", "--shape", "gpt2", "--random-weights", "--batch", "1"],
+            "llama3-8b or llama2-70b",
+        ),
+        (
+            &["bench", "decode", "--shape", "llama3-8b", "--batch", "1"],
+            "--shape needs --random-weights",
+        ),
+        (
+            &["bench", "decode", "--shape", "llama3-8b", "--random-weights"],
+            "give --batch",
+        ),
+        (&["bench", "tree", "--random-weights"], "--random-weights needs --shape"),
+        (&["bench", "kernels", "--parts", "softmax"], "--parts \"softmax\""),
+        (&["bench", "kernels", "--contexts", "0"], "positive sizes"),
     ];
     for (args, needle) in cases {
         let (code, _, stderr) = qmtot(args);
