@@ -1,4 +1,4 @@
-// INT4 × f16 (and f16 × f16) matmul for small batches (decode and sibling batches, M ≤ 8 per
+// INT4 × f16 (and f16 × f16) matmul for small batches (decode and sibling batches, M ≤ 16 per
 // launch): out[M, N] = x[M, K] · W[N, K]ᵀ, f32 accumulation, deterministic split-K. One
 // partitioning, two weight formats (`Int4Weights`, `F16Weights`).
 //
@@ -56,17 +56,24 @@ struct F16Weights {
     }
 };
 
-// The partitioning described at the top, for any weight format W.
-template <int MT, int RW, class W>
+// Staged activations as f32 (tiles up to 8 rows) or f16 (16 rows: 16 × 1024 f32 would
+// exceed the 48 KB of static shared memory; the values are f16 already, so nothing is lost).
+__device__ __forceinline__ float staged(float v) { return v; }
+__device__ __forceinline__ float staged(__half v) { return __half2float(v); }
+__device__ __forceinline__ void stage(float& dst, __half v) { dst = __half2float(v); }
+__device__ __forceinline__ void stage(__half& dst, __half v) { dst = v; }
+
+// The partitioning described at the top, for any weight format W, staging type XS.
+template <int MT, int RW, class XS, class W>
 __device__ __forceinline__ void small_batch_matmul(const __half* __restrict__ x, const W& weights,
                                                    float* __restrict__ partial, int m_rows, int n, int k) {
-    __shared__ float xs[MT][32][33];  // [m][k % 32][k / 32], padded: transposed staging
+    __shared__ XS xs[MT][32][33];  // [m][k % 32][k / 32], padded: transposed staging
     const int lane = threadIdx.x % QMTOT_WARP, warp = threadIdx.x / QMTOT_WARP;
     const int k0 = blockIdx.y * KS;
     const int kl = min(KS, k - k0);  // a multiple of 32
     for (int i = threadIdx.x; i < MT * KS; i += blockDim.x) {
         const int m = i / KS, kk = i % KS;
-        xs[m][kk % 32][kk / 32] = (m < m_rows && kk < kl) ? __half2float(x[(size_t)m * k + k0 + kk]) : 0.f;
+        stage(xs[m][kk % 32][kk / 32], (m < m_rows && kk < kl) ? x[(size_t)m * k + k0 + kk] : __float2half(0.f));
     }
     __syncthreads();
 
@@ -86,7 +93,7 @@ __device__ __forceinline__ void small_batch_matmul(const __half* __restrict__ x,
 #pragma unroll
             for (int kk = 0; kk < 32; ++kk)
 #pragma unroll
-                for (int m = 0; m < MT; ++m) acc[r][m] = fmaf(w[kk], xs[m][kk][lane], acc[r][m]);
+                for (int m = 0; m < MT; ++m) acc[r][m] = fmaf(w[kk], staged(xs[m][kk][lane]), acc[r][m]);
         }
     }
 #pragma unroll
@@ -101,40 +108,43 @@ __device__ __forceinline__ void small_batch_matmul(const __half* __restrict__ x,
 }
 
 // One entry point per batch tile MT (rows of x per launch) — the instantiations in use:
-// MT = 1 (decode), 2, 4, 8 (sibling batches); RW = rows per warp, fewer for larger MT to keep
-// the RW × MT accumulators in registers.
+// MT = 1 (decode), 2, 4, 8, 16 (sibling batches; larger M runs in tiles of 16, each reading the
+// weights again until the tensor-core path exists); RW = rows per warp, fewer for larger MT to
+// keep the RW × MT accumulators in registers; XS = the staging type (above).
 //   x        [m_rows, k] f16, m_rows ≤ MT
 //   qweight  [n, k/8] u32 (as uint4: [n, k/32])
 //   scales   [n, k/group] f16
 //   mins     [n, k/group] f32
 //   partial  [ceil(k/1024), m_rows, n] f32
 // Grid: (ceil(n / (4·RW)), ceil(k / 1024)), block (128). k a multiple of 32 and of group.
-#define INT4_MATMUL_ENTRY(MT, RW)                                                                            \
+#define INT4_MATMUL_ENTRY(MT, RW, XS)                                                                            \
     extern "C" __global__ void __launch_bounds__(128) int4_matmul_m##MT##_f16(                             \
         const __half* __restrict__ x, const uint4* __restrict__ qweight, const __half* __restrict__ scales, \
         const float* __restrict__ mins, float* __restrict__ partial, int m_rows, int n, int k, int group) { \
-        small_batch_matmul<MT, RW>(x, Int4Weights{qweight, scales, mins, k, group}, partial, m_rows, n, k); \
+        small_batch_matmul<MT, RW, XS>(x, Int4Weights{qweight, scales, mins, k, group}, partial, m_rows, n, k); \
     }
-INT4_MATMUL_ENTRY(1, 4)
-INT4_MATMUL_ENTRY(2, 4)
-INT4_MATMUL_ENTRY(4, 2)
-INT4_MATMUL_ENTRY(8, 1)
+INT4_MATMUL_ENTRY(1, 4, float)
+INT4_MATMUL_ENTRY(2, 4, float)
+INT4_MATMUL_ENTRY(4, 2, float)
+INT4_MATMUL_ENTRY(8, 1, float)
+INT4_MATMUL_ENTRY(16, 1, __half)
 
 // The same for f16 weights (the tied lm_head, INT8 and dense parts uploaded as f16).
 //   x        [m_rows, k] f16, m_rows ≤ MT
 //   w        [n, k] f16 (as uint4: [n, k/8])
 //   partial  [ceil(k/1024), m_rows, n] f32
 // Grid: (ceil(n / (4·RW)), ceil(k / 1024)), block (128). k a multiple of 32.
-#define DENSE_MATMUL_ENTRY(MT, RW)                                                                       \
+#define DENSE_MATMUL_ENTRY(MT, RW, XS)                                                                       \
     extern "C" __global__ void __launch_bounds__(128) dense_matmul_m##MT##_f16(                        \
         const __half* __restrict__ x, const uint4* __restrict__ w, float* __restrict__ partial, int m_rows, \
         int n, int k) {                                                                                 \
-        small_batch_matmul<MT, RW>(x, F16Weights{w, k}, partial, m_rows, n, k);                         \
+        small_batch_matmul<MT, RW, XS>(x, F16Weights{w, k}, partial, m_rows, n, k);                     \
     }
-DENSE_MATMUL_ENTRY(1, 4)
-DENSE_MATMUL_ENTRY(2, 4)
-DENSE_MATMUL_ENTRY(4, 2)
-DENSE_MATMUL_ENTRY(8, 1)
+DENSE_MATMUL_ENTRY(1, 4, float)
+DENSE_MATMUL_ENTRY(2, 4, float)
+DENSE_MATMUL_ENTRY(4, 2, float)
+DENSE_MATMUL_ENTRY(8, 1, float)
+DENSE_MATMUL_ENTRY(16, 1, __half)
 
 // out[m, j] = Σ_s partial[s, m, j] in s order (f16 activations).
 //   partial  [splits, rows, n] f32

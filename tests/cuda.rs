@@ -66,7 +66,7 @@ fn int4_and_dense_matmul_match_the_cpu_backend() {
     let Some(g) = gpu() else { return };
     let c = cpu();
     // N off every multiple of the 4·RW rows a block takes; K below, at and above the 1024-input
-    // split; every group size; T across the 1/2/4/8 tiles and beyond 8.
+    // split; every group size; T across the 1/2/4/8/16 tiles and over several tiles of 16.
     for &(n, k, group) in &[(37, 1088, 64), (960, 576, 32), (21, 2048, 128), (5, 32, 32)] {
         let w = WeightMatrix::Int4(Int4Matrix::quantize_rtn(n, k, group, &rand_values(n * k, 3, 0.5)).unwrap());
         let dense = WeightMatrix::Dense(qmtot::quant::DenseMatrix::new(n, k, rand_values(n * k, 4, 0.5)).unwrap());
@@ -79,7 +79,7 @@ fn int4_and_dense_matmul_match_the_cpu_backend() {
                 g.upload_linear(&[weights]).unwrap(),
                 c.upload_linear(&[weights]).unwrap(),
             );
-            for t in [1, 2, 3, 5, 8, 13] {
+            for t in [1, 2, 3, 5, 8, 13, 16, 21, 40] {
                 let x = f16_round(&rand_values(t * k, 100 + t as u64, 1.0));
                 let mut og = g.alloc_activations(t, n).unwrap();
                 g.matmul(&g.upload_activations(t, k, &x).unwrap(), &wg, &mut og)

@@ -117,6 +117,8 @@ mod tests {
             "fill_f16",
             "int4_matmul_m1_f16",
             "int4_matmul_m8_f16",
+            "int4_matmul_m16_f16",
+            "dense_matmul_m16_f16",
             "dense_matmul_m4_f16",
             "splitk_reduce_f16",
             "splitk_reduce_f32",

@@ -201,6 +201,9 @@ enum ReduceOut<'a> {
 
 /// Threads per block of the row-wise kernels.
 const ROW_BLOCK: u32 = 256;
+/// Most activation rows per matmul launch (the largest `MT` instantiated in
+/// kernels/int4_matmul.cu); larger batches run in tiles of this many rows.
+const MATMUL_TILE: usize = 16;
 /// Inputs per split of the matmul kernels (`KS` in the .cu files).
 const K_SLICE: usize = 1024;
 
@@ -386,7 +389,7 @@ impl CudaBackend {
     }
 
     /// `out[rows, col0 .. col0+n] = x[rows] · Wᵀ` for one part `(col0, W[n, k])` and one tile
-    /// of at most 8 activation rows.
+    /// of at most [`MATMUL_TILE`] activation rows.
     fn matmul_tile(
         &self,
         x: &CudaSlice<f16>,
@@ -397,7 +400,10 @@ impl CudaBackend {
     ) -> Result<()> {
         let (m0, mt) = (rows.start, rows.len());
         let n = w.rows();
-        let tile = [1usize, 2, 4, 8].into_iter().find(|&t| t >= mt).expect("mt ≤ 8");
+        let tile = [1usize, 2, 4, 8, MATMUL_TILE]
+            .into_iter()
+            .find(|&t| t >= mt)
+            .ok_or_else(|| shape_err("matmul", format!("a tile of {mt} rows")))?;
         let rows_per_warp = match tile {
             1 | 2 => 4,
             4 => 2,
@@ -675,8 +681,8 @@ impl Backend for CudaBackend {
             }
         };
         for (col0, part) in &w.parts {
-            for m0 in (0..x.rows).step_by(8) {
-                let rows = m0..(m0 + 8).min(x.rows);
+            for m0 in (0..x.rows).step_by(MATMUL_TILE) {
+                let rows = m0..(m0 + MATMUL_TILE).min(x.rows);
                 self.matmul_tile(xs, (*col0, part), rows, w.cols, out)?;
             }
         }
