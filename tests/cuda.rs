@@ -16,22 +16,7 @@ use qmtot::engine::sampler::{argmax, log_softmax};
 use qmtot::model::Llama;
 use qmtot::quant::{Int4Matrix, WeightMatrix};
 
-use common::{assert_close, load_smollm2, rand_values};
-
-/// The device, or `None` (with a notice) when there is none and none is required.
-fn gpu() -> Option<CudaBackend> {
-    match CudaBackend::new(0) {
-        Ok(b) => Some(b),
-        Err(e) => {
-            assert!(
-                std::env::var("REQUIRE_GPU").as_deref() != Ok("1"),
-                "REQUIRE_GPU=1 but no usable GPU: {e}"
-            );
-            eprintln!("skipped: no GPU ({e})");
-            None
-        }
-    }
-}
+use common::{assert_close, gpu, load_smollm2, rand_values};
 
 fn f16_round(v: &[f32]) -> Vec<f32> {
     v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect()

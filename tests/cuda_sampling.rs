@@ -32,27 +32,13 @@ use qmtot::engine::sampler::{
     SamplingParams,
 };
 
-use common::{assert_close, rand_values};
+use common::chi2::{chi2_critical, chi2_fit, chi2_two_sample};
+use common::{assert_close, gpu, rand_values};
 
 const TOL: f64 = 2e-5;
 const MARGIN: f64 = 1e-4;
 const LP_ATOL: f32 = 5e-6;
 const LP_RTOL: f32 = 5e-7;
-
-/// The device, or `None` (with a notice) when there is none and none is required.
-fn gpu() -> Option<CudaBackend> {
-    match CudaBackend::new(0) {
-        Ok(b) => Some(b),
-        Err(e) => {
-            assert!(
-                std::env::var("REQUIRE_GPU").as_deref() != Ok("1"),
-                "REQUIRE_GPU=1 but no usable GPU: {e}"
-            );
-            eprintln!("skipped: no GPU ({e})");
-            None
-        }
-    }
-}
 
 fn params(temperature: f32, top_k: usize, top_p: f32, min_p: f32) -> SamplingParams {
     SamplingParams {
@@ -83,6 +69,15 @@ fn req(params: &SamplingParams, u: f64) -> Req {
 /// Samples `logits` (`[reqs.len(), vocab]`) on the device, one request per row.
 fn sample(g: &CudaBackend, vocab: usize, logits: &[f32], reqs: &[Req]) -> Vec<DeviceSample> {
     let t = g.upload_logits(reqs.len(), vocab, logits).unwrap();
+    sample_rows(g, &t, reqs).unwrap()
+}
+
+/// `CudaBackend::sample_rows` of already uploaded logits, one request per row.
+fn sample_rows(
+    g: &CudaBackend,
+    logits: &qmtot::backend::cuda::CudaTensor,
+    reqs: &[Req],
+) -> qmtot::Result<Vec<DeviceSample>> {
     let rows: Vec<RowSampling> = reqs
         .iter()
         .map(|r| RowSampling {
@@ -91,7 +86,7 @@ fn sample(g: &CudaBackend, vocab: usize, logits: &[f32], reqs: &[Req]) -> Vec<De
             candidates: &r.candidates,
         })
         .collect();
-    g.sample_rows(&t, &rows).unwrap()
+    g.sample_rows(logits, &rows)
 }
 
 /// Whether `got` is the oracle's draw for `u` under `p`, or its neighbour in the kept list
@@ -171,54 +166,6 @@ fn kept_set_margin(logits: &[f32], p: &SamplingParams) -> f64 {
         }
     }
     margin
-}
-
-/// Chi-square critical value for `df` degrees of freedom at upper-tail normal quantile `z`
-/// (Wilson–Hilferty; z = 3.72 is p = 1e-4).
-fn chi2_critical(df: usize, z: f64) -> f64 {
-    let (d, a) = (df as f64, 2.0 / (9.0 * df as f64));
-    d * (1.0 - a + z * a.sqrt()).powi(3)
-}
-
-/// Goodness of fit of `counts` (by token id) to the normalized kept weights; bins expecting
-/// fewer than 5 draws pooled. (statistic, degrees of freedom)
-fn chi2_fit(counts: &[usize], kept: &[(u32, f64)]) -> (f64, usize) {
-    let n = counts.iter().sum::<usize>() as f64;
-    let total: f64 = kept.iter().map(|k| k.1).sum();
-    let (mut stat, mut bins, mut pool) = (0.0, 0, (0.0, 0.0));
-    for &(id, w) in kept {
-        let (o, e) = (counts[id as usize] as f64, n * w / total);
-        if e < 5.0 {
-            pool = (pool.0 + o, pool.1 + e);
-        } else {
-            stat += (o - e).powi(2) / e;
-            bins += 1;
-        }
-    }
-    if pool.1 > 0.0 {
-        stat += (pool.0 - pool.1).powi(2) / pool.1;
-        bins += 1;
-    }
-    (stat, bins.max(2) - 1)
-}
-
-/// Two-sample chi-square of equal-size samples; bins with fewer than 10 draws pooled.
-fn chi2_two_sample(a: &[usize], b: &[usize]) -> (f64, usize) {
-    let (mut stat, mut bins, mut pool) = (0.0, 0, (0.0, 0.0));
-    for (&x, &y) in a.iter().zip(b) {
-        let (x, y) = (x as f64, y as f64);
-        if x + y < 10.0 {
-            pool = (pool.0 + x, pool.1 + y);
-        } else {
-            stat += (x - y).powi(2) / (x + y);
-            bins += 1;
-        }
-    }
-    if pool.0 + pool.1 > 0.0 {
-        stat += (pool.0 - pool.1).powi(2) / (pool.0 + pool.1);
-        bins += 1;
-    }
-    (stat, bins.max(2) - 1)
 }
 
 // ---- the cases -------------------------------------------------------------------------------
@@ -614,17 +561,7 @@ fn bad_inputs_are_typed_errors() {
         u,
         candidates: c.to_vec(),
     };
-    let run = |t: &qmtot::backend::cuda::CudaTensor, reqs: &[Req]| {
-        let rows: Vec<RowSampling> = reqs
-            .iter()
-            .map(|r| RowSampling {
-                params: &r.params,
-                uniform: r.u,
-                candidates: &r.candidates,
-            })
-            .collect();
-        g.sample_rows(t, &rows)
-    };
+    let run = |t: &qmtot::backend::cuda::CudaTensor, reqs: &[Req]| sample_rows(&g, t, reqs);
     let good = row(&ok, 0.5, &[]);
     assert_eq!(run(&logits, &[good.clone(), good.clone()]).unwrap().len(), 2);
     let backend = |r: qmtot::Result<Vec<DeviceSample>>, what: &str| {

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod chi2;
+
 use std::path::{Path, PathBuf};
 
 use qmtot::backend::cpu::{CpuBackend, Isa};
@@ -217,4 +219,20 @@ pub fn load_tiny_model(
         .expect("tiny model loads");
     let tok = qmtot::tokenizer::Tokenizer::from_gguf(&g).expect("tiny tokenizer");
     (file, model, tok)
+}
+
+/// The CUDA device, or `None` (with a notice) when there is none and none is required; with
+/// `REQUIRE_GPU=1` (the GPU bundle's run.sh) a missing GPU fails the test instead.
+pub fn gpu() -> Option<qmtot::backend::cuda::CudaBackend> {
+    match qmtot::backend::cuda::CudaBackend::new(0) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            assert!(
+                std::env::var("REQUIRE_GPU").as_deref() != Ok("1"),
+                "REQUIRE_GPU=1 but no usable GPU: {e}"
+            );
+            eprintln!("skipped: no GPU ({e})");
+            None
+        }
+    }
 }
