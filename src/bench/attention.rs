@@ -10,7 +10,7 @@
 use crate::backend::{Backend, KvShape, QkvLayout, SharedPrefix, StepInput};
 use crate::error::Result;
 
-use super::kernels::{median, random_values, KernelBenchDevice};
+use super::kernels::{random_values, KernelBenchDevice};
 
 /// LLaMA-3.1-8B's attention.
 pub const LLAMA3_8B_ATTENTION: QkvLayout = QkvLayout {
@@ -129,15 +129,7 @@ fn time_attention<B: KernelBenchDevice>(
     reps: usize,
 ) -> Result<f64> {
     let st = b.upload_step(step)?;
-    let mut call = || b.attention(&s.qkv, &s.kv, 0, layout, &st, &mut s.out);
-    for _ in 0..3 {
-        call()?;
-    }
-    let mut times = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        times.push(b.time(&mut call)?);
-    }
-    Ok(median(times))
+    b.median_time(3, reps, &mut || b.attention(&s.qkv, &s.kv, 0, layout, &st, &mut s.out))
 }
 
 /// Pool block `i` of `n`, scattered (a fixed odd stride through the pool).

@@ -16,6 +16,18 @@ use crate::quant::{Int4Matrix, WeightMatrix};
 pub trait KernelBenchDevice: Backend {
     /// Seconds `f` takes on the device (its work completed), by the device's clock.
     fn time(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<f64>;
+    /// The median of `reps` timed calls of `f` after `warmup` untimed ones: how every figure of
+    /// these benchmarks is taken.
+    fn median_time(&self, warmup: usize, reps: usize, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+        for _ in 0..warmup {
+            f()?;
+        }
+        let mut times = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            times.push(self.time(f)?);
+        }
+        Ok(median(times))
+    }
     /// Copy bandwidth in GB/s (bytes read + bytes written), from a large device-to-device copy.
     fn copy_bandwidth(&self) -> Result<f64>;
     /// The dense baseline at `[m, k] · [k, n]`: its name and the median seconds of `reps` calls.
@@ -157,14 +169,7 @@ pub fn run<B: KernelBenchDevice>(
                 call += 1;
                 b.matmul(x, w, out)
             };
-            for _ in 0..3 {
-                step(&mut out)?;
-            }
-            let mut times = Vec::with_capacity(reps);
-            for _ in 0..reps {
-                times.push(b.time(&mut || step(&mut out))?);
-            }
-            let seconds = median(times);
+            let seconds = b.median_time(3, reps, &mut || step(&mut out))?;
             let (baseline, baseline_seconds) = b.baseline(m, n, k, reps)?;
             let weight_gbps = bytes as f64 / seconds / 1e9;
             let row = Row {
@@ -197,22 +202,16 @@ impl KernelBenchDevice for crate::backend::cpu::CpuBackend {
         let bytes = 256usize << 20;
         let src: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8).collect();
         let mut dst = vec![0u8; bytes];
-        let mut times = Vec::new();
-        for i in 0..7 {
-            let t = self.time(&mut || {
-                self.run(|| {
-                    dst.par_chunks_mut(1 << 20)
-                        .zip(src.par_chunks(1 << 20))
-                        .for_each(|(d, s)| d.copy_from_slice(s));
-                });
-                Ok(())
-            })?;
-            if i > 1 {
-                times.push(t);
-            }
-        }
+        let seconds = self.median_time(2, 5, &mut || {
+            self.run(|| {
+                dst.par_chunks_mut(1 << 20)
+                    .zip(src.par_chunks(1 << 20))
+                    .for_each(|(d, s)| d.copy_from_slice(s));
+            });
+            Ok(())
+        })?;
         std::hint::black_box(&dst);
-        Ok(2.0 * bytes as f64 / median(times) / 1e9)
+        Ok(2.0 * bytes as f64 / seconds / 1e9)
     }
 
     fn baseline(&self, m: usize, n: usize, k: usize, reps: usize) -> Result<(String, f64)> {
@@ -220,13 +219,8 @@ impl KernelBenchDevice for crate::backend::cpu::CpuBackend {
         let lin = self.upload_linear(&[&WeightMatrix::Dense(w)])?;
         let x = self.activations(m, k, &random_values(m * k, 8))?;
         let mut out = self.alloc_activations(m, n)?;
-        let mut call = || self.run(|| self.matmul(&x, &lin, &mut out));
-        call()?;
-        let mut times = Vec::with_capacity(reps);
-        for _ in 0..reps {
-            times.push(self.time(&mut call)?);
-        }
-        Ok(("f32 dense".into(), median(times)))
+        let seconds = self.median_time(1, reps, &mut || self.run(|| self.matmul(&x, &lin, &mut out)))?;
+        Ok(("f32 dense".into(), seconds))
     }
 
     fn cache_bytes(&self) -> usize {

@@ -7,7 +7,7 @@ use half::f16;
 
 use super::kernels::cuda_err;
 use super::{CudaBackend, CudaTensor};
-use crate::bench::kernels::{median, random_values, KernelBenchDevice};
+use crate::bench::kernels::{random_values, KernelBenchDevice};
 use crate::error::Result;
 
 impl CudaBackend {
@@ -32,18 +32,12 @@ impl KernelBenchDevice for CudaBackend {
         let bytes = 1usize << 30;
         let src = self.stream.alloc_zeros::<u8>(bytes).map_err(|e| cuda_err("alloc", e))?;
         let mut dst = self.stream.alloc_zeros::<u8>(bytes).map_err(|e| cuda_err("alloc", e))?;
-        let mut times = Vec::new();
-        for i in 0..7 {
-            let t = self.event_seconds(&mut || {
-                self.stream
-                    .memcpy_dtod(&src, &mut dst)
-                    .map_err(|e| cuda_err("memcpy_dtod", e))
-            })?;
-            if i > 1 {
-                times.push(t);
-            }
-        }
-        Ok(2.0 * bytes as f64 / median(times) / 1e9)
+        let seconds = self.median_time(2, 5, &mut || {
+            self.stream
+                .memcpy_dtod(&src, &mut dst)
+                .map_err(|e| cuda_err("memcpy_dtod", e))
+        })?;
+        Ok(2.0 * bytes as f64 / seconds / 1e9)
     }
 
     fn baseline(&self, m: usize, n: usize, k: usize, reps: usize) -> Result<(String, f64)> {
@@ -66,18 +60,11 @@ impl KernelBenchDevice for CudaBackend {
             beta: f16::ZERO,
             ldc: n as i32,
         };
-        let mut call = || -> Result<()> {
+        let seconds = self.median_time(3, reps, &mut || {
             // SAFETY: w [n, k], x [m, k], y [m, n] f16 as the config says.
             unsafe { blas.gemm(cfg, &w, &x, &mut y) }.map_err(|e| cuda_err("cublas gemm", e))
-        };
-        for _ in 0..3 {
-            call()?;
-        }
-        let mut times = Vec::with_capacity(reps);
-        for _ in 0..reps {
-            times.push(self.event_seconds(&mut call)?);
-        }
-        Ok(("cuBLAS f16".into(), median(times)))
+        })?;
+        Ok(("cuBLAS f16".into(), seconds))
     }
 
     fn cache_bytes(&self) -> usize {
