@@ -99,6 +99,8 @@ impl CudaBackend {
         copy(&i32s(&plan.row_parts), &mut dp.row_parts)?;
         dp.plan = plan;
         step.host = input.clone();
+        // The new tables are checked again if attention runs outside the graph.
+        step.attention_checked = std::sync::OnceLock::new();
         Ok(true)
     }
 

@@ -145,6 +145,10 @@ pub struct CudaStep {
     /// the others (keyed by the GQA group and KV heads it was made for; `None`: a graph step's
     /// plan, which fits any).
     attention: std::sync::OnceLock<(Option<(usize, usize)>, DevicePlan)>,
+    /// The K/V store shape the host data was checked against for attention (block tables
+    /// cover every row and stay in the pool, sharing groups valid): checked by the first
+    /// layer, not again by the others.
+    attention_checked: std::sync::OnceLock<KvShape>,
     /// Set on a step made for capture (`graph_step`): what later steps must fit.
     graph: Option<graph::GraphShape>,
 }
@@ -355,6 +359,7 @@ impl CudaBackend {
                 Some(self.upload(&i32s(&step.logit_rows))?)
             },
             attention: std::sync::OnceLock::new(),
+            attention_checked: std::sync::OnceLock::new(),
             graph: None,
         })
     }
@@ -481,6 +486,25 @@ impl CudaBackend {
         unsafe { launch.launch(cfg) }.map_err(|e| cuda_err("splitk_reduce", e))?;
         Ok(())
     }
+}
+
+/// What attention needs of a step's host data before any kernel reads K/V through it: every
+/// row's block table covers its position inside a pool of `s.n_blocks`, and the sharing groups
+/// are valid ([`StepInput::validate_groups`]).
+fn check_attention_tables(step: &StepInput, s: KvShape) -> Result<()> {
+    for (r, &pos) in step.positions.iter().enumerate() {
+        let table = step
+            .block_tables
+            .get(step.row_seq[r] as usize)
+            .ok_or_else(|| shape_err("attention", format!("row {r} has no block table")))?;
+        if table.len() * s.block_size <= pos as usize || table.iter().any(|&b| b as usize >= s.n_blocks) {
+            return Err(shape_err(
+                "attention",
+                format!("row {r}: block table does not cover position {pos}"),
+            ));
+        }
+    }
+    step.validate_groups(s.block_size)
 }
 
 fn check(op: &str, what: &str, t: &CudaTensor, rows: usize, cols: usize) -> Result<()> {
@@ -797,20 +821,10 @@ impl Backend for CudaBackend {
                 format!("layer {layer} / {layout:?} vs store {s:?}"),
             ));
         }
-        for (r, &pos) in step.host.positions.iter().enumerate() {
-            let table = step
-                .host
-                .block_tables
-                .get(step.host.row_seq[r] as usize)
-                .ok_or_else(|| shape_err("attention", format!("row {r} has no block table")))?;
-            if table.len() * s.block_size <= pos as usize || table.iter().any(|&b| b as usize >= s.n_blocks) {
-                return Err(shape_err(
-                    "attention",
-                    format!("row {r}: block table does not cover position {pos}"),
-                ));
-            }
+        if step.attention_checked.get() != Some(&s) {
+            check_attention_tables(&step.host, s)?;
+            let _ = step.attention_checked.set(s);
         }
-        step.host.validate_groups(s.block_size)?;
         if s.block_size != 16 {
             return Err(shape_err(
                 "attention",
