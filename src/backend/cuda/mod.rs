@@ -244,7 +244,8 @@ impl CudaBackend {
         // allowed inside a graph capture.
         // SAFETY: no buffer of this context is used from another stream.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        // A stream of its own: the legacy default stream cannot be captured into a graph.
+        let stream = ctx.new_stream().map_err(|e| cuda_err("stream", e))?;
         let kernels = Kernels::load(&ctx, &arch, &KernelCache::new(KernelCache::default_dir()))?;
         Ok(Self {
             ctx,
