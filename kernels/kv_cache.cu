@@ -5,17 +5,35 @@
 // slot s = block · block_size + offset addresses one token's [n_kv_heads, hd] values.
 #include "common.cuh"
 
-// out[r] = table[tokens[r]] (an f16 embedding table; INT4 tables are dequantized by the
-// matmul path's repack at upload).
-//   table   [vocab, d] f16
+// Where element (row, input) of a weight matrix lives in the tensor-core fragment layout of
+// int4_matmul.cu: row block, k-tile, lane, and h + 2c + 4p (its nibble in an INT4 word; an f16
+// tile keeps it at half 2(h + 2c) + p).
+struct FragmentPosition {
+    int rb, kt, lane, hc, p;
+    __device__ __forceinline__ FragmentPosition(int row, int input) {
+        const int i = row % 16, kk = input % 16, j = kk % 8;
+        rb = row / 16;
+        kt = input / 16;
+        lane = 4 * (i % 8) + j / 2;
+        hc = i / 8 + 2 * (kk / 8);
+        p = j % 2;
+    }
+};
+
+// out[r] = table[tokens[r]] (an f16 embedding table, in the fragment layout: a tied lm_head
+// is the same buffer).
+//   table   [ceil(vocab/16), kp/16, 32, 8] f16 (fragment layout, kp = d rounded up to 64)
 //   tokens  [rows] int32 (checked < vocab by the launcher)
 //   out     [rows, d] f16
 // Grid: (rows), block (256).
 extern "C" __global__ void embed_f16(const __half* __restrict__ table, const int* __restrict__ tokens,
-                                     __half* __restrict__ out, int d) {
-    const __half* src = table + (size_t)tokens[blockIdx.x] * d;
+                                     __half* __restrict__ out, int d, int kp) {
+    const int t = tokens[blockIdx.x];
     __half* dst = out + (size_t)blockIdx.x * d;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) dst[i] = src[i];
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        const FragmentPosition f(t, i);
+        dst[i] = table[(((size_t)f.rb * (kp / 16) + f.kt) * 32 + f.lane) * 8 + 2 * f.hc + f.p];
+    }
 }
 
 // Writes the K and V heads of each row of the fused Q|K|V activation into the row's slot.
@@ -63,23 +81,24 @@ extern "C" __global__ void gather_rows_f16(const __half* __restrict__ x, const i
     for (int i = threadIdx.x; i < d; i += blockDim.x) dst[i] = src[i];
 }
 
-// out[r] = dequantized row tokens[r] of an INT4 embedding table (w = s·q + m, see
-// int4_matmul.cu for the layout).
-//   qweight  [vocab, d/8] u32
-//   scales   [vocab, d/group] f16
-//   mins     [vocab, d/group] f32
+// out[r] = dequantized row tokens[r] of an INT4 embedding table (w = s·q + m) in the fragment
+// layout of int4_matmul.cu.
+//   qweight  [ceil(vocab/16), kp/64, 32, 4] u32
+//   scales   [ceil(vocab/16), kp/group, 16] f16
+//   mins     [ceil(vocab/16), kp/group, 16] f32
 //   tokens   [rows] int32 (checked < vocab by the launcher)
 //   out      [rows, d] f16
 // Grid: (rows), block (256).
 extern "C" __global__ void embed_int4_f16(const unsigned* __restrict__ qweight, const __half* __restrict__ scales,
                                           const float* __restrict__ mins, const int* __restrict__ tokens,
-                                          __half* __restrict__ out, int d, int group) {
-    const size_t t = (size_t)tokens[blockIdx.x];
-    const int gpr = d / group;
+                                          __half* __restrict__ out, int d, int kp, int group) {
+    const int t = tokens[blockIdx.x];
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        const unsigned q = (qweight[t * (d / 8) + i / 8] >> (4 * (i % 8))) & 0xfu;
-        const float s = __half2float(scales[t * gpr + i / group]);
-        out[(size_t)blockIdx.x * d + i] = __float2half(fmaf((float)q, s, mins[t * gpr + i / group]));
+        const FragmentPosition f(t, i);
+        const unsigned word = qweight[(((size_t)f.rb * (kp / 64) + f.kt / 4) * 32 + f.lane) * 4 + f.kt % 4];
+        const unsigned q = (word >> (4 * (f.hc + 4 * f.p))) & 0xfu;
+        const size_t si = ((size_t)f.rb * (kp / group) + i / group) * 16 + t % 16;
+        out[(size_t)blockIdx.x * d + i] = __float2half(fmaf((float)q, __half2float(scales[si]), mins[si]));
     }
 }
 

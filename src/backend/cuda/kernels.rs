@@ -76,9 +76,9 @@ fn entry_points(source: &str) -> Vec<String> {
                 names.push(name.to_string());
             }
         } else if let Some(args) = line.strip_prefix("INT4_MATMUL_ENTRY(") {
-            names.push(format!("int4_matmul_m{}_f16", first_arg(args)));
+            names.push(format!("int4_matmul_n{}_f16", first_arg(args)));
         } else if let Some(args) = line.strip_prefix("DENSE_MATMUL_ENTRY(") {
-            names.push(format!("dense_matmul_m{}_f16", first_arg(args)));
+            names.push(format!("dense_matmul_n{}_f16", first_arg(args)));
         } else if let Some((op, args)) = ["SPLIT", "TILE"]
             .iter()
             .find_map(|op| Some((op, line.strip_prefix(&format!("ATTENTION_{op}_ENTRY("))?)))
@@ -115,11 +115,11 @@ mod tests {
             "copy_blocks_f16",
             "gather_rows_f16",
             "fill_f16",
-            "int4_matmul_m1_f16",
-            "int4_matmul_m8_f16",
-            "int4_matmul_m16_f16",
-            "dense_matmul_m16_f16",
-            "dense_matmul_m4_f16",
+            "int4_matmul_n1_f16",
+            "int4_matmul_n2_f16",
+            "int4_matmul_n8_f16",
+            "dense_matmul_n8_f16",
+            "dense_matmul_n4_f16",
             "splitk_reduce_f16",
             "splitk_reduce_f32",
             "attention_split_hd64_g3_f16",

@@ -2,9 +2,10 @@
 //! through cudarc on one device and one stream.
 //!
 //! Precision: activations and K/V in f16, accumulation in f32, logits in f32 (DESIGN
-//! "Precision"). Weights are uploaded once: INT4 parts keep the canonical nibbles (read as
-//! little-endian u32 words), f16 scales and f32 mins (exact); INT8 and dense parts become f16
-//! matrices. See `kernels/int4_matmul.cu` for the layout and partitioning.
+//! "Precision"). Weights are uploaded once, repacked into the tensor-core fragment layout of
+//! `kernels/int4_matmul.cu` ([`fragments`]): INT4 parts keep the canonical nibbles, f16 scales
+//! and f32 mins (exact); INT8 and dense parts become f16 matrices. See `kernels/int4_matmul.cu`
+//! for the layout and partitioning.
 //!
 //! Status: compiled and resource-checked on machines without a GPU (tests/kernel_build.rs);
 //! the GPU tests against the CPU backend (tests/cuda.rs) skip without a device. Until they have
@@ -15,6 +16,7 @@
 
 pub mod attention_plan;
 mod bench;
+pub mod fragments;
 mod graph;
 pub mod kernel_cache;
 mod kernels;
@@ -77,21 +79,24 @@ impl CudaTensor {
     }
 }
 
-/// One uploaded weight part.
+/// One uploaded weight part, in the fragment layout ([`fragments`]; rows padded to 16 and
+/// inputs to `kp`, a multiple of 64).
 pub enum CudaWeight {
-    /// `qweight [rows, cols/8]` u32, `scales [rows, cols/group]` f16, `mins` f32.
+    /// `qweight [rows/16, kp/64, 32, 4]` u32, `scales [rows/16, kp/group, 16]` f16, `mins` f32.
     Int4 {
         rows: usize,
         cols: usize,
+        kp: usize,
         group: usize,
         qweight: CudaSlice<u32>,
         scales: CudaSlice<f16>,
         mins: CudaSlice<f32>,
     },
-    /// `[rows, cols]` f16 (INT8 and dense parts, dequantized).
+    /// `[rows/16, kp/16, 32, 8]` f16 (INT8 and dense parts, dequantized).
     F16 {
         rows: usize,
         cols: usize,
+        kp: usize,
         data: CudaSlice<f16>,
     },
 }
@@ -205,11 +210,13 @@ enum ReduceOut<'a> {
 
 /// Threads per block of the row-wise kernels.
 const ROW_BLOCK: u32 = 256;
-/// Most activation rows per matmul launch (the largest `MT` instantiated in
-/// kernels/int4_matmul.cu); larger batches run in tiles of this many rows.
-const MATMUL_TILE: usize = 16;
-/// Inputs per split of the matmul kernels (`KS` in the .cu files).
-const K_SLICE: usize = 1024;
+/// K-slices of the matmul kernels are multiples of this (`SLICE_K` in kernels/int4_matmul.cu).
+const MATMUL_STAGE: usize = 256;
+/// Output rows per matmul block (4 warps × 16).
+const MATMUL_BLOCK_ROWS: usize = 64;
+/// Matmul blocks the split-K aims for per multiprocessor (several resident at once, so the
+/// weight loads of one hide the barriers of another).
+const MATMUL_BLOCKS_PER_SM: usize = 8;
 
 fn grid(x: usize, y: usize, block: u32) -> LaunchConfig {
     LaunchConfig {
@@ -305,28 +312,29 @@ impl CudaBackend {
                 format!("{cols} inputs: the kernels need a multiple of 32"),
             ));
         }
-        Ok(match w {
-            WeightMatrix::Int4(m) => {
-                let words: Vec<u32> = m
-                    .packed
-                    .chunks_exact(4)
-                    .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect();
-                CudaWeight::Int4 {
-                    rows,
-                    cols,
-                    group: m.group,
-                    qweight: self.upload(&words)?,
-                    scales: self.upload(&m.scales)?,
-                    mins: self.upload(&m.mins)?,
-                }
-            }
-            // Already f16: uploaded as it is (an 8B model's embedding and lm_head are 1 GiB each).
-            WeightMatrix::F16(m) => CudaWeight::F16 {
+        let f16_part = |m: &crate::quant::F16Matrix| -> Result<CudaWeight> {
+            let (data, kp) = fragments::f16_fragments(m);
+            Ok(CudaWeight::F16 {
                 rows,
                 cols,
-                data: self.upload(&m.data)?,
-            },
+                kp,
+                data: self.upload(&data)?,
+            })
+        };
+        match w {
+            WeightMatrix::Int4(m) => {
+                let f = fragments::int4_fragments(m);
+                Ok(CudaWeight::Int4 {
+                    rows,
+                    cols,
+                    kp: f.kp,
+                    group: m.group,
+                    qweight: self.upload(&f.qweight)?,
+                    scales: self.upload(&f.scales)?,
+                    mins: self.upload(&f.mins)?,
+                })
+            }
+            WeightMatrix::F16(m) => f16_part(m),
             other => {
                 let mut row = vec![0f32; cols];
                 let mut data = Vec::with_capacity(rows * cols);
@@ -334,13 +342,9 @@ impl CudaBackend {
                     other.dequant_row(r, &mut row);
                     data.extend(row.iter().map(|&v| f16::from_f32(v)));
                 }
-                CudaWeight::F16 {
-                    rows,
-                    cols,
-                    data: self.upload(&data)?,
-                }
+                f16_part(&crate::quant::F16Matrix::new(rows, cols, data)?)
             }
-        })
+        }
     }
 
     /// A step's device data with block tables padded to `max_blocks` per sequence.
@@ -394,33 +398,34 @@ impl CudaBackend {
         }
     }
 
-    /// `out[rows, col0 .. col0+n] = x[rows] · Wᵀ` for one part `(col0, W[n, k])` and one tile
-    /// of at most [`MATMUL_TILE`] activation rows.
-    fn matmul_tile(
-        &self,
-        x: &CudaSlice<f16>,
-        (col0, w): (usize, &CudaWeight),
-        rows: std::ops::Range<usize>,
-        k: usize,
-        out: &mut CudaTensor,
-    ) -> Result<()> {
-        let (m0, mt) = (rows.start, rows.len());
+    /// `out[.., col0 .. col0+n] = x · Wᵀ` for one part `(col0, W[n, k])`, all of x's rows in
+    /// one launch (blocks along z take 8·NT rows each).
+    fn matmul_part(&self, x: &CudaSlice<f16>, m: usize, (col0, w): (usize, &CudaWeight), k: usize, out: &mut CudaTensor) -> Result<()> {
         let n = w.rows();
-        let tile = [1usize, 2, 4, 8, MATMUL_TILE]
-            .into_iter()
-            .find(|&t| t >= mt)
-            .ok_or_else(|| shape_err("matmul", format!("a tile of {mt} rows")))?;
-        let rows_per_warp = match tile {
-            1 | 2 => 4,
-            4 => 2,
-            _ => 1,
+        let (kp, weight_bytes) = match w {
+            CudaWeight::Int4 { kp, .. } => (*kp, n * kp / 2),
+            CudaWeight::F16 { kp, .. } => (*kp, n * kp * 2),
         };
-        let splits = k.div_ceil(K_SLICE);
+        // Batch tiles of 8 rows per block: the narrowest width that holds m, at most 8 tiles.
+        let nt = [1usize, 2, 4, 8].into_iter().find(|&t| 8 * t >= m).unwrap_or(8);
+        let z = m.div_ceil(8 * nt);
+        // Split-K: enough blocks to fill the machine, but partials ([S, m, n] f32, written and
+        // read once, mostly in L2) kept under the weight bytes.
+        let stages = kp.div_ceil(MATMUL_STAGE);
+        let blocks = n.div_ceil(MATMUL_BLOCK_ROWS) * z;
+        let by_fill = (MATMUL_BLOCKS_PER_SM * self.n_sms).div_ceil(blocks);
+        let by_traffic = (weight_bytes / (4 * m * n)).max(1);
+        let splits = by_fill.min(by_traffic).clamp(1, stages);
+        let slice = stages.div_ceil(splits) * MATMUL_STAGE;
+        let splits = kp.div_ceil(slice);
         // Not zeroed: the matmul kernels write every (split, row, column) the reduce reads.
-        let mut partial = self.scratch_f32(splits * mt * n)?;
-        let xv = x.slice(m0 * k..);
-        let cfg = grid(n.div_ceil(4 * rows_per_warp), splits, 128);
-        let (mt_i, n_i, k_i) = (mt as i32, n as i32, k as i32);
+        let mut partial = self.scratch_f32(splits * m * n)?;
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(MATMUL_BLOCK_ROWS) as u32, splits as u32, z as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (m_i, n_i, k_i, kp_i, slice_i) = (m as i32, n as i32, k as i32, kp as i32, slice as i32);
         match w {
             CudaWeight::Int4 {
                 group,
@@ -429,51 +434,54 @@ impl CudaBackend {
                 mins,
                 ..
             } => {
-                let f = self.kernels.get(&format!("int4_matmul_m{tile}_f16"))?;
+                let f = self.kernels.get(&format!("int4_matmul_n{nt}_f16"))?;
                 let g = *group as i32;
-                // SAFETY: shapes checked by `matmul`; the kernel reads x[mt, k], W[n, k] and
-                // writes partial[splits, mt, n].
+                // SAFETY: shapes checked by `matmul`; the kernel reads x[m, k] and the fragment
+                // layout of W[n, kp], and writes partial[splits, m, n].
                 unsafe {
                     self.stream
                         .launch_builder(f)
-                        .arg(&xv)
+                        .arg(x)
                         .arg(qweight)
                         .arg(scales)
                         .arg(mins)
                         .arg(&mut partial)
-                        .arg(&mt_i)
+                        .arg(&m_i)
                         .arg(&n_i)
                         .arg(&k_i)
+                        .arg(&kp_i)
                         .arg(&g)
+                        .arg(&slice_i)
                         .launch(cfg)
                 }
                 .map_err(|e| cuda_err("int4_matmul", e))?;
             }
             CudaWeight::F16 { data, .. } => {
-                let f = self.kernels.get(&format!("dense_matmul_m{tile}_f16"))?;
-                // SAFETY: as above, with W[n, k] f16.
+                let f = self.kernels.get(&format!("dense_matmul_n{nt}_f16"))?;
+                // SAFETY: as above, with the f16 fragment layout of W[n, kp].
                 unsafe {
                     self.stream
                         .launch_builder(f)
-                        .arg(&xv)
+                        .arg(x)
                         .arg(data)
                         .arg(&mut partial)
-                        .arg(&mt_i)
+                        .arg(&m_i)
                         .arg(&n_i)
                         .arg(&k_i)
+                        .arg(&kp_i)
+                        .arg(&slice_i)
                         .launch(cfg)
                 }
                 .map_err(|e| cuda_err("dense_matmul", e))?;
             }
         }
         let ldo = out.cols;
-        let offset = m0 * ldo + col0;
         let (splits_i, ldo_i) = (splits as i32, ldo as i32);
-        let cfg = grid((mt * n).div_ceil(256), 1, 256);
-        // The reduce writes rows m0..m0+mt, columns col0..col0+n of out, in out's dtype.
+        let cfg = grid((m * n).div_ceil(256), 1, 256);
+        // The reduce writes rows 0..m, columns col0..col0+n of out, in out's dtype.
         let (name, mut builder_out) = match &mut out.buf {
-            DevBuf::F16(o) => ("splitk_reduce_f16", ReduceOut::F16(o.slice_mut(offset..))),
-            DevBuf::F32(o) => ("splitk_reduce_f32", ReduceOut::F32(o.slice_mut(offset..))),
+            DevBuf::F16(o) => ("splitk_reduce_f16", ReduceOut::F16(o.slice_mut(col0..))),
+            DevBuf::F32(o) => ("splitk_reduce_f32", ReduceOut::F32(o.slice_mut(col0..))),
         };
         let f = self.kernels.get(name)?;
         let mut launch = self.stream.launch_builder(f);
@@ -482,8 +490,8 @@ impl CudaBackend {
             ReduceOut::F16(v) => launch.arg(v),
             ReduceOut::F32(v) => launch.arg(v),
         };
-        launch.arg(&splits_i).arg(&mt_i).arg(&n_i).arg(&ldo_i);
-        // SAFETY: partial is [splits, mt, n]; the view covers the written rows and columns.
+        launch.arg(&splits_i).arg(&m_i).arg(&n_i).arg(&ldo_i);
+        // SAFETY: partial is [splits, m, n]; the view covers the written rows and columns.
         unsafe { launch.launch(cfg) }.map_err(|e| cuda_err("splitk_reduce", e))?;
         Ok(())
     }
@@ -615,13 +623,14 @@ impl Backend for CudaBackend {
         // SAFETY: tokens checked < vocab; writes out[rows, d].
         match part {
             CudaWeight::Int4 {
+                kp,
                 group,
                 qweight,
                 scales,
                 mins,
                 ..
             } => {
-                let g = *group as i32;
+                let (kp, g) = (*kp as i32, *group as i32);
                 unsafe {
                     self.stream
                         .launch_builder(self.kernels.get("embed_int4_f16")?)
@@ -631,19 +640,24 @@ impl Backend for CudaBackend {
                         .arg(&step.tokens)
                         .arg(o)
                         .arg(&d)
+                        .arg(&kp)
                         .arg(&g)
                         .launch(cfg)
                 }
             }
-            CudaWeight::F16 { data, .. } => unsafe {
-                self.stream
-                    .launch_builder(self.kernels.get("embed_f16")?)
-                    .arg(data)
-                    .arg(&step.tokens)
-                    .arg(o)
-                    .arg(&d)
-                    .launch(cfg)
-            },
+            CudaWeight::F16 { kp, data, .. } => {
+                let kp = *kp as i32;
+                unsafe {
+                    self.stream
+                        .launch_builder(self.kernels.get("embed_f16")?)
+                        .arg(data)
+                        .arg(&step.tokens)
+                        .arg(o)
+                        .arg(&d)
+                        .arg(&kp)
+                        .launch(cfg)
+                }
+            }
         }
         .map_err(|e| cuda_err("embed", e))?;
         Ok(())
@@ -706,10 +720,7 @@ impl Backend for CudaBackend {
             }
         };
         for (col0, part) in &w.parts {
-            for m0 in (0..x.rows).step_by(MATMUL_TILE) {
-                let rows = m0..(m0 + MATMUL_TILE).min(x.rows);
-                self.matmul_tile(xs, (*col0, part), rows, w.cols, out)?;
-            }
+            self.matmul_part(xs, x.rows, (*col0, part), w.cols, out)?;
         }
         Ok(())
     }
