@@ -943,7 +943,7 @@ fn bench_matmul_on<B: qmtot::bench::kernels::KernelBenchDevice>(
     shapes: &[qmtot::bench::kernels::Shape],
     a: &BenchKernelsArgs,
 ) -> Result<()> {
-    println!("| shape | N×K | M | INT4 µs | weight GB/s | % of copy | baseline | baseline µs | speed-up |");
+    println!("| shape | N×K | M | qmtot µs | weight GB/s | % of copy | baseline | baseline µs | speed-up |");
     println!("|---|---|---:|---:|---:|---:|---|---:|---:|");
     let report = qmtot::bench::kernels::run(b, shapes, &a.m, a.reps, |r| {
         println!(
@@ -962,6 +962,11 @@ fn bench_matmul_on<B: qmtot::bench::kernels::KernelBenchDevice>(
         let _ = std::io::stdout().flush();
     })?;
     println!("measured copy bandwidth: {:.0} GB/s (read + write)", report.copy_gbps);
+    println!(
+        "µs per call: {} back-to-back calls over rotating weight copies (beyond L2), median of {} rounds; weights INT4 g128 unless the shape says f16",
+        a.reps,
+        qmtot::bench::kernels::BENCH_ROUNDS
+    );
     Ok(())
 }
 

@@ -2,8 +2,8 @@
 //! (shared-prefix) against plain attention for sibling groups, at LLaMA-3.1-8B's attention
 //! shape (32 query heads, 8 KV heads, head_dim 128) on one layer's paged K/V store.
 //!
-//! Method as for the matmul ([`super::kernels`]): the device's clock, warm-up calls, the
-//! median of `reps`; K/V and queries random (f16-rounded on CUDA). Decode GB/s counts the K/V
+//! Method as for the matmul ([`super::kernels`]): the device's clock, warm-up calls, then
+//! `reps` back-to-back calls per round, median per-call time of the rounds; K/V and queries random (f16-rounded on CUDA). Decode GB/s counts the K/V
 //! bytes a row must read (f16 on CUDA, f32 on the CPU); the store's blocks are scattered
 //! through the pool as a long-running engine leaves them.
 
@@ -129,7 +129,9 @@ fn time_attention<B: KernelBenchDevice>(
     reps: usize,
 ) -> Result<f64> {
     let st = b.upload_step(step)?;
-    b.median_time(3, reps, &mut || b.attention(&s.qkv, &s.kv, 0, layout, &st, &mut s.out))
+    b.per_call_time(3, reps, super::kernels::BENCH_ROUNDS, &mut || {
+        b.attention(&s.qkv, &s.kv, 0, layout, &st, &mut s.out)
+    })
 }
 
 /// Pool block `i` of `n`, scattered (a fixed odd stride through the pool).

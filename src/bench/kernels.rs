@@ -9,8 +9,10 @@
 //! bytes (nibbles, f16 scales, f32 mins) per call.
 
 use crate::backend::Backend;
-use crate::error::Result;
-use crate::quant::{Int4Matrix, WeightMatrix};
+use half::f16;
+
+use crate::error::{Error, Result};
+use crate::quant::{F16Matrix, Int4Matrix, WeightMatrix};
 
 /// What a device adds to the backend for this benchmark.
 pub trait KernelBenchDevice: Backend {
@@ -25,6 +27,29 @@ pub trait KernelBenchDevice: Backend {
         let mut times = Vec::with_capacity(reps);
         for _ in 0..reps {
             times.push(self.time(f)?);
+        }
+        Ok(median(times))
+    }
+    /// Seconds per call of `f` issued back to back, as the steps of a decode issue their
+    /// kernels: the median over `rounds` of (time of `calls` consecutive calls) / `calls`, after
+    /// `warmup` untimed calls. Launch latency overlaps the previous call's work, as it does in a
+    /// real step; a single call between two events would add the event and launch overhead
+    /// (several µs) to kernels that take a few.
+    fn per_call_time(&self, warmup: usize, calls: usize, rounds: usize, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+        for _ in 0..warmup {
+            f()?;
+        }
+        let calls = calls.max(1);
+        let mut times = Vec::with_capacity(rounds);
+        for _ in 0..rounds.max(1) {
+            times.push(
+                self.time(&mut || {
+                    for _ in 0..calls {
+                        f()?;
+                    }
+                    Ok(())
+                })? / calls as f64,
+            );
         }
         Ok(median(times))
     }
@@ -46,53 +71,75 @@ pub struct Shape {
     pub name: &'static str,
     pub n: usize,
     pub k: usize,
+    /// f16 weights (an lm_head) instead of INT4.
+    pub f16: bool,
 }
 
-/// LLaMA-3.1-8B's layers (fused QKV and gate/up as qmtot runs them).
-pub const LLAMA3_8B: [Shape; 4] = [
+/// LLaMA-3.1-8B's layers (fused QKV and gate/up as qmtot runs them) and its f16 lm_head.
+pub const LLAMA3_8B: [Shape; 5] = [
     Shape {
         name: "8B o_proj",
         n: 4096,
         k: 4096,
+        f16: false,
     },
     Shape {
         name: "8B qkv",
         n: 6144,
         k: 4096,
+        f16: false,
     },
     Shape {
         name: "8B gate_up",
         n: 28672,
         k: 4096,
+        f16: false,
     },
     Shape {
         name: "8B down",
         n: 4096,
         k: 14336,
+        f16: false,
+    },
+    Shape {
+        name: "8B lm_head f16",
+        n: 128256,
+        k: 4096,
+        f16: true,
     },
 ];
 
-/// LLaMA-2-70B's layers.
-pub const LLAMA2_70B: [Shape; 4] = [
+/// LLaMA-2-70B's layers and its f16 lm_head.
+pub const LLAMA2_70B: [Shape; 5] = [
     Shape {
         name: "70B o_proj",
         n: 8192,
         k: 8192,
+        f16: false,
     },
     Shape {
         name: "70B qkv",
         n: 10240,
         k: 8192,
+        f16: false,
     },
     Shape {
         name: "70B gate_up",
         n: 57344,
         k: 8192,
+        f16: false,
     },
     Shape {
         name: "70B down",
         n: 8192,
         k: 28672,
+        f16: false,
+    },
+    Shape {
+        name: "70B lm_head f16",
+        n: 32000,
+        k: 8192,
+        f16: true,
     },
 ];
 
@@ -112,6 +159,9 @@ pub struct Report {
     pub copy_gbps: f64,
     pub rows: Vec<Row>,
 }
+
+/// Timing rounds of back-to-back calls per measured point ([`KernelBenchDevice::per_call_time`]).
+pub const BENCH_ROUNDS: usize = 5;
 
 /// The middle value (the upper one of an even count).
 pub fn median(mut v: Vec<f64>) -> f64 {
@@ -144,17 +194,35 @@ pub fn run<B: KernelBenchDevice>(
     let mut rows = Vec::new();
     for (si, shape) in shapes.iter().enumerate() {
         let (n, k) = (shape.n, shape.k);
-        let one = Int4Matrix::quantize_rtn(n, k, 128, &random_values(n * k, 1 + si as u64))?;
-        let bytes = WeightMatrix::Int4(one.clone()).nbytes();
+        let values = random_values(n * k, 1 + si as u64);
+        let one = if shape.f16 {
+            WeightMatrix::F16(F16Matrix::new(n, k, values.iter().map(|&v| f16::from_f32(v)).collect())?)
+        } else {
+            WeightMatrix::Int4(Int4Matrix::quantize_rtn(n, k, 128, &values)?)
+        };
+        drop(values);
+        let bytes = one.nbytes();
         // Enough copies to exceed the cache twice over (at least 2).
         let copies = (2 * b.cache_bytes()).div_ceil(bytes).clamp(2, 16);
         let mut weights = Vec::with_capacity(copies);
         for c in 0..copies {
-            // Distinct data per copy (a rotated scale vector), the same shape and cost.
-            let mut w = one.clone();
-            let len = w.scales.len();
-            w.scales.rotate_left(c % len.max(1));
-            weights.push(b.upload_linear(&[&WeightMatrix::Int4(w)])?);
+            // Distinct data per copy (rotated scales, or rotated f16 values), the same shape
+            // and cost.
+            let w = match &one {
+                WeightMatrix::Int4(m) => {
+                    let mut w = m.clone();
+                    let len = w.scales.len();
+                    w.scales.rotate_left(c % len.max(1));
+                    WeightMatrix::Int4(w)
+                }
+                WeightMatrix::F16(m) => {
+                    let mut data = m.data.clone();
+                    data.rotate_left(c);
+                    WeightMatrix::F16(F16Matrix::new(n, k, data)?)
+                }
+                _ => return Err(Error::InvalidArgument("the matmul benchmark makes INT4 or f16 weights".into())),
+            };
+            weights.push(b.upload_linear(&[&w])?);
         }
         drop(one);
         for &m in ms {
@@ -169,7 +237,7 @@ pub fn run<B: KernelBenchDevice>(
                 call += 1;
                 b.matmul(x, w, out)
             };
-            let seconds = b.median_time(3, reps, &mut || step(&mut out))?;
+            let seconds = b.per_call_time(3, reps, BENCH_ROUNDS, &mut || step(&mut out))?;
             let (baseline, baseline_seconds) = b.baseline(m, n, k, reps)?;
             let weight_gbps = bytes as f64 / seconds / 1e9;
             let row = Row {
@@ -248,14 +316,23 @@ mod tests {
     #[test]
     fn the_benchmark_runs_on_the_cpu_and_reports_every_point() {
         let b = CpuBackend::new(1).unwrap();
-        let shapes = [Shape {
-            name: "tiny",
-            n: 96,
-            k: 256,
-        }];
+        let shapes = [
+            Shape {
+                name: "tiny",
+                n: 96,
+                k: 256,
+                f16: false,
+            },
+            Shape {
+                name: "tiny f16",
+                n: 40,
+                k: 64,
+                f16: true,
+            },
+        ];
         let mut seen = 0;
         let r = run(&b, &shapes, &[1, 3], 2, |_| seen += 1).unwrap();
-        assert_eq!((r.rows.len(), seen), (2, 2));
+        assert_eq!((r.rows.len(), seen), (4, 4));
         assert!(r.copy_gbps.is_finite() && r.copy_gbps > 0.0);
         for row in &r.rows {
             assert!(row.seconds > 0.0 && row.baseline_seconds > 0.0);

@@ -60,7 +60,7 @@ impl KernelBenchDevice for CudaBackend {
             beta: f16::ZERO,
             ldc: n as i32,
         };
-        let seconds = self.median_time(3, reps, &mut || {
+        let seconds = self.per_call_time(3, reps, crate::bench::kernels::BENCH_ROUNDS, &mut || {
             // SAFETY: w [n, k], x [m, k], y [m, n] f16 as the config says.
             unsafe { blas.gemm(cfg, &w, &x, &mut y) }.map_err(|e| cuda_err("cublas gemm", e))
         })?;
