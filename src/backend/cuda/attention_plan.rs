@@ -5,8 +5,8 @@
 //! key of every row is covered by exactly one part, and `row_parts[r]` counts the row's parts:
 //!
 //! * **shared prefix** (cascade): for a sharing group ([`crate::backend::SharedPrefix`]) whose
-//!   prefix has at least [`CASCADE_MIN_PREFIX`] tokens and whose members have at least two
-//!   rows, keys `0..P` of all the members' rows are `attention_tile` tasks — tiles of at most
+//!   prefix has at least [`CASCADE_MIN_PREFIX`] tokens and saves at least
+//!   [`CASCADE_MIN_SAVED_KEYS`] key reads over its members' rows, keys `0..P` of all the members' rows are `attention_tile` tasks — tiles of at most
 //!   64 (row, query head) queries × chunks of the prefix — so each prefix key is read once per
 //!   tile instead of once per row. These are parts `0..` of every member row. Below the
 //!   threshold the group is read as plain attention: the prefix is too short for the saving
@@ -27,10 +27,15 @@ use crate::backend::StepInput;
 
 /// Queries ((row, query head) pairs) per `attention_tile` task (`ATT_QUERIES`).
 pub const TILE_QUERIES: usize = 64;
-/// Shortest shared prefix, in tokens, read by cascade. Below it the whole group is plain
-/// attention. Provisional until `qmtot bench kernels` measures the crossover on a GPU: at 16
-/// blocks a group of 2+ rows saves at least 256 key reads per extra row.
-pub const CASCADE_MIN_PREFIX: usize = 256;
+/// Cascade crossover, measured (`qmtot bench kernels --parts cascade`, H200, 2026-11-26; one
+/// layer at LLaMA-3.1-8B heads): a group is read by cascade when its prefix has at least
+/// [`CASCADE_MIN_PREFIX`] tokens and cascade saves at least [`CASCADE_MIN_SAVED_KEYS`] key
+/// reads (prefix × (rows − 1)); below either the whole group is plain attention. The measured
+/// points: 4 siblings over 512 tokens 0.68× (1536 saved), over 2048 1.16× (6144); 16 over 512
+/// 1.20× (7680); 64 over 128 1.01× (neutral), over 512 1.84×.
+pub const CASCADE_MIN_PREFIX: usize = 512;
+/// See [`CASCADE_MIN_PREFIX`].
+pub const CASCADE_MIN_SAVED_KEYS: usize = 6144;
 /// CTAs per multiprocessor the chunking aims at.
 pub const CTAS_PER_SM: usize = 2;
 /// Bounds of a key chunk (multiples of the 32 keys a tile step stages).
@@ -105,7 +110,7 @@ pub fn plan(step: &StepInput, gqa: usize, n_kv_heads: usize, block_size: usize, 
             .iter()
             .flat_map(|&s| seq_rows[s as usize].iter().copied())
             .collect();
-        if prefix < CASCADE_MIN_PREFIX || members.len() < 2 {
+        if prefix < CASCADE_MIN_PREFIX || prefix * members.len().saturating_sub(1) < CASCADE_MIN_SAVED_KEYS {
             continue;
         }
         for &s in &g.seqs {
@@ -479,6 +484,13 @@ mod tests {
         // A group with a single row is not worth a cascade either.
         let plan = check(&[vec![600]], &[(vec![0], 32)], 4, 8);
         assert!(plan.tasks.is_empty());
+        // The measured crossover: 4 siblings over 512 tokens stay plain (cascade measured
+        // 0.68×), over 2048 they cascade (1.16×).
+        let four = |p: u32| (0..4).map(|i| vec![p + i]).collect::<Vec<_>>();
+        let plan = check(&four(512), &[(vec![0, 1, 2, 3], 32)], 4, 8);
+        assert!(plan.tasks.is_empty());
+        let plan = check(&four(2048), &[(vec![0, 1, 2, 3], 128)], 4, 8);
+        assert!(plan.split_from.iter().all(|&f| f == 2048));
     }
 
     #[test]
@@ -487,12 +499,14 @@ mod tests {
             let seqs = vec![
                 vec![300, 301, 302],           // a short prefill after a long prefix
                 vec![299],                     // decode
-                (256..320).collect(),          // long member prefill
-                vec![257],                     // member decode
+                (512..576).collect(),          // long member prefill
+                vec![513],                     // member decode
                 vec![17],                      // short decode
                 (0..33).collect::<Vec<u32>>(), // fresh prefill, odd length
             ];
-            check(&seqs, &[(vec![2, 3], 16)], gqa, sms);
+            let plan = check(&seqs, &[(vec![2, 3], 32)], gqa, sms);
+            // The member decode row reads its own keys only: the prefix went through cascade.
+            assert!(plan.split_from.contains(&512), "{:?}", plan.split_from);
         }
     }
 }
