@@ -136,6 +136,9 @@ pub(crate) struct Generating {
     pub prompt_tokens: usize,
     pub started: Instant,
     pub first_token: Option<Instant>,
+    /// This step's draw, made ahead with every other sequence's in parallel
+    /// (`Engine::advance`); taken by the same step.
+    pub drawn: Option<super::Sampled>,
 }
 
 pub(crate) struct Scoring {
