@@ -35,7 +35,13 @@ pub trait KernelBenchDevice: Backend {
     /// `warmup` untimed calls. Launch latency overlaps the previous call's work, as it does in a
     /// real step; a single call between two events would add the event and launch overhead
     /// (several µs) to kernels that take a few.
-    fn per_call_time(&self, warmup: usize, calls: usize, rounds: usize, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+    fn per_call_time(
+        &self,
+        warmup: usize,
+        calls: usize,
+        rounds: usize,
+        f: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<f64> {
         for _ in 0..warmup {
             f()?;
         }
@@ -196,7 +202,11 @@ pub fn run<B: KernelBenchDevice>(
         let (n, k) = (shape.n, shape.k);
         let values = random_values(n * k, 1 + si as u64);
         let one = if shape.f16 {
-            WeightMatrix::F16(F16Matrix::new(n, k, values.iter().map(|&v| f16::from_f32(v)).collect())?)
+            WeightMatrix::F16(F16Matrix::new(
+                n,
+                k,
+                values.iter().map(|&v| f16::from_f32(v)).collect(),
+            )?)
         } else {
             WeightMatrix::Int4(Int4Matrix::quantize_rtn(n, k, 128, &values)?)
         };
@@ -220,7 +230,11 @@ pub fn run<B: KernelBenchDevice>(
                     data.rotate_left(c);
                     WeightMatrix::F16(F16Matrix::new(n, k, data)?)
                 }
-                _ => return Err(Error::InvalidArgument("the matmul benchmark makes INT4 or f16 weights".into())),
+                _ => {
+                    return Err(Error::InvalidArgument(
+                        "the matmul benchmark makes INT4 or f16 weights".into(),
+                    ))
+                }
             };
             weights.push(b.upload_linear(&[&w])?);
         }

@@ -63,25 +63,28 @@ pub fn int4_fragments(m: &Int4Matrix) -> Int4Fragments {
     let (chunks, groups, kgroups) = (kp / 64, kp / group, cols / group);
     let words_per_block = chunks * 32 * 4;
     let mut qweight = vec![0u32; blocks * words_per_block];
-    qweight.par_chunks_mut(words_per_block).enumerate().for_each(|(rb, out)| {
-        for kt in 0..kp / 16 {
-            for lane in 0..32 {
-                let (g, t) = (lane / 4, lane % 4);
-                let mut word = 0u32;
-                for hc in 0..4 {
-                    let (h, c) = (hc % 2, hc / 2);
-                    let (row, input) = (rb * BLOCK_ROWS + g + 8 * h, kt * 16 + 2 * t + 8 * c);
-                    if row >= rows || input >= cols {
-                        continue;
+    qweight
+        .par_chunks_mut(words_per_block)
+        .enumerate()
+        .for_each(|(rb, out)| {
+            for kt in 0..kp / 16 {
+                for lane in 0..32 {
+                    let (g, t) = (lane / 4, lane % 4);
+                    let mut word = 0u32;
+                    for hc in 0..4 {
+                        let (h, c) = (hc % 2, hc / 2);
+                        let (row, input) = (rb * BLOCK_ROWS + g + 8 * h, kt * 16 + 2 * t + 8 * c);
+                        if row >= rows || input >= cols {
+                            continue;
+                        }
+                        // Inputs `input` (low nibble) and `input + 1` (high nibble): p = 0 and 1.
+                        let byte = m.packed[(row * cols + input) / 2] as u32;
+                        word |= (byte & 0xf) << (4 * hc) | (byte >> 4) << (4 * (hc + 4));
                     }
-                    // Inputs `input` (low nibble) and `input + 1` (high nibble): p = 0 and 1.
-                    let byte = m.packed[(row * cols + input) / 2] as u32;
-                    word |= (byte & 0xf) << (4 * hc) | (byte >> 4) << (4 * (hc + 4));
+                    out[((kt / 4) * 32 + lane) * 4 + kt % 4] = word;
                 }
-                out[((kt / 4) * 32 + lane) * 4 + kt % 4] = word;
             }
-        }
-    });
+        });
     let mut scales = vec![f16::ZERO; blocks * groups * BLOCK_ROWS];
     let mut mins = vec![0f32; blocks * groups * BLOCK_ROWS];
     for row in 0..rows {
@@ -133,7 +136,9 @@ mod tests {
     use super::*;
 
     fn int4(rows: usize, cols: usize, group: usize) -> Int4Matrix {
-        let values: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
         Int4Matrix::quantize_rtn(rows, cols, group, &values).unwrap()
     }
 

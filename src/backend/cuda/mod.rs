@@ -400,7 +400,14 @@ impl CudaBackend {
 
     /// `out[.., col0 .. col0+n] = x · Wᵀ` for one part `(col0, W[n, k])`, all of x's rows in
     /// one launch (blocks along z take 8·NT rows each).
-    fn matmul_part(&self, x: &CudaSlice<f16>, m: usize, (col0, w): (usize, &CudaWeight), k: usize, out: &mut CudaTensor) -> Result<()> {
+    fn matmul_part(
+        &self,
+        x: &CudaSlice<f16>,
+        m: usize,
+        (col0, w): (usize, &CudaWeight),
+        k: usize,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
         let n = w.rows();
         let (kp, weight_bytes) = match w {
             CudaWeight::Int4 { kp, .. } => (*kp, n * kp / 2),
