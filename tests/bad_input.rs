@@ -134,15 +134,7 @@ fn malformed_sharing_groups_are_errors() {
     let mut kv = model.new_kv_cache(4, 16).unwrap();
     // Two sequences sharing block 0 (positions 0..16), each with its own block 1 or 2;
     // first write the prefix through sequence 0, then decode one row each at position 16.
-    let prefix = StepInput {
-        tokens: vec![5; 16],
-        positions: (0..16).collect(),
-        slots: (0..16).collect(),
-        row_seq: vec![0; 16],
-        block_tables: vec![vec![0]],
-        logit_rows: vec![],
-        groups: vec![],
-    };
+    let prefix = StepInput::one_sequence(vec![5; 16], 0, (0..16).collect(), vec![0], vec![]);
     model.forward(&mut kv, &prefix).unwrap();
     let good = StepInput {
         tokens: vec![6, 7],

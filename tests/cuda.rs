@@ -342,26 +342,14 @@ fn a_captured_decode_graph_replays_the_uncaptured_decode() {
             let prompt: Vec<u32> = (0..context as u32)
                 .map(|i| 1 + (i * 37 + s as u32 * 101) % 4000)
                 .collect();
-            let step = StepInput {
-                tokens: prompt,
-                positions: (0..context as u32).collect(),
-                slots: (0..context).map(|p| slot(s, p)).collect(),
-                row_seq: vec![0; context],
-                block_tables: vec![tables[s].clone()],
-                logit_rows: vec![context as u32 - 1],
-                groups: Vec::new(),
-            };
+            let slots = (0..context).map(|p| slot(s, p)).collect();
+            let step = StepInput::one_sequence(prompt, 0, slots, tables[s].clone(), vec![context as u32 - 1]);
             *tok = argmax(&model.forward(cache, &step).unwrap());
         }
     }
-    let decode = |tokens: &[u32], p: usize| StepInput {
-        tokens: tokens.to_vec(),
-        positions: vec![p as u32; tokens.len()],
-        slots: (0..tokens.len()).map(|s| slot(s, p)).collect(),
-        row_seq: (0..tokens.len() as u32).collect(),
-        block_tables: tables[..tokens.len()].to_vec(),
-        logit_rows: (0..tokens.len() as u32).collect(),
-        groups: Vec::new(),
+    let decode = |tokens: &[u32], p: usize| {
+        let slots = (0..tokens.len()).map(|s| slot(s, p)).collect();
+        StepInput::decode(tokens.to_vec(), p as u32, slots, tables[..tokens.len()].to_vec())
     };
     let [plain_kv, graph_kv] = &mut caches;
     let mut graph = model

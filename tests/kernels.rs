@@ -229,17 +229,10 @@ fn paged_attention_matches_naive_attention_over_scattered_blocks() {
         let mut kvs: Vec<Vec<(Vec<f32>, Vec<f32>)>> = Vec::new();
         for (s, &len) in lens.iter().enumerate() {
             let rows = rand_values(len * w, 50 + s as u64, 1.0);
-            let step = StepInput {
-                tokens: vec![0; len],
-                positions: (0..len as u32).collect(),
-                slots: (0..len)
-                    .map(|p| tables[s][p / bs] * bs as u32 + (p % bs) as u32)
-                    .collect(),
-                row_seq: vec![0; len],
-                block_tables: vec![tables[s].clone()],
-                logit_rows: vec![],
-                groups: vec![],
-            };
+            let slots = (0..len)
+                .map(|p| tables[s][p / bs] * bs as u32 + (p % bs) as u32)
+                .collect();
+            let step = StepInput::one_sequence(vec![0; len], 0, slots, tables[s].clone(), vec![]);
             let st = b.upload_step(&step).unwrap();
             b.kv_write(&mut kv, 1, &tensor(len, w, rows.clone()), layout, &st)
                 .unwrap();
@@ -439,15 +432,8 @@ fn check_cascade_case(case: &CascadeCase) {
         let mut kv = b.alloc_kv(shape).unwrap();
         for (s, range) in &writes {
             let n = range.len();
-            let write = StepInput {
-                tokens: vec![0; n],
-                positions: range.clone().map(|p| p as u32).collect(),
-                slots: range.clone().map(|p| slot(*s, p)).collect(),
-                row_seq: vec![0; n],
-                block_tables: vec![tables[*s].clone()],
-                logit_rows: vec![],
-                groups: vec![],
-            };
+            let slots = range.clone().map(|p| slot(*s, p)).collect();
+            let write = StepInput::one_sequence(vec![0; n], range.start as u32, slots, tables[*s].clone(), vec![]);
             let rows = cached[*s][range.start * w..range.end * w].to_vec();
             b.kv_write(&mut kv, 0, &tensor(n, w, rows), layout, &b.upload_step(&write).unwrap())
                 .unwrap();

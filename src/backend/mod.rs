@@ -108,6 +108,36 @@ pub struct SharedPrefix {
 }
 
 impl StepInput {
+    /// One sequence's consecutive `tokens` from position `start` (a prefill chunk, or one
+    /// decode row), writing K/V to `slots` under `table`; returns logits for `logit_rows`.
+    pub fn one_sequence(tokens: Vec<u32>, start: u32, slots: Vec<u32>, table: Vec<u32>, logit_rows: Vec<u32>) -> Self {
+        let n = tokens.len();
+        StepInput {
+            positions: (start..start + n as u32).collect(),
+            tokens,
+            slots,
+            row_seq: vec![0; n],
+            block_tables: vec![table],
+            logit_rows,
+            groups: Vec::new(),
+        }
+    }
+
+    /// A decode step: one row per sequence, row `s` is token `tokens[s]` of sequence `s` at
+    /// `position`, writing K/V to `slots[s]` under `tables[s]`; every row returns logits.
+    pub fn decode(tokens: Vec<u32>, position: u32, slots: Vec<u32>, tables: Vec<Vec<u32>>) -> Self {
+        let n = tokens.len() as u32;
+        StepInput {
+            tokens,
+            positions: vec![position; n as usize],
+            slots,
+            row_seq: (0..n).collect(),
+            block_tables: tables,
+            logit_rows: (0..n).collect(),
+            groups: Vec::new(),
+        }
+    }
+
     pub fn rows(&self) -> usize {
         self.tokens.len()
     }

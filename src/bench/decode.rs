@@ -119,26 +119,18 @@ pub fn run_batched<B: Backend>(
         let prompt: Vec<u32> = (0..context as u64)
             .map(|i| ((i * 2_654_435_761 + 1000 + s as u64 * 7919) % vocab as u64) as u32)
             .collect();
-        let step = StepInput {
-            tokens: prompt,
-            positions: (0..context as u32).collect(),
-            slots: (0..context).map(|p| slot(s, p)).collect(),
-            row_seq: vec![0; context],
-            block_tables: vec![tables[s].clone()],
-            logit_rows: vec![context as u32 - 1],
-            groups: Vec::new(),
-        };
+        let slots = (0..context).map(|p| slot(s, p)).collect();
+        let step = StepInput::one_sequence(prompt, 0, slots, tables[s].clone(), vec![context as u32 - 1]);
         *tok = argmax(&model.forward(&mut kv, &step)?);
     }
     let first = next.clone();
-    let decode_step = |tokens: &[u32], p: usize| StepInput {
-        tokens: tokens.to_vec(),
-        positions: vec![p as u32; batch],
-        slots: (0..batch).map(|s| slot(s, p)).collect(),
-        row_seq: (0..batch as u32).collect(),
-        block_tables: tables.clone(),
-        logit_rows: (0..batch as u32).collect(),
-        groups: Vec::new(),
+    let decode_step = |tokens: &[u32], p: usize| {
+        StepInput::decode(
+            tokens.to_vec(),
+            p as u32,
+            (0..batch).map(|s| slot(s, p)).collect(),
+            tables.clone(),
+        )
     };
     let mut graph = match graphs {
         true => model.capture_decode(&mut kv, &decode_step(&first, context), context + steps)?,

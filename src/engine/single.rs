@@ -33,15 +33,13 @@ impl<B: Backend> SequenceKv<B> {
         let appended = self.table.append(&self.pool, tokens.len())?;
         model.copy_blocks(&mut self.cache, &appended.copies)?;
         let n = tokens.len() as u32;
-        let step = StepInput {
-            tokens: tokens.to_vec(),
-            positions: (start as u32..start as u32 + n).collect(),
-            slots: appended.slots,
-            row_seq: vec![0; tokens.len()],
-            block_tables: vec![self.table.block_ids()],
-            logit_rows: if all_logits { (0..n).collect() } else { vec![n - 1] },
-            groups: Vec::new(),
-        };
+        let step = StepInput::one_sequence(
+            tokens.to_vec(),
+            start as u32,
+            appended.slots,
+            self.table.block_ids(),
+            if all_logits { (0..n).collect() } else { vec![n - 1] },
+        );
         model.forward(&mut self.cache, &step)
     }
 }
