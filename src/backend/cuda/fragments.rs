@@ -40,6 +40,26 @@ pub fn fragment_position(row: usize, input: usize) -> (usize, usize, usize, usiz
     (rb, kt, 4 * g + t, h + 2 * c, p)
 }
 
+/// Walks the element pairs `(p = 0, p = 1)` of row block `rb` that lie inside a
+/// `rows × cols` matrix: `f(kt, lane, h + 2c, row, first input)` for every k-tile of
+/// `padded_inputs(cols)`, lane `4g + t` and half pair `(h, c)`, where `row = 16·rb + g + 8h`
+/// and the pair is inputs `16·kt + 2t + 8c` and the next. Padding positions are skipped (the
+/// repacked buffers start zeroed).
+fn for_each_pair(rb: usize, rows: usize, cols: usize, mut f: impl FnMut(usize, usize, usize, usize, usize)) {
+    for kt in 0..padded_inputs(cols) / 16 {
+        for lane in 0..32 {
+            let (g, t) = (lane / 4, lane % 4);
+            for hc in 0..4 {
+                let (h, c) = (hc % 2, hc / 2);
+                let (row, input) = (rb * BLOCK_ROWS + g + 8 * h, kt * 16 + 2 * t + 8 * c);
+                if row < rows && input < cols {
+                    f(kt, lane, hc, row, input);
+                }
+            }
+        }
+    }
+}
+
 /// An INT4 matrix in the fragment layout.
 pub struct Int4Fragments {
     /// `[rows/16, kp/64, 32, 4]` u32 (rows and kp padded).
@@ -67,23 +87,11 @@ pub fn int4_fragments(m: &Int4Matrix) -> Int4Fragments {
         .par_chunks_mut(words_per_block)
         .enumerate()
         .for_each(|(rb, out)| {
-            for kt in 0..kp / 16 {
-                for lane in 0..32 {
-                    let (g, t) = (lane / 4, lane % 4);
-                    let mut word = 0u32;
-                    for hc in 0..4 {
-                        let (h, c) = (hc % 2, hc / 2);
-                        let (row, input) = (rb * BLOCK_ROWS + g + 8 * h, kt * 16 + 2 * t + 8 * c);
-                        if row >= rows || input >= cols {
-                            continue;
-                        }
-                        // Inputs `input` (low nibble) and `input + 1` (high nibble): p = 0 and 1.
-                        let byte = m.packed[(row * cols + input) / 2] as u32;
-                        word |= (byte & 0xf) << (4 * hc) | (byte >> 4) << (4 * (hc + 4));
-                    }
-                    out[((kt / 4) * 32 + lane) * 4 + kt % 4] = word;
-                }
-            }
+            for_each_pair(rb, rows, cols, |kt, lane, hc, row, input| {
+                // Inputs `input` (low nibble) and `input + 1` (high nibble): p = 0 and 1.
+                let byte = m.packed[(row * cols + input) / 2] as u32;
+                out[((kt / 4) * 32 + lane) * 4 + kt % 4] |= (byte & 0xf) << (4 * hc) | (byte >> 4) << (4 * (hc + 4));
+            })
         });
     let mut scales = vec![f16::ZERO; blocks * groups * BLOCK_ROWS];
     let mut mins = vec![0f32; blocks * groups * BLOCK_ROWS];
@@ -111,22 +119,12 @@ pub fn f16_fragments(m: &F16Matrix) -> (Vec<f16>, usize) {
     let per_block = (kp / 16) * 32 * 8;
     let mut out = vec![f16::ZERO; blocks * per_block];
     out.par_chunks_mut(per_block).enumerate().for_each(|(rb, out)| {
-        for kt in 0..kp / 16 {
-            for lane in 0..32 {
-                let (g, t) = (lane / 4, lane % 4);
-                for hc in 0..4 {
-                    let (h, c) = (hc % 2, hc / 2);
-                    let (row, input) = (rb * BLOCK_ROWS + g + 8 * h, kt * 16 + 2 * t + 8 * c);
-                    if row >= rows || input >= cols {
-                        continue;
-                    }
-                    // cols is a multiple of 32, so input + 1 < cols too.
-                    let at = (kt * 32 + lane) * 8 + 2 * hc;
-                    out[at] = m.data[row * cols + input];
-                    out[at + 1] = m.data[row * cols + input + 1];
-                }
-            }
-        }
+        for_each_pair(rb, rows, cols, |kt, lane, hc, row, input| {
+            // cols is a multiple of 32, so input + 1 < cols too.
+            let at = (kt * 32 + lane) * 8 + 2 * hc;
+            out[at] = m.data[row * cols + input];
+            out[at + 1] = m.data[row * cols + input + 1];
+        })
     });
     (out, kp)
 }
