@@ -93,6 +93,46 @@ fn int4_and_dense_matmul_match_the_cpu_backend() {
     }
 }
 
+/// RMSNorm and SiLU·mul at widths that take the 16-byte vector paths (4096, 14336), one too
+/// wide for the norm's registers (20480), and odd widths that take the scalar paths.
+#[test]
+fn row_kernels_match_the_cpu_backend_at_vector_and_odd_widths() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    let rows = 3;
+    for d in [4096, 20480, 100, 36] {
+        let x = f16_round(&rand_values(rows * d, 11 + d as u64, 2.0));
+        let w = rand_values(d, 12, 1.0);
+        let mut og = g.alloc_activations(rows, d).unwrap();
+        g.rmsnorm(
+            &g.upload_activations(rows, d, &x).unwrap(),
+            &g.upload_vector(&w).unwrap(),
+            1e-5,
+            &mut og,
+        )
+        .unwrap();
+        let mut oc = c.alloc_activations(rows, d).unwrap();
+        let xc = CpuTensor { rows, cols: d, data: x };
+        c.run(|| c.rmsnorm(&xc, &w, 1e-5, &mut oc)).unwrap();
+        // One f16 rounding of the output and f32 sums of d squares.
+        assert_close(&format!("rmsnorm d={d}"), &host(&g, &og), &oc.data, 2e-3, 4e-3);
+    }
+    for f in [14336, 100, 36] {
+        let gu = f16_round(&rand_values(rows * 2 * f, 13 + f as u64, 4.0));
+        let mut og = g.alloc_activations(rows, f).unwrap();
+        g.silu_mul(&g.upload_activations(rows, 2 * f, &gu).unwrap(), &mut og)
+            .unwrap();
+        let mut oc = c.alloc_activations(rows, f).unwrap();
+        let gc = CpuTensor {
+            rows,
+            cols: 2 * f,
+            data: gu,
+        };
+        c.run(|| c.silu_mul(&gc, &mut oc)).unwrap();
+        assert_close(&format!("silu_mul f={f}"), &host(&g, &og), &oc.data, 2e-3, 4e-3);
+    }
+}
+
 #[test]
 fn add_bias_matches_the_cpu_backend() {
     let Some(g) = gpu() else { return };

@@ -210,6 +210,8 @@ enum ReduceOut<'a> {
 
 /// Threads per block of the row-wise kernels.
 const ROW_BLOCK: u32 = 256;
+/// Threads per RMSNorm block: a 4096-wide decode row is one 16-byte chunk per thread.
+const NORM_BLOCK: u32 = 512;
 /// K-slices of the matmul kernels are multiples of this (`SLICE_K` in kernels/int4_matmul.cu).
 const MATMUL_STAGE: usize = 256;
 /// Output rows per matmul block (4 warps × 16).
@@ -691,7 +693,7 @@ impl Backend for CudaBackend {
                 .arg(o)
                 .arg(&d)
                 .arg(&eps)
-                .launch(grid(x.rows, 1, ROW_BLOCK))
+                .launch(grid(x.rows, 1, NORM_BLOCK))
         }
         .map_err(|e| cuda_err("rmsnorm", e))?;
         Ok(())
@@ -757,6 +759,8 @@ impl Backend for CudaBackend {
             half_split as i32,
         );
         let rows = qkv.rows;
+        // One thread per rotated (head, pair).
+        let pairs = (layout.n_heads + layout.n_kv_heads) * half;
         let q = qkv.f16_mut("rope")?;
         // SAFETY: positions checked against the tables; rotates Q and K heads in place.
         unsafe {
@@ -770,7 +774,7 @@ impl Backend for CudaBackend {
                 .arg(&kv)
                 .arg(&hd)
                 .arg(&hs)
-                .launch(grid(rows, 1, 128))
+                .launch(grid(rows, pairs.div_ceil(128), 128))
         }
         .map_err(|e| cuda_err("rope", e))?;
         Ok(())
@@ -961,6 +965,8 @@ impl Backend for CudaBackend {
         check("silu_mul", "out", out, gate_up.rows, gate_up.cols / 2)?;
         let f = (out.cols) as i32;
         let rows = out.rows;
+        // Blocks per row: each thread computes 8 outputs.
+        let chunks = out.cols.div_ceil(8 * ROW_BLOCK as usize);
         // SAFETY: shapes checked.
         unsafe {
             self.stream
@@ -968,7 +974,7 @@ impl Backend for CudaBackend {
                 .arg(gate_up.f16("silu_mul")?)
                 .arg(out.f16_mut("silu_mul")?)
                 .arg(&f)
-                .launch(grid(rows, 1, ROW_BLOCK))
+                .launch(grid(rows, chunks, ROW_BLOCK))
         }
         .map_err(|e| cuda_err("silu_mul", e))?;
         Ok(())
