@@ -93,6 +93,36 @@ fn int4_and_dense_matmul_match_the_cpu_backend() {
     }
 }
 
+/// Q|K|V-like INT4 parts (32, 16 and 5 rows: the CUDA upload fuses them into one launch) and
+/// a part of another group size after them (its own launch) equal the CPU backend.
+#[test]
+fn fused_int4_parts_match_the_cpu_backend() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    let k = 1536;
+    let part = |n: usize, group: usize, seed: u64| {
+        WeightMatrix::Int4(Int4Matrix::quantize_rtn(n, k, group, &rand_values(n * k, seed, 0.5)).unwrap())
+    };
+    let (q, kk, v, o) = (part(32, 64, 1), part(16, 64, 2), part(5, 64, 3), part(19, 128, 4));
+    let parts = [&q, &kk, &v, &o];
+    let (wg, wc) = (g.upload_linear(&parts).unwrap(), c.upload_linear(&parts).unwrap());
+    for t in [1, 7, 16, 33] {
+        let x = f16_round(&rand_values(t * k, 50 + t as u64, 1.0));
+        let mut og = g.alloc_activations(t, 72).unwrap();
+        g.matmul(&g.upload_activations(t, k, &x).unwrap(), &wg, &mut og)
+            .unwrap();
+        let mut oc = c.alloc_activations(t, 72).unwrap();
+        let xc = CpuTensor {
+            rows: t,
+            cols: k,
+            data: x,
+        };
+        c.run(|| c.matmul(&xc, &wc, &mut oc)).unwrap();
+        let tol = 2e-3 * (k as f32 / 512.0).sqrt();
+        assert_close(&format!("fused parts T={t}"), &host(&g, &og), &oc.data, tol, 4e-3);
+    }
+}
+
 /// RMSNorm and SiLU·mul at widths that take the 16-byte vector paths (4096, 14336), one too
 /// wide for the norm's registers (20480), and odd widths that take the scalar paths.
 #[test]

@@ -33,7 +33,7 @@ use kernels::{cuda_err, Kernels};
 
 use super::{Backend, KvShape, QkvLayout, StepInput};
 use crate::error::{Error, Result};
-use crate::quant::WeightMatrix;
+use crate::quant::{Int4Matrix, WeightMatrix};
 use kernel_cache::KernelCache;
 
 /// Whether the CUDA driver library can be loaded at all.
@@ -506,6 +506,54 @@ impl CudaBackend {
     }
 }
 
+/// Parts stacked along the output dimension, with every run of consecutive parts that one
+/// kernel launch can serve merged into one matrix: INT4 parts of one group size and input
+/// order, or f16 parts, where every part but the run's last has a multiple of 16 rows (so the
+/// merged fragment layout's row blocks are the parts' own). A fused Q|K|V or gate|up is then
+/// one matmul and one split-K reduce instead of three or two. Other parts stay as they are.
+fn fuse_parts<'a>(parts: &[&'a WeightMatrix]) -> Result<Vec<std::borrow::Cow<'a, WeightMatrix>>> {
+    use std::borrow::Cow;
+    let joinable = |a: &WeightMatrix, b: &WeightMatrix| {
+        a.rows() % fragments::BLOCK_ROWS == 0
+            && a.cols() == b.cols()
+            && match (a, b) {
+                (WeightMatrix::Int4(x), WeightMatrix::Int4(y)) => x.group == y.group && x.input_order == y.input_order,
+                (WeightMatrix::F16(_), WeightMatrix::F16(_)) => true,
+                _ => false,
+            }
+    };
+    let mut out: Vec<Cow<'a, WeightMatrix>> = Vec::with_capacity(parts.len());
+    for &p in parts {
+        let merged =
+            match out.last() {
+                Some(prev) if joinable(prev, p) => match (prev.as_ref(), p) {
+                    (WeightMatrix::Int4(a), WeightMatrix::Int4(b)) => {
+                        let mut m = Int4Matrix::new(
+                            a.rows + b.rows,
+                            a.cols,
+                            a.group,
+                            [&a.packed[..], &b.packed[..]].concat(),
+                            [&a.scales[..], &b.scales[..]].concat(),
+                            [&a.mins[..], &b.mins[..]].concat(),
+                        )?;
+                        m.input_order = a.input_order.clone();
+                        Some(WeightMatrix::Int4(m))
+                    }
+                    (WeightMatrix::F16(a), WeightMatrix::F16(b)) => Some(WeightMatrix::F16(
+                        crate::quant::F16Matrix::new(a.rows + b.rows, a.cols, [&a.data[..], &b.data[..]].concat())?,
+                    )),
+                    _ => None,
+                },
+                _ => None,
+            };
+        match merged {
+            Some(m) => *out.last_mut().expect("merged into the last part") = Cow::Owned(m),
+            None => out.push(Cow::Borrowed(p)),
+        }
+    }
+    Ok(out)
+}
+
 /// What attention needs of a step's host data before any kernel reads K/V through it: every
 /// row's block table covers its position inside a pool of `s.n_blocks`, and the sharing groups
 /// are valid ([`StepInput::validate_groups`]).
@@ -552,7 +600,9 @@ impl Backend for CudaBackend {
     }
 
     fn upload_linear(&self, parts: &[&WeightMatrix]) -> Result<CudaLinear> {
-        let stacked = super::stack_parts(parts, |p| self.upload_part(p))?;
+        let fused = fuse_parts(parts)?;
+        let fused: Vec<&WeightMatrix> = fused.iter().map(|p| p.as_ref()).collect();
+        let stacked = super::stack_parts(&fused, |p| self.upload_part(p))?;
         let input_order = match &stacked.input_order {
             Some(o) => Some(self.upload(o)?),
             None => None,
@@ -1118,5 +1168,43 @@ impl Backend for CudaBackend {
 impl Drop for CudaBackend {
     fn drop(&mut self) {
         let _ = self.ctx.synchronize();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn int4(rows: usize, cols: usize, group: usize, seed: usize) -> WeightMatrix {
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|i| (((i + seed) * 7919) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        WeightMatrix::Int4(Int4Matrix::quantize_rtn(rows, cols, group, &values).unwrap())
+    }
+
+    fn dequant(w: &WeightMatrix) -> Vec<f32> {
+        let mut all = vec![0f32; w.rows() * w.cols()];
+        for (r, row) in all.chunks_mut(w.cols()).enumerate() {
+            w.dequant_row(r, row);
+        }
+        all
+    }
+
+    /// Q|K|V-like parts of one format merge into one matrix with the same rows; a part after
+    /// one whose rows are not a multiple of 16, or of another group size, starts a new run.
+    #[test]
+    fn fuse_parts_merges_runs_that_one_launch_can_serve() {
+        let (q, k, v) = (int4(32, 128, 64, 1), int4(16, 128, 64, 2), int4(5, 128, 64, 3));
+        let fused = fuse_parts(&[&q, &k, &v]).unwrap();
+        assert_eq!(fused.len(), 1);
+        assert_eq!(fused[0].rows(), 53);
+        let want: Vec<f32> = [dequant(&q), dequant(&k), dequant(&v)].concat();
+        assert_eq!(dequant(&fused[0]), want);
+
+        let (odd, other_group) = (int4(5, 128, 64, 4), int4(16, 128, 32, 5));
+        let parts = fuse_parts(&[&odd, &q, &other_group, &k]).unwrap();
+        let rows: Vec<usize> = parts.iter().map(|p| p.rows()).collect();
+        assert_eq!(rows, [5, 32, 16, 16]);
+        assert!(parts.iter().all(|p| matches!(p, std::borrow::Cow::Borrowed(_))));
     }
 }
