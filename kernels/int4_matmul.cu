@@ -1,6 +1,6 @@
 // INT4 × f16 (and f16 × f16) matmul on tensor cores: out[M, N] = x[M, K] · W[N, K]ᵀ for any M
 // (decode, sibling batches, prefill), f16 inputs, f32 accumulation, deterministic split-K.
-// One partitioning, two weight formats (`Int4Fragments`, `F16Fragments`).
+// One partitioning and pipeline, two weight formats (`Int4Fragments`, `F16Fragments`).
 //
 // Orientation. `mma.sync.m16n8k16` computes D[16, 8] += A[16, 16] · B[16, 8]. The weights are A
 // (16 output rows × 16 inputs) and the activations B (16 inputs × 8 batch rows), so a batch of
@@ -16,27 +16,40 @@
 //   INT4: a tile is one u32 per lane, element (h, c, p) in nibble h + 2c + 4p (so
 //         `(word >> 4i) & 0x000f000f` holds register i's two elements); four k-tiles (64
 //         inputs) make one uint4 per lane, and a warp reads 512 contiguous bytes:
-//         qweight  [N/16, K/64, 32 lanes] uint4
+//         qweight    [N/16, K/64, 32 lanes] uint4
+//         scale_min  [N/16, K/group, 8 (g)] float4 = (s[g], s[g+8], m[g], m[g+8]): the
+//                    scales and mins of rows g and g + 8 of a row block, w = s·q + m, the
+//                    four numbers one lane needs at a group's end in one 16-byte load
 //   F16:  a tile is one uint4 per lane (8 halves, element (h, c, p) at half 2(h + 2c) + p):
-//         w        [N/16, K/16, 32 lanes] uint4
-// INT4 scales and mins follow the row blocks: [N/16, K/group, 16] (f16, f32), w = s·q + m.
+//         w          [N/16, K/16, 32 lanes] uint4
 //
 // INT4 arithmetic. A nibble becomes the f16 integer q exactly (the exponent trick: the bits of
 // 1024 + q, minus 1024), the tensor cores sum q·x over one group in f32 (exact products), and
 // the group is then scaled in f32: Σ w·x = s·Σ q·x + m·Σ x, with Σ x per (batch row, group)
-// computed from the staged activations. So the weights are exactly the canonical w = s·q + m;
-// nothing is rounded to f16 but the output.
+// computed from the staged activations. So the weights are exactly the canonical w = s·q + m
+// (f16 scales held in f32); nothing is rounded to f16 but the output.
 //
 // Partitioning. Grid (ceil(N / 64), S, ceil(M / (8·NT))): block (b, s, z) has 4 warps, warp w
 // the row block 4b + w, over the K-slice s of `slice` inputs (a multiple of 256), for batch
-// rows 8·NT·z .. 8·NT·(z+1). The slice is walked in stages (256 inputs for INT4, 64 for f16:
-// 4 uint4 of weights per lane either way): the block stages x for the stage in shared memory,
-// and each warp computes its stage from registers while its loads for the next stage are in
-// flight. Partial sums go to partial[s, m, n]; `splitk_reduce_*` adds the S partials in order
-// (deterministic; no atomics).
+// rows 8·NT·z .. 8·NT·(z+1). Partial sums go to partial[s, m, n]; `splitk_reduce_*` adds the
+// S partials in order (deterministic; no atomics).
+//
+// Pipeline. A warp walks its slice in stages (256 inputs for INT4, 64 for f16: 4 uint4 of
+// weights per lane either way, plus the stage's scale_min quads for INT4). Each warp streams
+// its own weights through a ring of RING stage slots in shared memory with cp.async: stages
+// s + 1 .. s + RING − 1 are in flight while stage s is computed, and a warp never waits for
+// another warp's weights. The activations are staged per block in chunks of XC inputs (x and
+// Σ x per group, one pair of barriers per chunk, not per stage). Dynamic shared memory, per
+// block (`mma_smem_bytes`; the launcher allocates the same and the kernel traps if it did not):
+//     ring   [4 warps][RING][LOADS + AUX][32 lanes] uint4
+//     xs     [8·NT][XC + 8] f16       x[m0 + m, c0 + kk] at xs[m][kk]
+//     sum_x  [8·NT][XC / 32] f32      Σ x over each group of the chunk (INT4 only)
 #include "common.cuh"
 
 #define MMA_WARPS 4
+// Stage slots per warp: RING − 1 stages in flight behind the one being computed. Three keep
+// 4 KB of weights in flight per warp, and leave shared memory for 4 blocks (16 warps) per SM.
+#define RING 3
 // Inputs per K-slice granule: slices are multiples of this (and so of every stage and group).
 #define SLICE_K 256
 
@@ -49,37 +62,79 @@ __device__ __forceinline__ void mma_16816(float d[4], const unsigned a[4], const
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-// The A fragment of one INT4 tile: register i = half2(nibble i, nibble i + 4) as exact f16
-// integers 0..15.
-__device__ __forceinline__ void int4_fragment(unsigned word, unsigned a[4]) {
-    const __half2 bias = __halves2half2(__ushort_as_half(0x6400), __ushort_as_half(0x6400));  // 1024
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const unsigned v = ((word >> (4 * i)) & 0x000f000fu) | 0x64006400u;  // 1024 + q, two halves
-        const __half2 q = __hsub2(*reinterpret_cast<const __half2*>(&v), bias);
-        a[i] = *reinterpret_cast<const unsigned*>(&q);
-    }
+// 16 bytes global → shared, asynchronously, bypassing L1 (the weights are read once).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-// INT4 weights in the fragment layout above. A stage is 256 inputs: 4 uint4 per lane (each 4
-// k-tiles), whole groups.
+// (v & mask) | magic in one instruction (LOP3 with truth table 0xea = (a & b) | c).
+__device__ __forceinline__ unsigned and_or(unsigned v, unsigned mask, unsigned magic) {
+    unsigned r;
+    asm("lop3.b32 %0, %1, %2, %3, 0xea;\n" : "=r"(r) : "r"(v), "r"(mask), "r"(magic));
+    return r;
+}
+
+__device__ __forceinline__ unsigned h2_bits(__half2 h) { return *reinterpret_cast<unsigned*>(&h); }
+__device__ __forceinline__ __half2 bits_h2(unsigned u) { return *reinterpret_cast<__half2*>(&u); }
+
+// The A fragment of one INT4 tile: register i = half2(nibble i, nibble i + 4) as exact f16
+// integers 0..15. Nibbles at bits 0 and 16 become the f16 1024 + q (mantissa bits; the
+// exponent trick), minus 1024; nibbles at bits 4 and 20 become 1024 + 16q, times 1/16 minus 64
+// (one fused multiply-add, exact: every value involved is an f16 integer or a power of two).
+// Registers 2 and 3 take the same from the word shifted by 8: 9 instructions per tile.
+__device__ __forceinline__ void int4_fragment(unsigned word, unsigned a[4]) {
+    const unsigned magic = 0x64006400u;                          // 1024 in both halves
+    const __half2 k1024 = bits_h2(0x64006400u);                  // 1024
+    const __half2 k1_16 = bits_h2(0x2c002c00u);                  // 1/16
+    const __half2 k64 = bits_h2(0xd400d400u);                    // −64
+    const unsigned hi = word >> 8;
+    a[0] = h2_bits(__hsub2(bits_h2(and_or(word, 0x000f000fu, magic)), k1024));
+    a[1] = h2_bits(__hfma2(bits_h2(and_or(word, 0x00f000f0u, magic)), k1_16, k64));
+    a[2] = h2_bits(__hsub2(bits_h2(and_or(hi, 0x000f000fu, magic)), k1024));
+    a[3] = h2_bits(__hfma2(bits_h2(and_or(hi, 0x00f000f0u, magic)), k1_16, k64));
+}
+
+// INT4 weights in the fragment layout above. A stage is 256 inputs: LOADS = 4 uint4 per lane
+// (each 4 k-tiles), then AUX uint4 per lane for the stage's 8·256/G scale_min quads (64 at
+// G = 32: two per lane; 32 or 16 at G = 64, 128: one per lane at most).
+// The group size is a template parameter (one entry point per group size), so a stage's
+// group ends are known at compile time and a full stage is straight-line code.
+template <int G>
 struct Int4Fragments {
-    const uint4* __restrict__ qweight;  // [N/16, Kp/64, 32]
-    const __half* __restrict__ scales;  // [N/16, Kp/group, 16]
-    const float* __restrict__ mins;     // [N/16, Kp/group, 16]
-    int kp, group;
+    const uint4* __restrict__ qweight;     // [N/16, Kp/G, 32]
+    const float4* __restrict__ scale_min;  // [N/16, Kp/G, 8]
+    int kp;
+    static constexpr int GROUP = G;
+    static_assert(G == 32 || G == 64 || G == 128, "group sizes 32, 64, 128");
     static constexpr int STAGE_K = 256;
     static constexpr int LOADS = STAGE_K / 64;
+    static constexpr int AUX = (8 * (STAGE_K / G) + 31) / 32;
     static constexpr bool GROUPED = true;
-    // Loads of stage inputs k0 .. k0 + STAGE_K (those below kp) of row block rb.
-    __device__ __forceinline__ void load(int rb, int k0, int lane, uint4 q[LOADS]) const {
+    // Starts the copies of stage inputs k0 .. k0 + STAGE_K (those below kp) of row block rb into
+    // `slot` ([LOADS + AUX][32] uint4).
+    __device__ __forceinline__ void issue(int rb, int k0, int lane, uint4* slot) const {
 #pragma unroll
         for (int c = 0; c < LOADS; ++c) {
             const int kc = k0 / 64 + c;
-            q[c] = kc * 64 < kp ? qweight[((size_t)rb * (kp / 64) + kc) * 32 + lane] : make_uint4(0, 0, 0, 0);
+            if (kc * 64 < kp) cp_async16(&slot[c * 32 + lane], &qweight[((size_t)rb * (kp / 64) + kc) * 32 + lane]);
+        }
+        // Quads of groups k0/group .. : index (group in stage)·8 + g, contiguous in scale_min.
+        const int quads = 8 * (min(STAGE_K, kp - k0) / G);
+        const size_t first = ((size_t)rb * (kp / G) + k0 / G) * 8;
+#pragma unroll
+        for (int a = 0; a < AUX; ++a) {
+            const int qi = a * 32 + lane;
+            if (qi < quads) cp_async16(&slot[(LOADS + a) * 32 + lane], &scale_min[first + qi]);
         }
     }
-    // The A fragment of k-tile j of the stage.
+    // The A fragment of k-tile j of the stage (q: this lane's LOADS uint4 of the stage).
     __device__ __forceinline__ void fragment(const uint4 q[LOADS], int j, unsigned a[4]) const {
         const uint4 v = q[j / 4];
         const unsigned word = (j % 4 == 0) ? v.x : (j % 4 == 1) ? v.y : (j % 4 == 2) ? v.z : v.w;
@@ -94,12 +149,14 @@ struct F16Fragments {
     int kp;
     static constexpr int STAGE_K = 64;
     static constexpr int LOADS = STAGE_K / 16;
+    static constexpr int AUX = 0;
     static constexpr bool GROUPED = false;
-    __device__ __forceinline__ void load(int rb, int k0, int lane, uint4 q[LOADS]) const {
+    static constexpr int GROUP = 0;
+    __device__ __forceinline__ void issue(int rb, int k0, int lane, uint4* slot) const {
 #pragma unroll
         for (int c = 0; c < LOADS; ++c) {
             const int kt = k0 / 16 + c;
-            q[c] = kt * 16 < kp ? w[((size_t)rb * (kp / 16) + kt) * 32 + lane] : make_uint4(0, 0, 0, 0);
+            if (kt * 16 < kp) cp_async16(&slot[c * 32 + lane], &w[((size_t)rb * (kp / 16) + kt) * 32 + lane]);
         }
     }
     __device__ __forceinline__ void fragment(const uint4 q[LOADS], int j, unsigned a[4]) const {
@@ -110,27 +167,120 @@ struct F16Fragments {
     }
 };
 
-// The partitioning described at the top, for weight format W and NT batch tiles of 8 rows.
+// Inputs per activation chunk: about 16 KB of x per block (8·NT rows), at least one INT4 stage.
+template <int NT>
+struct XChunk {
+    static constexpr int XC = NT == 1 ? 1024 : NT == 2 ? 512 : 256;
+};
+
+// Dynamic shared memory of one block, in bytes (the layout at the top; mirrored by the
+// launcher's `matmul_smem_bytes` in src/backend/cuda/mod.rs).
+template <int NT, class W>
+__host__ __device__ constexpr int mma_smem_bytes() {
+    return MMA_WARPS * RING * (W::LOADS + W::AUX) * 32 * 16 + 8 * NT * (XChunk<NT>::XC + 8) * 2 +
+           (W::GROUPED ? 8 * NT * (XChunk<NT>::XC / 32) * 4 : 0);
+}
+
+// The k-tiles of one stage: acc += W[rows of this warp, stage] · x[batch tile, stage]ᵀ.
+//   q      this lane's W::LOADS uint4 of the stage; slot: the stage's ring slot (scale quads)
+//   xs     the activation chunk, the stage at column kx; sum_x: Σ x per group of the chunk
+//   tiles  k-tiles to compute (all SK/16 when FULL)
+// INT4 sums q·x per group in two alternating accumulator sets (even and odd k-tiles: two
+// independent mma chains, NT ≤ 4), then scales the group into acc.
+template <int NT, bool FULL, class W, int XS_STRIDE, int SUMS>
+__device__ __forceinline__ void stage_tiles(const W& weights, const uint4 q[W::LOADS], const uint4* slot,
+                                            const __half (*xs)[XS_STRIDE], const float (*sum_x)[SUMS], int kx,
+                                            int tiles, int g, int t, float acc[NT][4]) {
+    constexpr int SK = W::STAGE_K;
+    constexpr int CHAINS = W::GROUPED && NT <= 4 ? 2 : 1;
+    float part[CHAINS][NT][4];  // Σ q·x of the current group (INT4)
+#pragma unroll
+    for (int c = 0; c < CHAINS; ++c)
+#pragma unroll
+        for (int i = 0; i < NT; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) part[c][i][e] = 0.f;
+#pragma unroll
+    for (int j = 0; j < SK / 16; ++j) {
+        if (!FULL && j >= tiles) break;
+        unsigned a[4];
+        weights.fragment(q, j, a);
+#pragma unroll
+        for (int i = 0; i < NT; ++i) {
+            // B fragment: x[8i + g, 16j + 2t .. +1] and x[8i + g, 16j + 2t + 8 .. +9].
+            const unsigned b[2] = {*reinterpret_cast<const unsigned*>(&xs[8 * i + g][kx + 16 * j + 2 * t]),
+                                   *reinterpret_cast<const unsigned*>(&xs[8 * i + g][kx + 16 * j + 2 * t + 8])};
+            if constexpr (W::GROUPED) mma_16816(part[j % CHAINS][i], a, b);
+            else mma_16816(acc[i], a, b);
+        }
+        if constexpr (W::GROUPED) {
+            constexpr int TILES_PER_GROUP = W::GROUP / 16;  // 2, 4 or 8
+            if ((j + 1) % TILES_PER_GROUP == 0) {
+                // Group end: acc += s·Σq·x + m·Σx, rows g and g + 8, batch columns 2t, 2t + 1.
+                const int gs = j / TILES_PER_GROUP;  // the group within the stage
+                const float4 sm = reinterpret_cast<const float4*>(slot + W::LOADS * 32)[gs * 8 + g];
+                const int gc = kx / W::GROUP + gs;  // the group within the chunk
+#pragma unroll
+                for (int i = 0; i < NT; ++i) {
+                    float p[4];
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        p[e] = part[0][i][e];
+                        if constexpr (CHAINS == 2) p[e] += part[CHAINS - 1][i][e];
+                    }
+                    const float x0 = sum_x[8 * i + 2 * t][gc], x1 = sum_x[8 * i + 2 * t + 1][gc];
+                    acc[i][0] += fmaf(sm.x, p[0], sm.z * x0);
+                    acc[i][1] += fmaf(sm.x, p[1], sm.z * x1);
+                    acc[i][2] += fmaf(sm.y, p[2], sm.w * x0);
+                    acc[i][3] += fmaf(sm.y, p[3], sm.w * x1);
+#pragma unroll
+                    for (int c = 0; c < CHAINS; ++c)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) part[c][i][e] = 0.f;
+                }
+            }
+        }
+    }
+}
+
+// The partitioning and pipeline described at the top, for weight format W and NT batch tiles.
 //   x        [m_rows, k] f16 (row stride k; k a multiple of 32)
 //   partial  [S, m_rows, n] f32
-// Pipelining: a warp's weight loads for stage s + 1 are issued before stage s is computed (two
-// register buffers), so every warp always has a stage of weights in flight; barriers and the
-// staging of x overlap them.
 template <int NT, class W>
 __device__ __forceinline__ void mma_matmul(const __half* __restrict__ x, const W& weights, float* __restrict__ partial,
                                            int m_rows, int n, int k, int slice) {
     constexpr int MT = 8 * NT;              // batch rows of this block
     constexpr int SK = W::STAGE_K;          // inputs per stage
-    constexpr int XS_STRIDE = SK + 8;       // halves: 4 words past a multiple of 32 banks, so the
-                                            // 32 lanes' fragment loads hit 32 banks
-    __shared__ __align__(16) __half xs[MT][XS_STRIDE];  // x[m0 + m, k0 + kk] at xs[m][kk]
-    __shared__ float sum_x[MT][SK / 32];                // Σ x over each group of the stage (INT4)
+    constexpr int SLOT = (W::LOADS + W::AUX) * 32;  // uint4 per ring slot
+    constexpr int XC = XChunk<NT>::XC;      // inputs per activation chunk
+    constexpr int XS_STRIDE = XC + 8;       // halves: 4 words past a multiple of 32 banks, so the
+                                            // 32 lanes' B-fragment loads hit 32 banks
+    static_assert(XC % SK == 0 && XC % SLICE_K == 0, "chunks hold whole stages and slice granules");
+    extern __shared__ uint4 smem[];
+    uint4* ring = smem;
+    __half(*xs)[XS_STRIDE] = reinterpret_cast<__half(*)[XS_STRIDE]>(smem + MMA_WARPS * RING * SLOT);
+    float(*sum_x)[XC / 32] = reinterpret_cast<float(*)[XC / 32]>(&xs[MT][0]);
+    {
+        unsigned have;
+        asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(have));
+        if (have < (unsigned)mma_smem_bytes<NT, W>()) __trap();  // launched with too little
+    }
     const int lane = threadIdx.x % QMTOT_WARP, warp = threadIdx.x / QMTOT_WARP;
     const int g = lane / 4, t = lane % 4;
     const int rb = blockIdx.x * MMA_WARPS + warp;  // this warp's row block
     const bool active = rb * 16 < n;
     const int m0 = blockIdx.z * MT;
     const int ks = blockIdx.y * slice, ke = min(ks + slice, weights.kp);
+    const int n_stages = (ke - ks + SK - 1) / SK;
+    uint4* my_ring = ring + warp * RING * SLOT;
+
+    // Prologue: stages 0 .. RING − 2 in flight (one commit group per stage, empty or not, so
+    // the group count is the stage count).
+#pragma unroll
+    for (int s = 0; s < RING - 1; ++s) {
+        if (active && s < n_stages) weights.issue(rb, ks + s * SK, lane, my_ring + s * SLOT);
+        cp_async_commit();
+    }
 
     float acc[NT][4];
 #pragma unroll
@@ -138,91 +288,76 @@ __device__ __forceinline__ void mma_matmul(const __half* __restrict__ x, const W
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[i][e] = 0.f;
 
-    uint4 q[W::LOADS], q_next[W::LOADS];
-    if (active) weights.load(rb, ks, lane, q);
-    for (int k0 = ks; k0 < ke; k0 += SK) {
-        __syncthreads();  // the previous stage's readers of xs and sum_x are done
-        if constexpr (W::GROUPED) {
-            // One warp per batch row, lane = 8-input chunk (SK = 256 = 32 × 8): stage x and sum
-            // each group's chunks across its g/8 lanes.
-            static_assert(SK == 8 * QMTOT_WARP, "INT4 stage = one chunk of 8 inputs per lane");
-            const int chunks = weights.group / 8;  // lanes per group: 4, 8 or 16
-            for (int m = warp; m < MT; m += MMA_WARPS) {
-                const int kk = k0 + 8 * lane;
-                uint4 v = make_uint4(0, 0, 0, 0);
-                if (m0 + m < m_rows && kk < k) v = *reinterpret_cast<const uint4*>(x + (size_t)(m0 + m) * k + kk);
-                *reinterpret_cast<uint4*>(&xs[m][8 * lane]) = v;
-                const __half2* h = reinterpret_cast<const __half2*>(&v);
-                float s = 0.f;
+    int s = 0;  // stage index within the slice
+    for (int c0 = ks; c0 < ke; c0 += XC) {
+        const int cend = min(c0 + XC, ke);
+        __syncthreads();  // the previous chunk's readers of xs and sum_x are done
+        {
+            // Stage x[m0 .., c0 .. cend] (zeros past m_rows and k) and, for INT4, Σ x per group.
+            // Thread i of each pass takes 8 inputs (one uint4) of one row; a warp's 32 lanes
+            // hold 32 consecutive chunks of one row (XC / 8 ≥ 32), so a group's chunks sit in
+            // group / 8 adjacent lanes and are summed by shuffles.
+            constexpr int XCH = XC / 8;
+            constexpr int PASSES = MT * XCH / (MMA_WARPS * QMTOT_WARP);
+            static_assert(PASSES * MMA_WARPS * QMTOT_WARP == MT * XCH, "whole passes");
+            uint4 v[PASSES];
 #pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const float2 f = __half22float2(h[i]);
-                    s += f.x + f.y;
-                }
-                for (int o = 1; o < chunks; o <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-                if (lane % chunks == 0) sum_x[m][lane / chunks] = s;
+            for (int u = 0; u < PASSES; ++u) {
+                const int i = u * MMA_WARPS * QMTOT_WARP + threadIdx.x;
+                const int m = i / XCH, kk = c0 + 8 * (i % XCH);
+                v[u] = make_uint4(0, 0, 0, 0);
+                if (m0 + m < m_rows && kk < cend && kk < k)
+                    v[u] = *reinterpret_cast<const uint4*>(x + (size_t)(m0 + m) * k + kk);
             }
-        } else {
-            for (int i = threadIdx.x; i < MT * (SK / 8); i += blockDim.x) {
-                const int m = i / (SK / 8), c = i % (SK / 8);
-                const int kk = k0 + 8 * c;
-                uint4 v = make_uint4(0, 0, 0, 0);
-                if (m0 + m < m_rows && kk < k) v = *reinterpret_cast<const uint4*>(x + (size_t)(m0 + m) * k + kk);
-                *reinterpret_cast<uint4*>(&xs[m][8 * c]) = v;
+#pragma unroll
+            for (int u = 0; u < PASSES; ++u) {
+                const int i = u * MMA_WARPS * QMTOT_WARP + threadIdx.x;
+                const int m = i / XCH, c = i % XCH;
+                *reinterpret_cast<uint4*>(&xs[m][8 * c]) = v[u];
+                if constexpr (W::GROUPED) {
+                    const __half2* h = reinterpret_cast<const __half2*>(&v[u]);
+                    float sum = 0.f;
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const float2 f = __half22float2(h[e]);
+                        sum += f.x + f.y;
+                    }
+                    constexpr int LANES = W::GROUP / 8;  // chunks per group: 4, 8 or 16
+#pragma unroll
+                    for (int o = 1; o < LANES; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+                    if (c % LANES == 0) sum_x[m][c / LANES] = sum;
+                }
             }
         }
         __syncthreads();
-        if (!active) continue;
-        if (k0 + SK < ke) weights.load(rb, k0 + SK, lane, q_next);  // in flight during this stage
 
-        float part[NT][4];  // Σ q·x of the current group (INT4)
+        for (int k0 = c0; k0 < cend; k0 += SK, ++s) {
+            // Refill: stage s + RING − 1 goes into the slot stage s − 1 used, which every lane
+            // has finished reading (the scale quads are read across lanes).
+            __syncwarp();
+            if (active && s + RING - 1 < n_stages)
+                weights.issue(rb, ks + (s + RING - 1) * SK, lane, my_ring + ((s + RING - 1) % RING) * SLOT);
+            cp_async_commit();
+            cp_async_wait<RING - 1>();  // this lane's copies of stage s have landed
+            __syncwarp();               // and every lane's
+            if (!active) continue;
+            const uint4* slot = my_ring + (s % RING) * SLOT;
+            uint4 q[W::LOADS];
 #pragma unroll
-        for (int i = 0; i < NT; ++i)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) part[i][e] = 0.f;
-        // Stages are whole groups (256 is a multiple of every group size), so a stage that
-        // ends early (the last one, at kp, a multiple of the group) still ends on a group
-        // boundary.
-        const int tiles = min(SK, ke - k0) / 16;
-#pragma unroll
-        for (int j = 0; j < SK / 16; ++j) {
-            if (j < tiles) {
-                unsigned a[4];
-                weights.fragment(q, j, a);
-#pragma unroll
-                for (int i = 0; i < NT; ++i) {
-                    // B fragment: x[8i + g, 16j + 2t .. +1] and x[8i + g, 16j + 2t + 8 .. +9].
-                    const unsigned b[2] = {*reinterpret_cast<const unsigned*>(&xs[8 * i + g][16 * j + 2 * t]),
-                                           *reinterpret_cast<const unsigned*>(&xs[8 * i + g][16 * j + 2 * t + 8])};
-                    if constexpr (W::GROUPED) mma_16816(part[i], a, b);
-                    else mma_16816(acc[i], a, b);
-                }
-            }
-            if constexpr (W::GROUPED) {
-                const int group = weights.group;
-                if (j < tiles && (16 * (j + 1)) % group == 0) {
-                    // Group end: acc += s·Σq·x + m·Σx, rows g and g + 8, batch columns 2t, 2t + 1.
-                    const int gi = (k0 + 16 * j) / group;
-                    const size_t si = ((size_t)rb * (weights.kp / group) + gi) * 16 + g;
-                    const float s_lo = __half2float(weights.scales[si]), s_hi = __half2float(weights.scales[si + 8]);
-                    const float n_lo = weights.mins[si], n_hi = weights.mins[si + 8];
-                    const int gs = (16 * j) / group;  // group within the stage
-#pragma unroll
-                    for (int i = 0; i < NT; ++i) {
-                        const float x0 = sum_x[8 * i + 2 * t][gs], x1 = sum_x[8 * i + 2 * t + 1][gs];
-                        acc[i][0] += fmaf(s_lo, part[i][0], n_lo * x0);
-                        acc[i][1] += fmaf(s_lo, part[i][1], n_lo * x1);
-                        acc[i][2] += fmaf(s_hi, part[i][2], n_hi * x0);
-                        acc[i][3] += fmaf(s_hi, part[i][3], n_hi * x1);
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) part[i][e] = 0.f;
-                    }
-                }
-            }
+            for (int c = 0; c < W::LOADS; ++c) q[c] = slot[c * 32 + lane];
+
+            // Stages are whole groups (256 is a multiple of every group size), so a stage that
+            // ends early (the last one, at kp, a multiple of the group) still ends on a group
+            // boundary. A full stage (every stage when kp is a multiple of 256) takes the
+            // branch-free path, so the compiler can hoist its shared loads and interleave
+            // independent work; only a short last stage checks each tile.
+            const int tiles = min(SK, ke - k0) / 16;
+            const int kx = k0 - c0;  // the stage's offset in the chunk
+            if (tiles == SK / 16) stage_tiles<NT, true>(weights, q, slot, xs, sum_x, kx, tiles, g, t, acc);
+            else stage_tiles<NT, false>(weights, q, slot, xs, sum_x, kx, tiles, g, t, acc);
         }
-#pragma unroll
-        for (int c = 0; c < W::LOADS; ++c) q[c] = q_next[c];
     }
+    cp_async_wait<0>();  // no copy outlives the block
     if (!active) return;
     // D layout: acc[i][0..1] = rows g, columns 8i + 2t, +1; acc[i][2..3] = row g + 8.
 #pragma unroll
@@ -235,32 +370,40 @@ __device__ __forceinline__ void mma_matmul(const __half* __restrict__ x, const W
 }
 
 // One entry point per batch width NT (tiles of 8 rows: M ≤ 8, 16, 32, 64 per block; larger M
-// takes more blocks along z, each reading the weights again through L2).
-//   x        [m_rows, k] f16
-//   qweight  [N/16, kp/64, 32] uint4 (fragment layout above; kp = k rounded up to 64)
-//   scales   [N/16, kp/group, 16] f16
-//   mins     [N/16, kp/group, 16] f32
-//   partial  [S, m_rows, n] f32, S = ceil(kp / slice)
-// Grid: (ceil(n / 64), S, ceil(m_rows / (8·NT))), block (128). slice a multiple of SLICE_K (256).
-#define INT4_MATMUL_ENTRY(NT)                                                                                     \
-    extern "C" __global__ void __launch_bounds__(128, 4) int4_matmul_n##NT##_f16(                                 \
-        const __half* __restrict__ x, const uint4* __restrict__ qweight, const __half* __restrict__ scales,        \
-        const float* __restrict__ mins, float* __restrict__ partial, int m_rows, int n, int k, int kp, int group,  \
-        int slice) {                                                                                              \
-        mma_matmul<NT>(x, Int4Fragments{qweight, scales, mins, kp, group}, partial, m_rows, n, k, slice);          \
+// takes more blocks along z, each reading the weights again through L2) and group size G.
+//   x          [m_rows, k] f16
+//   qweight    [N/16, kp/64, 32] uint4 (fragment layout above; kp = k rounded up to 64)
+//   scale_min  [N/16, kp/G, 8] float4
+//   partial    [S, m_rows, n] f32, S = ceil(kp / slice)
+// Grid: (ceil(n / 64), S, ceil(m_rows / (8·NT))), block (128), dynamic shared memory
+// mma_smem_bytes<NT, Int4Fragments<G>>(). slice a multiple of SLICE_K (256).
+#define INT4_MATMUL_ENTRY(NT, G)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(128, 2) int4_matmul_n##NT##_g##G##_f16(                          \
+        const __half* __restrict__ x, const uint4* __restrict__ qweight, const float4* __restrict__ scale_min,     \
+        float* __restrict__ partial, int m_rows, int n, int k, int kp, int slice) {                               \
+        mma_matmul<NT>(x, Int4Fragments<G>{qweight, scale_min, kp}, partial, m_rows, n, k, slice);                \
     }
-INT4_MATMUL_ENTRY(1)
-INT4_MATMUL_ENTRY(2)
-INT4_MATMUL_ENTRY(4)
-INT4_MATMUL_ENTRY(8)
+INT4_MATMUL_ENTRY(1, 32)
+INT4_MATMUL_ENTRY(2, 32)
+INT4_MATMUL_ENTRY(4, 32)
+INT4_MATMUL_ENTRY(8, 32)
+INT4_MATMUL_ENTRY(1, 64)
+INT4_MATMUL_ENTRY(2, 64)
+INT4_MATMUL_ENTRY(4, 64)
+INT4_MATMUL_ENTRY(8, 64)
+INT4_MATMUL_ENTRY(1, 128)
+INT4_MATMUL_ENTRY(2, 128)
+INT4_MATMUL_ENTRY(4, 128)
+INT4_MATMUL_ENTRY(8, 128)
 
 // The same for f16 weights (the lm_head, INT8 and dense parts uploaded as f16).
 //   x        [m_rows, k] f16
 //   w        [N/16, kp/16, 32] uint4 (fragment layout above)
 //   partial  [S, m_rows, n] f32
-// Grid: (ceil(n / 64), S, ceil(m_rows / (8·NT))), block (128). slice a multiple of SLICE_K (256).
+// Grid: (ceil(n / 64), S, ceil(m_rows / (8·NT))), block (128), dynamic shared memory
+// mma_smem_bytes<NT, F16Fragments>(). slice a multiple of SLICE_K (256).
 #define DENSE_MATMUL_ENTRY(NT)                                                                                    \
-    extern "C" __global__ void __launch_bounds__(128, 4) dense_matmul_n##NT##_f16(                                \
+    extern "C" __global__ void __launch_bounds__(128, 2) dense_matmul_n##NT##_f16(                                \
         const __half* __restrict__ x, const uint4* __restrict__ w, float* __restrict__ partial, int m_rows, int n, \
         int k, int kp, int slice) {                                                                               \
         mma_matmul<NT>(x, F16Fragments{w, kp}, partial, m_rows, n, k, slice);                                     \

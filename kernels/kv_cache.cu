@@ -83,22 +83,23 @@ extern "C" __global__ void gather_rows_f16(const __half* __restrict__ x, const i
 
 // out[r] = dequantized row tokens[r] of an INT4 embedding table (w = s·q + m) in the fragment
 // layout of int4_matmul.cu.
-//   qweight  [ceil(vocab/16), kp/64, 32, 4] u32
-//   scales   [ceil(vocab/16), kp/group, 16] f16
-//   mins     [ceil(vocab/16), kp/group, 16] f32
-//   tokens   [rows] int32 (checked < vocab by the launcher)
-//   out      [rows, d] f16
+//   qweight    [ceil(vocab/16), kp/64, 32, 4] u32
+//   scale_min  [ceil(vocab/16), kp/group, 8, 4] f32: (s[g], s[g+8], m[g], m[g+8]) per row block,
+//              group and g = row % 8
+//   tokens     [rows] int32 (checked < vocab by the launcher)
+//   out        [rows, d] f16
 // Grid: (rows), block (256).
-extern "C" __global__ void embed_int4_f16(const unsigned* __restrict__ qweight, const __half* __restrict__ scales,
-                                          const float* __restrict__ mins, const int* __restrict__ tokens,
-                                          __half* __restrict__ out, int d, int kp, int group) {
+extern "C" __global__ void embed_int4_f16(const unsigned* __restrict__ qweight, const float* __restrict__ scale_min,
+                                          const int* __restrict__ tokens, __half* __restrict__ out, int d, int kp,
+                                          int group) {
     const int t = tokens[blockIdx.x];
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
         const FragmentPosition f(t, i);
         const unsigned word = qweight[(((size_t)f.rb * (kp / 64) + f.kt / 4) * 32 + f.lane) * 4 + f.kt % 4];
         const unsigned q = (word >> (4 * (f.hc + 4 * f.p))) & 0xfu;
-        const size_t si = ((size_t)f.rb * (kp / group) + i / group) * 16 + t % 16;
-        out[(size_t)blockIdx.x * d + i] = __float2half(fmaf((float)q, __half2float(scales[si]), mins[si]));
+        const size_t quad = (((size_t)f.rb * (kp / group) + i / group) * 8 + t % 8) * 4;
+        const int h = (t % 16) / 8;
+        out[(size_t)blockIdx.x * d + i] = __float2half(fmaf((float)q, scale_min[quad + h], scale_min[quad + 2 + h]));
     }
 }
 

@@ -50,9 +50,17 @@ fn without_a_driver_the_cuda_backend_is_a_typed_error() {
 fn int4_and_dense_matmul_match_the_cpu_backend() {
     let Some(g) = gpu() else { return };
     let c = cpu();
-    // N off every multiple of the 4·RW rows a block takes; K below, at and above the 1024-input
-    // split; every group size; T across the 1/2/4/8/16 tiles and over several tiles of 16.
-    for &(n, k, group) in &[(37, 1088, 64), (960, 576, 32), (21, 2048, 128), (5, 32, 32)] {
+    // N off every multiple of the 64 rows a block takes; K below, at and above the 1024-input
+    // activation chunk and over many pipeline stages (4352 = 17 INT4 stages, a ring of 4
+    // wrapping several times); every group size; T across the 8/16/32/64-row tiles and over
+    // several blocks of 64 rows.
+    for &(n, k, group) in &[
+        (37, 1088, 64),
+        (960, 576, 32),
+        (21, 2048, 128),
+        (5, 32, 32),
+        (70, 4352, 128),
+    ] {
         let w = WeightMatrix::Int4(Int4Matrix::quantize_rtn(n, k, group, &rand_values(n * k, 3, 0.5)).unwrap());
         // Dense weights f16-representable: the CUDA backend keeps dense parts as f16 (a real
         // model's f16 lm_head is exact), and rounding them here would be an input change, not
@@ -68,7 +76,7 @@ fn int4_and_dense_matmul_match_the_cpu_backend() {
                 g.upload_linear(&[weights]).unwrap(),
                 c.upload_linear(&[weights]).unwrap(),
             );
-            for t in [1, 2, 3, 5, 8, 13, 16, 21, 40] {
+            for t in [1, 2, 3, 5, 8, 13, 16, 21, 40, 64, 65, 130] {
                 let x = f16_round(&rand_values(t * k, 100 + t as u64, 1.0));
                 let mut og = g.alloc_activations(t, n).unwrap();
                 g.matmul(&g.upload_activations(t, k, &x).unwrap(), &wg, &mut og)

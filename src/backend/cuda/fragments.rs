@@ -8,7 +8,8 @@
 //!
 //! - INT4: one u32 per lane and tile, element `(h, c, p)` in nibble `h + 2c + 4p`; four
 //!   consecutive k-tiles make one `uint4` per lane: `qweight [rows/16, cols/64, 32, 4]` u32.
-//!   Scales and mins follow the row blocks: `[rows/16, cols/group, 16]`.
+//!   Scales and mins follow the row blocks as f32 quads `(s[g], s[g+8], m[g], m[g+8])`:
+//!   `scale_min [rows/16, cols/group, 8, 4]`.
 //! - f16: one `uint4` (8 halves) per lane and tile, element `(h, c, p)` at half
 //!   `2(h + 2c) + p`: `w [rows/16, cols/16, 32, 8]` f16.
 //!
@@ -24,6 +25,8 @@ use crate::quant::{F16Matrix, Int4Matrix};
 pub const BLOCK_ROWS: usize = 16;
 /// Inputs are padded to a multiple of this (one INT4 `uint4` per lane covers 64 inputs).
 pub const INPUT_ALIGN: usize = 64;
+/// f32 values of `scale_min` per row block and group: 8 quads.
+pub const SCALE_MIN_PER_GROUP: usize = 8 * 4;
 
 /// `cols` rounded up to [`INPUT_ALIGN`]: the `kp` the kernels take.
 pub fn padded_inputs(cols: usize) -> usize {
@@ -64,10 +67,11 @@ fn for_each_pair(rb: usize, rows: usize, cols: usize, mut f: impl FnMut(usize, u
 pub struct Int4Fragments {
     /// `[rows/16, kp/64, 32, 4]` u32 (rows and kp padded).
     pub qweight: Vec<u32>,
-    /// `[rows/16, kp/group, 16]` f16.
-    pub scales: Vec<f16>,
-    /// `[rows/16, kp/group, 16]` f32.
-    pub mins: Vec<f32>,
+    /// `[rows/16, kp/group, 8, 4]` f32: for row block `rb`, group `gi` and `g` in 0..8 the
+    /// quad `(s[g], s[g+8], m[g], m[g+8])` of its rows `16·rb + g` and `16·rb + g + 8`
+    /// (w = s·q + m; the f16 scales are exact in f32): one 16-byte load gives a lane of the
+    /// kernel all it needs at a group's end.
+    pub scale_min: Vec<f32>,
     /// Inputs padded to [`INPUT_ALIGN`].
     pub kp: usize,
 }
@@ -93,22 +97,19 @@ pub fn int4_fragments(m: &Int4Matrix) -> Int4Fragments {
                 out[((kt / 4) * 32 + lane) * 4 + kt % 4] |= (byte & 0xf) << (4 * hc) | (byte >> 4) << (4 * (hc + 4));
             })
         });
-    let mut scales = vec![f16::ZERO; blocks * groups * BLOCK_ROWS];
-    let mut mins = vec![0f32; blocks * groups * BLOCK_ROWS];
+    // Quad (s[g], s[g+8], m[g], m[g+8]) of row block rb, group gi, g = row % 8 at
+    // ((rb·groups + gi)·8 + g)·4; element h or 2 + h for row-half h = (row % 16) / 8.
+    let mut scale_min = vec![0f32; blocks * groups * SCALE_MIN_PER_GROUP];
     for row in 0..rows {
         let (rb, i) = (row / BLOCK_ROWS, row % BLOCK_ROWS);
+        let (g, h) = (i % 8, i / 8);
         for gi in 0..kgroups {
-            let at = (rb * groups + gi) * BLOCK_ROWS + i;
-            scales[at] = m.scales[row * kgroups + gi];
-            mins[at] = m.mins[row * kgroups + gi];
+            let at = ((rb * groups + gi) * 8 + g) * 4;
+            scale_min[at + h] = m.scales[row * kgroups + gi].to_f32();
+            scale_min[at + 2 + h] = m.mins[row * kgroups + gi];
         }
     }
-    Int4Fragments {
-        qweight,
-        scales,
-        mins,
-        kp,
-    }
+    Int4Fragments { qweight, scale_min, kp }
 }
 
 /// Repacks a row-major f16 matrix into the fragment layout: `[rows/16, kp/16, 32, 8]` f16.
@@ -167,15 +168,20 @@ mod tests {
                 }
             }
             let groups = f.kp / group;
+            assert_eq!(f.scale_min.len(), blocks * groups * SCALE_MIN_PER_GROUP);
             for row in 0..blocks * 16 {
                 for gi in 0..groups {
-                    let at = ((row / 16) * groups + gi) * 16 + row % 16;
+                    let (i, rb) = (row % 16, row / 16);
+                    let at = ((rb * groups + gi) * 8 + i % 8) * 4 + i / 8;
                     let (s, mn) = if row < rows && gi < cols / group {
-                        (m.scales[row * (cols / group) + gi], m.mins[row * (cols / group) + gi])
+                        (
+                            m.scales[row * (cols / group) + gi].to_f32(),
+                            m.mins[row * (cols / group) + gi],
+                        )
                     } else {
-                        (f16::ZERO, 0.0)
+                        (0.0, 0.0)
                     };
-                    assert_eq!((f.scales[at], f.mins[at]), (s, mn));
+                    assert_eq!((f.scale_min[at], f.scale_min[at + 2]), (s, mn), "row {row} group {gi}");
                 }
             }
         }

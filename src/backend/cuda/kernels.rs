@@ -76,7 +76,9 @@ fn entry_points(source: &str) -> Vec<String> {
                 names.push(name.to_string());
             }
         } else if let Some(args) = line.strip_prefix("INT4_MATMUL_ENTRY(") {
-            names.push(format!("int4_matmul_n{}_f16", first_arg(args)));
+            let mut it = args.trim_end_matches(')').split(',').map(str::trim);
+            let (nt, g) = (it.next().unwrap_or(""), it.next().unwrap_or(""));
+            names.push(format!("int4_matmul_n{nt}_g{g}_f16"));
         } else if let Some(args) = line.strip_prefix("DENSE_MATMUL_ENTRY(") {
             names.push(format!("dense_matmul_n{}_f16", first_arg(args)));
         } else if let Some((op, args)) = ["SPLIT", "TILE"]
@@ -115,9 +117,9 @@ mod tests {
             "copy_blocks_f16",
             "gather_rows_f16",
             "fill_f16",
-            "int4_matmul_n1_f16",
-            "int4_matmul_n2_f16",
-            "int4_matmul_n8_f16",
+            "int4_matmul_n1_g32_f16",
+            "int4_matmul_n2_g64_f16",
+            "int4_matmul_n8_g128_f16",
             "dense_matmul_n8_f16",
             "dense_matmul_n4_f16",
             "splitk_reduce_f16",

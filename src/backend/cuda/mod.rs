@@ -82,15 +82,14 @@ impl CudaTensor {
 /// One uploaded weight part, in the fragment layout ([`fragments`]; rows padded to 16 and
 /// inputs to `kp`, a multiple of 64).
 pub enum CudaWeight {
-    /// `qweight [rows/16, kp/64, 32, 4]` u32, `scales [rows/16, kp/group, 16]` f16, `mins` f32.
+    /// `qweight [rows/16, kp/64, 32, 4]` u32, `scale_min [rows/16, kp/group, 8, 4]` f32.
     Int4 {
         rows: usize,
         cols: usize,
         kp: usize,
         group: usize,
         qweight: CudaSlice<u32>,
-        scales: CudaSlice<f16>,
-        mins: CudaSlice<f32>,
+        scale_min: CudaSlice<f32>,
     },
     /// `[rows/16, kp/16, 32, 8]` f16 (INT8 and dense parts, dequantized).
     F16 {
@@ -178,6 +177,9 @@ pub struct CudaBackend {
     arch: String,
     /// Multiprocessors: the attention plan sizes its chunks by them.
     n_sms: usize,
+    /// Resident blocks per multiprocessor of each matmul entry point, by name (the occupancy
+    /// the driver reports at its shared memory).
+    matmul_blocks_per_sm: std::collections::HashMap<String, usize>,
 }
 
 fn shape_err(op: &str, reason: String) -> Error {
@@ -216,9 +218,46 @@ const NORM_BLOCK: u32 = 512;
 const MATMUL_STAGE: usize = 256;
 /// Output rows per matmul block (4 warps × 16).
 const MATMUL_BLOCK_ROWS: usize = 64;
-/// Matmul blocks the split-K aims for per multiprocessor (several resident at once, so the
-/// weight loads of one hide the barriers of another).
-const MATMUL_BLOCKS_PER_SM: usize = 8;
+/// The batch widths of the matmul entry points: `NT` tiles of 8 rows.
+const MATMUL_TILES: [usize; 4] = [1, 2, 4, 8];
+/// The split-K cost model's fixed cost of a block, in slice granules: its first weights' trip
+/// from memory and its first activation chunk, before its pipeline streams.
+const MATMUL_BLOCK_OVERHEAD: usize = 2;
+
+/// Dynamic shared memory of one matmul block in bytes: `mma_smem_bytes<NT, W>()` of
+/// kernels/int4_matmul.cu for INT4 group size `group` (`None`: f16): a weight ring of 4 warps ×
+/// RING 3 slots × (4 weight uint4 + the INT4 scale quads' ceil(8·256/group / 32)) uint4 per
+/// lane, an x chunk of 8·NT rows × (XC + 8) halves, and Σ x of each 32 inputs for INT4. The
+/// kernel traps if it is launched with less.
+fn matmul_smem_bytes(nt: usize, group: Option<usize>) -> usize {
+    let aux = group.map_or(0, |g| (8 * (256 / g)).div_ceil(32));
+    let ring = 4 * 3 * (4 + aux) * 32 * 16;
+    let xc = match nt {
+        1 => 1024,
+        2 => 512,
+        _ => 256,
+    };
+    let x = 8 * nt * (xc + 8) * 2;
+    let sum_x = if group.is_some() { 8 * nt * (xc / 32) * 4 } else { 0 };
+    ring + x + sum_x
+}
+
+/// The matmul entry point for batch tiles `nt` and INT4 group size `group` (`None`: f16).
+fn matmul_kernel(nt: usize, group: Option<usize>) -> String {
+    match group {
+        Some(g) => format!("int4_matmul_n{nt}_g{g}_f16"),
+        None => format!("dense_matmul_n{nt}_f16"),
+    }
+}
+
+/// Split-K for a matmul of `blocks` output blocks over `stages` slice granules, with `slots`
+/// blocks resident at once and at most `max_splits` splits: the count that minimizes waves ×
+/// (granules per split + a block's fixed cost); the fewest splits among equals.
+fn matmul_splits(blocks: usize, stages: usize, slots: usize, max_splits: usize) -> usize {
+    (1..=max_splits.clamp(1, stages.max(1)))
+        .min_by_key(|&s| (blocks * s).div_ceil(slots.max(1)) * (stages.div_ceil(s) + MATMUL_BLOCK_OVERHEAD))
+        .unwrap_or(1)
+}
 
 fn grid(x: usize, y: usize, block: u32) -> LaunchConfig {
     LaunchConfig {
@@ -256,6 +295,25 @@ impl CudaBackend {
         // A stream of its own: the legacy default stream cannot be captured into a graph.
         let stream = ctx.new_stream().map_err(|e| cuda_err("stream", e))?;
         let kernels = Kernels::load(&ctx, &arch, &KernelCache::new(KernelCache::default_dir()))?;
+        // The matmul kernels take more than the default 48 KB of dynamic shared memory.
+        let mut matmul_blocks_per_sm = std::collections::HashMap::new();
+        for nt in MATMUL_TILES {
+            let groups = crate::quant::INT4_GROUP_SIZES.map(Some);
+            for group in groups.into_iter().chain([None]) {
+                let name = matmul_kernel(nt, group);
+                let bytes = matmul_smem_bytes(nt, group);
+                let f = kernels.get(&name)?;
+                f.set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    bytes as i32,
+                )
+                .map_err(|e| cuda_err(&format!("{name}: {bytes} bytes of shared memory"), e))?;
+                let blocks = f
+                    .occupancy_max_active_blocks_per_multiprocessor(128, bytes, None)
+                    .map_err(|e| cuda_err(&format!("{name}: occupancy"), e))?;
+                matmul_blocks_per_sm.insert(name, (blocks as usize).max(1));
+            }
+        }
         Ok(Self {
             ctx,
             stream,
@@ -263,6 +321,7 @@ impl CudaBackend {
             device_name,
             arch,
             n_sms,
+            matmul_blocks_per_sm,
         })
     }
 
@@ -332,8 +391,7 @@ impl CudaBackend {
                     kp: f.kp,
                     group: m.group,
                     qweight: self.upload(&f.qweight)?,
-                    scales: self.upload(&f.scales)?,
-                    mins: self.upload(&f.mins)?,
+                    scale_min: self.upload(&f.scale_min)?,
                 })
             }
             WeightMatrix::F16(m) => f16_part(m),
@@ -416,15 +474,21 @@ impl CudaBackend {
             CudaWeight::F16 { kp, .. } => (*kp, n * kp * 2),
         };
         // Batch tiles of 8 rows per block: the narrowest width that holds m, at most 8 tiles.
-        let nt = [1usize, 2, 4, 8].into_iter().find(|&t| 8 * t >= m).unwrap_or(8);
+        let nt = MATMUL_TILES.into_iter().find(|&t| 8 * t >= m).unwrap_or(8);
         let z = m.div_ceil(8 * nt);
         // Split-K: enough blocks to fill the machine, but partials ([S, m, n] f32, written and
         // read once, mostly in L2) kept under the weight bytes.
         let stages = kp.div_ceil(MATMUL_STAGE);
         let blocks = n.div_ceil(MATMUL_BLOCK_ROWS) * z;
-        let by_fill = (MATMUL_BLOCKS_PER_SM * self.n_sms).div_ceil(blocks);
+        let group = match w {
+            CudaWeight::Int4 { group, .. } => Some(*group),
+            CudaWeight::F16 { .. } => None,
+        };
+        let name = matmul_kernel(nt, group);
+        let f = self.kernels.get(&name)?;
+        let slots = self.matmul_blocks_per_sm.get(&name).copied().unwrap_or(1) * self.n_sms;
         let by_traffic = (weight_bytes / (4 * m * n)).max(1);
-        let splits = by_fill.min(by_traffic).clamp(1, stages);
+        let splits = matmul_splits(blocks, stages, slots, by_traffic);
         let slice = stages.div_ceil(splits) * MATMUL_STAGE;
         let splits = kp.div_ceil(slice);
         // Not zeroed: the matmul kernels write every (split, row, column) the reduce reads.
@@ -432,19 +496,11 @@ impl CudaBackend {
         let cfg = LaunchConfig {
             grid_dim: (n.div_ceil(MATMUL_BLOCK_ROWS) as u32, splits as u32, z as u32),
             block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: matmul_smem_bytes(nt, group) as u32,
         };
         let (m_i, n_i, k_i, kp_i, slice_i) = (m as i32, n as i32, k as i32, kp as i32, slice as i32);
         match w {
-            CudaWeight::Int4 {
-                group,
-                qweight,
-                scales,
-                mins,
-                ..
-            } => {
-                let f = self.kernels.get(&format!("int4_matmul_n{nt}_f16"))?;
-                let g = *group as i32;
+            CudaWeight::Int4 { qweight, scale_min, .. } => {
                 // SAFETY: shapes checked by `matmul`; the kernel reads x[m, k] and the fragment
                 // layout of W[n, kp], and writes partial[splits, m, n].
                 unsafe {
@@ -452,21 +508,18 @@ impl CudaBackend {
                         .launch_builder(f)
                         .arg(x)
                         .arg(qweight)
-                        .arg(scales)
-                        .arg(mins)
+                        .arg(scale_min)
                         .arg(&mut partial)
                         .arg(&m_i)
                         .arg(&n_i)
                         .arg(&k_i)
                         .arg(&kp_i)
-                        .arg(&g)
                         .arg(&slice_i)
                         .launch(cfg)
                 }
                 .map_err(|e| cuda_err("int4_matmul", e))?;
             }
             CudaWeight::F16 { data, .. } => {
-                let f = self.kernels.get(&format!("dense_matmul_n{nt}_f16"))?;
                 // SAFETY: as above, with the f16 fragment layout of W[n, kp].
                 unsafe {
                     self.stream
@@ -685,8 +738,7 @@ impl Backend for CudaBackend {
                 kp,
                 group,
                 qweight,
-                scales,
-                mins,
+                scale_min,
                 ..
             } => {
                 let (kp, g) = (*kp as i32, *group as i32);
@@ -694,8 +746,7 @@ impl Backend for CudaBackend {
                     self.stream
                         .launch_builder(self.kernels.get("embed_int4_f16")?)
                         .arg(qweight)
-                        .arg(scales)
-                        .arg(mins)
+                        .arg(scale_min)
                         .arg(&step.tokens)
                         .arg(o)
                         .arg(&d)
@@ -1206,5 +1257,38 @@ mod tests {
         let rows: Vec<usize> = parts.iter().map(|p| p.rows()).collect();
         assert_eq!(rows, [5, 32, 16, 16]);
         assert!(parts.iter().all(|p| matches!(p, std::borrow::Cow::Borrowed(_))));
+    }
+
+    /// The launcher's shared-memory size is the kernel's `mma_smem_bytes` (worked out by hand
+    /// here from the layout in kernels/int4_matmul.cu; the kernel also traps on less).
+    #[test]
+    fn matmul_shared_memory_matches_the_kernel_layout() {
+        // INT4 g128, NT = 1: ring 4·3·(4 + 1)·32·16 = 30720, x 8·1032·2 = 16512, Σx 8·32·4 = 1024.
+        assert_eq!(matmul_smem_bytes(1, Some(128)), 48256);
+        // INT4 g32 (two quad slots), NT = 1: ring 4·3·6·32·16 = 36864.
+        assert_eq!(matmul_smem_bytes(1, Some(32)), 36864 + 16512 + 1024);
+        // f16, NT = 8: ring 4·3·4·32·16 = 24576, x 64·264·2 = 33792.
+        assert_eq!(matmul_smem_bytes(8, None), 58368);
+        for nt in MATMUL_TILES {
+            for group in [None, Some(32), Some(64), Some(128)] {
+                // Under the 227 KB a block may opt into on sm_80 and sm_90.
+                assert!(matmul_smem_bytes(nt, group) <= 227 * 1024);
+            }
+        }
+        // Four decode blocks (16 warps) fit in an H100/H200 multiprocessor's 228 KB, with the
+        // 1 KB the driver keeps per block.
+        assert!(4 * (matmul_smem_bytes(1, Some(32)) + 1024) <= 228 * 1024);
+    }
+
+    /// Split-K fills one wave for a small matrix and avoids a nearly empty second wave.
+    #[test]
+    fn matmul_splits_trade_waves_against_per_split_cost() {
+        // 4096 × 4096 at M = 1 on 132 SMs × 3 blocks: 64 blocks over 16 granules.
+        assert_eq!(matmul_splits(64, 16, 396, 1 << 20), 6);
+        // 28672 × 4096: 448 blocks; one split would leave a second wave of 52 blocks.
+        assert_eq!(matmul_splits(448, 16, 396, 1 << 20), 2);
+        // The partial-traffic cap wins.
+        assert_eq!(matmul_splits(64, 16, 396, 2), 2);
+        assert_eq!(matmul_splits(1, 1, 396, 8), 1);
     }
 }
