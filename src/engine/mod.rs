@@ -42,7 +42,7 @@ use crate::kv::{BlockPool, PoolStats, RadixCache, DEFAULT_BLOCK_SIZE};
 use crate::model::llama::DecodeGraph;
 use crate::model::{KvCache, Llama};
 use crate::tokenizer::Tokenizer;
-use sequence::{Candidate, Generating, Scoring, Sequence, Task};
+use sequence::{detach_kept_rows, Candidate, Generating, LogitsRow, Scoring, Sequence, Task};
 use step::LogitUse;
 
 /// Prompt tokens per prefill forward (bounds activation memory for long prompts).
@@ -315,7 +315,7 @@ impl<'m, B: Backend> Engine<'m, B> {
     /// The next-token logits `[vocab]` of a sequence, when all its tokens are computed (after
     /// [`Event::Ready`], for instance; a fork shares its parent's).
     pub fn next_logits(&self, id: SeqId) -> Result<Option<&[f32]>> {
-        Ok(self.visible(id)?.next_logits.as_deref().map(Vec::as_slice))
+        Ok(self.visible(id)?.next_logits.as_deref())
     }
 
     // ---- creating and shaping sequences ------------------------------------------------------
@@ -586,11 +586,15 @@ impl<'m, B: Backend> Engine<'m, B> {
             self.seqs.get_mut(&p.seq).expect("planned sequences exist").computed += p.rows;
         }
         let vocab = self.model.config.vocab_size;
-        for (row, use_) in logits.chunks_exact(vocab).zip(uses) {
+        // The rows stay in the step's buffer: a 128k-vocabulary row is 512 KB, and copying 16
+        // of them took 0.43 ms on the development CPU (best of 30; more with fresh pages),
+        // host time in every sibling step.
+        let logits = Arc::new(logits);
+        for (i, (row, use_)) in logits.chunks_exact(vocab).zip(uses).enumerate() {
             match use_ {
                 LogitUse::Next { entry } => {
                     let seq = self.seqs.get_mut(&plan[entry].seq).expect("planned");
-                    seq.next_logits = Some(Arc::new(row.to_vec()));
+                    seq.next_logits = Some(LogitsRow::new(&logits, i, vocab));
                 }
                 LogitUse::Candidate { entry, position } => {
                     let seq = self.seqs.get_mut(&plan[entry].seq).expect("planned");
@@ -817,20 +821,31 @@ impl<'m, B: Backend> Engine<'m, B> {
     /// Moves every task whose sequence is fully computed one step on: sample, score, hand a
     /// prompt to its forks, or report readiness.
     fn advance(&mut self, events: &mut Vec<Event>) {
-        // Every generating sequence's draw first, in parallel: a draw reads only the
-        // sequence's own logits and advances only its own sampler, so the tokens are those of
-        // drawing one by one, and a 128k-vocabulary row costs 1–3 ms of host time (16 siblings
-        // drawn one by one took longer than their GPU step).
-        self.seqs.par_iter_mut().for_each(|(_, seq)| {
-            if let (Task::Generate(g), Some(logits)) = (&mut seq.task, &seq.next_logits) {
-                g.drawn = Some(g.sampler.sample(logits));
-            }
-        });
+        self.draw_in_parallel(|_| true);
         let mut ids: Vec<SeqId> = self.seqs.keys().copied().collect();
         ids.sort_unstable();
         for id in ids {
             self.advance_one(id, events);
         }
+        // Rows still held now outlive the step (a prefilled sequence waiting for its caller,
+        // a prompt being scored, fan-out children not yet drawn): each gets a buffer of its
+        // own, so the step's buffer goes once its drawn rows are done with it.
+        detach_kept_rows(self.seqs.values_mut().filter_map(|s| s.next_logits.as_mut()));
+    }
+
+    /// Draws the next token of every generating sequence that `pick` selects and that has its
+    /// logits, in parallel (into `Generating.drawn`, which `advance_one` consumes). A draw reads
+    /// only the sequence's own logits and advances only its own sampler, so the tokens are
+    /// those of drawing one by one, and a 128k-vocabulary row costs 1–3 ms of host time (16
+    /// siblings drawn one by one took longer than their GPU step).
+    fn draw_in_parallel(&mut self, pick: impl Fn(SeqId) -> bool + Sync) {
+        self.seqs.par_iter_mut().for_each(|(&id, seq)| {
+            if let (Task::Generate(g), Some(logits)) = (&mut seq.task, &seq.next_logits) {
+                if g.drawn.is_none() && pick(id) {
+                    g.drawn = Some(g.sampler.sample(logits));
+                }
+            }
+        });
     }
 
     fn advance_one(&mut self, id: SeqId, events: &mut Vec<Event>) {
@@ -944,7 +959,8 @@ impl<'m, B: Backend> Engine<'m, B> {
                         };
                     }
                 }
-                // The children sample from the shared logits right away.
+                // The children sample from the shared logits right away (drawn together).
+                self.draw_in_parallel(|id| children.contains(&id));
                 for &c in children {
                     self.advance_one(c, events);
                 }

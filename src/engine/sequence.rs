@@ -7,7 +7,8 @@
 //! * `computed ≤ tokens.len()`; the tokens `computed..` are *pending* and go through the model
 //!   in later steps (a prompt chunk, or the one token a decoding sequence sampled last).
 //! * `next_logits` is `Some` only when `computed == tokens.len()`: the distribution of the next
-//!   token, shared (by `Arc`) between siblings forked after it was computed.
+//!   token, shared (by `Arc`) between siblings forked after it was computed, and with the
+//!   other rows of its step until the step's draws are done ([`LogitsRow`]).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -17,6 +18,63 @@ use super::stop::{StopConditions, StopMatcher};
 use super::CandidateScore;
 use crate::kv::BlockTable;
 use crate::tokenizer::TextStream;
+
+/// One row of a step's logits `[vocab]`, shared without copying: the step's `[rows, vocab]`
+/// buffer and where the row starts. Dereferences to the row's `[f32]`.
+///
+/// Rows of one step share its buffer, so a row kept past the step would keep the whole step
+/// alive; [`detach_kept_rows`] gives such rows buffers of their own.
+#[derive(Clone)]
+pub(crate) struct LogitsRow {
+    step: Arc<Vec<f32>>,
+    start: usize,
+    vocab: usize,
+}
+
+impl LogitsRow {
+    /// Row `row` of a step's `[rows, vocab]` logits.
+    pub fn new(step: &Arc<Vec<f32>>, row: usize, vocab: usize) -> Self {
+        debug_assert!((row + 1) * vocab <= step.len());
+        Self {
+            step: step.clone(),
+            start: row * vocab,
+            vocab,
+        }
+    }
+
+    /// Whether the row is the whole of its buffer (nothing else is kept alive through it).
+    fn is_alone(&self) -> bool {
+        self.step.len() == self.vocab
+    }
+}
+
+impl std::ops::Deref for LogitsRow {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.step[self.start..self.start + self.vocab]
+    }
+}
+
+/// Gives every row in `rows` that still lies in a shared step buffer a buffer of its own, one
+/// copy per distinct row (sequences that shared a row keep sharing its copy). The engine runs
+/// this on the rows that outlive a step (a prefilled sequence waiting for its caller, a scored
+/// prompt), so a step's buffer is freed once its generating rows are drawn, while the rows a
+/// step's draws consume are never copied.
+pub(crate) fn detach_kept_rows<'a>(rows: impl Iterator<Item = &'a mut LogitsRow>) {
+    let mut copies: std::collections::HashMap<(*const f32, usize), LogitsRow> = Default::default();
+    for row in rows {
+        if row.is_alone() {
+            continue;
+        }
+        let key = (row.step.as_ptr(), row.start);
+        let copy = copies.entry(key).or_insert_with(|| LogitsRow {
+            step: Arc::new(row.to_vec()),
+            start: 0,
+            vocab: row.vocab,
+        });
+        *row = copy.clone();
+    }
+}
 
 /// A sequence's handle. Ids are never reused within one engine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -32,7 +90,7 @@ pub(crate) struct Sequence {
     pub tokens: Vec<u32>,
     pub computed: usize,
     pub table: BlockTable,
-    pub next_logits: Option<Arc<Vec<f32>>>,
+    pub next_logits: Option<LogitsRow>,
     pub task: Task,
     /// When the current task started (engine-wide counter): lower runs first, higher is
     /// preempted first.
@@ -162,4 +220,29 @@ pub(crate) struct Candidate {
     /// How many alternatives to report per position, and `top[j]` = those at `tokens[j]`.
     pub alternatives: usize,
     pub top: Vec<Vec<(u32, f32)>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_share_their_step_until_detached_and_then_share_one_copy() {
+        let step = Arc::new((0..12).map(|v| v as f32).collect::<Vec<f32>>());
+        let (a, b) = (LogitsRow::new(&step, 1, 4), LogitsRow::new(&step, 2, 4));
+        assert_eq!(&*a, &[4.0, 5.0, 6.0, 7.0]);
+        assert_eq!(&*b, &[8.0, 9.0, 10.0, 11.0]);
+        // Two forks holding row 1, one holding row 2.
+        let mut kept = [a.clone(), a, b];
+        detach_kept_rows(kept.iter_mut());
+        assert_eq!(Arc::strong_count(&step), 1, "nothing holds the step's buffer now");
+        assert!(Arc::ptr_eq(&kept[0].step, &kept[1].step), "the forks share one copy");
+        assert!(!Arc::ptr_eq(&kept[0].step, &kept[2].step));
+        assert_eq!(&*kept[1], &[4.0, 5.0, 6.0, 7.0]);
+        assert_eq!(&*kept[2], &[8.0, 9.0, 10.0, 11.0]);
+        // A row alone in its buffer is left as it is.
+        let alone = kept[2].step.clone();
+        detach_kept_rows(kept.iter_mut());
+        assert!(Arc::ptr_eq(&kept[2].step, &alone));
+    }
 }
