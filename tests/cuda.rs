@@ -46,6 +46,31 @@ fn without_a_driver_the_cuda_backend_is_a_typed_error() {
     }
 }
 
+/// `x [t, k]` (random from `seed`, f16-representable, as the CUDA backend stores activations)
+/// through both backends' uploads of the same weights `[n, k]`: equal within the f16 rounding
+/// of the output and f32 summation order over K (2e-3·sqrt(K/512) + 4e-3·|ref|).
+fn compare_matmul(
+    g: &CudaBackend,
+    c: &CpuBackend,
+    (wg, wc): (&<CudaBackend as Backend>::Linear, &<CpuBackend as Backend>::Linear),
+    (t, k, n): (usize, usize, usize),
+    seed: u64,
+    what: &str,
+) {
+    let x = f16_round(&rand_values(t * k, seed, 1.0));
+    let mut og = g.alloc_activations(t, n).unwrap();
+    g.matmul(&g.upload_activations(t, k, &x).unwrap(), wg, &mut og).unwrap();
+    let mut oc = c.alloc_activations(t, n).unwrap();
+    let xc = CpuTensor {
+        rows: t,
+        cols: k,
+        data: x,
+    };
+    c.run(|| c.matmul(&xc, wc, &mut oc)).unwrap();
+    let tol = 2e-3 * (k as f32 / 512.0).sqrt();
+    assert_close(what, &host(g, &og), &oc.data, tol, 4e-3);
+}
+
 #[test]
 fn int4_and_dense_matmul_match_the_cpu_backend() {
     let Some(g) = gpu() else { return };
@@ -77,25 +102,8 @@ fn int4_and_dense_matmul_match_the_cpu_backend() {
                 c.upload_linear(&[weights]).unwrap(),
             );
             for t in [1, 2, 3, 5, 8, 13, 16, 21, 40, 64, 65, 130] {
-                let x = f16_round(&rand_values(t * k, 100 + t as u64, 1.0));
-                let mut og = g.alloc_activations(t, n).unwrap();
-                g.matmul(&g.upload_activations(t, k, &x).unwrap(), &wg, &mut og)
-                    .unwrap();
-                let mut oc = c.alloc_activations(t, n).unwrap();
-                let xc = CpuTensor {
-                    rows: t,
-                    cols: k,
-                    data: x,
-                };
-                c.run(|| c.matmul(&xc, &wc, &mut oc)).unwrap();
-                let tol = 2e-3 * (k as f32 / 512.0).sqrt();
-                assert_close(
-                    &format!("{what} N={n} K={k} g={group} T={t}"),
-                    &host(&g, &og),
-                    &oc.data,
-                    tol,
-                    4e-3,
-                );
+                let what = format!("{what} N={n} K={k} g={group} T={t}");
+                compare_matmul(&g, &c, (&wg, &wc), (t, k, n), 100 + t as u64, &what);
             }
         }
     }
@@ -115,19 +123,14 @@ fn fused_int4_parts_match_the_cpu_backend() {
     let parts = [&q, &kk, &v, &o];
     let (wg, wc) = (g.upload_linear(&parts).unwrap(), c.upload_linear(&parts).unwrap());
     for t in [1, 7, 16, 33] {
-        let x = f16_round(&rand_values(t * k, 50 + t as u64, 1.0));
-        let mut og = g.alloc_activations(t, 72).unwrap();
-        g.matmul(&g.upload_activations(t, k, &x).unwrap(), &wg, &mut og)
-            .unwrap();
-        let mut oc = c.alloc_activations(t, 72).unwrap();
-        let xc = CpuTensor {
-            rows: t,
-            cols: k,
-            data: x,
-        };
-        c.run(|| c.matmul(&xc, &wc, &mut oc)).unwrap();
-        let tol = 2e-3 * (k as f32 / 512.0).sqrt();
-        assert_close(&format!("fused parts T={t}"), &host(&g, &og), &oc.data, tol, 4e-3);
+        compare_matmul(
+            &g,
+            &c,
+            (&wg, &wc),
+            (t, k, 72),
+            50 + t as u64,
+            &format!("fused parts T={t}"),
+        );
     }
 }
 
