@@ -370,6 +370,9 @@ impl Sampler {
     fn draw(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
         let inv_t = 1.0 / p.temperature as f64;
+        if (p.top_k == 0 || p.top_k >= logits.len()) && p.top_p >= 1.0 && p.min_p <= 0.0 {
+            return self.draw_tempered(logits, inv_t);
+        }
         let mut idx: Vec<u32> = (0..logits.len() as u32)
             .filter(|&i| !logits[i as usize].is_nan())
             .collect();
@@ -432,6 +435,51 @@ impl Sampler {
     }
 }
 
+impl Sampler {
+    /// [`Sampler::draw`] for temperature alone (no top-k, top-p or min-p, the default of the
+    /// server and the ToT runner): the same candidates (every non-NaN token, in id order), the
+    /// same f32 weights and f64 sums in the same order, so the same token for the same stream;
+    /// but the weights go into a per-thread buffer instead of an index and a weight vector
+    /// allocated per draw (1.5 MB for a 128k row).
+    fn draw_tempered(&mut self, logits: &[f32], inv_t: f64) -> u32 {
+        thread_local! {
+            static WEIGHTS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let Some(first) = logits.iter().position(|l| !l.is_nan()) else {
+            return 0;
+        };
+        // f32::max ignores NaN, as the candidates (non-NaN tokens) do.
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        WEIGHTS.with(|w| {
+            let mut w = w.borrow_mut();
+            w.clear();
+            // A NaN logit weighs 0, which the sum and the walk below skip like a non-candidate.
+            w.extend(logits.iter().map(|&l| {
+                if l.is_nan() {
+                    0.0
+                } else {
+                    fast_exp(((l as f64 - max) * inv_t) as f32)
+                }
+            }));
+            let kept_mass: f64 = w.iter().map(|&x| x as f64).sum();
+            let mut u = self.rng.next_f64() * kept_mass;
+            let mut last = first as u32;
+            for (id, &x) in w.iter().enumerate() {
+                if x == 0.0 {
+                    continue;
+                }
+                let x = x as f64;
+                if u < x {
+                    return id as u32;
+                }
+                u -= x;
+                last = id as u32;
+            }
+            last
+        })
+    }
+}
+
 // The same chi-square statistics as the device sampling tests, from one file.
 #[cfg(test)]
 #[path = "../../tests/common/chi2.rs"]
@@ -440,6 +488,39 @@ mod chi2;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The temperature-only fast path draws the token the general path draws from the same
+    /// stream: a min-p floor far below every weight sends the general path through the same
+    /// candidates and weights without taking the fast path. NaN logits included.
+    #[test]
+    fn the_temperature_only_draw_equals_the_general_draw() {
+        let mut rng = Rng::new(11);
+        let logits: Vec<f32> = (0..5000)
+            .map(|i| {
+                if i % 997 == 3 {
+                    f32::NAN
+                } else {
+                    (rng.next_f64() * 10.0 - 5.0) as f32
+                }
+            })
+            .collect();
+        for temperature in [0.3, 1.0, 1.7] {
+            let fast = SamplingParams {
+                temperature,
+                seed: 9,
+                ..SamplingParams::default()
+            };
+            let general = SamplingParams {
+                min_p: 1e-30,
+                ..fast.clone()
+            };
+            let (mut a, mut b) = (Sampler::new(fast).unwrap(), Sampler::new(general).unwrap());
+            let draws: Vec<(u32, u32)> = (0..300).map(|_| (a.draw(&logits), b.draw(&logits))).collect();
+            assert!(draws.iter().all(|(x, y)| x == y), "T = {temperature}: {draws:?}");
+            let distinct: std::collections::HashSet<u32> = draws.iter().map(|d| d.0).collect();
+            assert!(distinct.len() > 50, "the draws spread over the vocabulary");
+        }
+    }
 
     #[test]
     fn fast_exp_is_within_a_millionth_of_exp_and_keeps_the_edges() {
