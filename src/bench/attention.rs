@@ -3,7 +3,8 @@
 //! shape (32 query heads, 8 KV heads, head_dim 128) on one layer's paged K/V store.
 //!
 //! Method as for the matmul ([`super::kernels`]): the device's clock, warm-up calls, then
-//! `reps` back-to-back calls per round, median per-call time of the rounds; K/V and queries random (f16-rounded on CUDA). Decode GB/s counts the K/V
+//! `reps` back-to-back calls per round, median per-call time of the rounds; K/V and queries
+//! random (f16-rounded on CUDA). Decode GB/s counts the K/V
 //! bytes a row must read (f16 on CUDA, f32 on the CPU); the store's blocks are scattered
 //! through the pool as a long-running engine leaves them.
 

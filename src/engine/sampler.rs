@@ -433,9 +433,7 @@ impl Sampler {
         }
         last
     }
-}
 
-impl Sampler {
     /// [`Sampler::draw`] for temperature alone (no top-k, top-p or min-p, the default of the
     /// server and the ToT runner): the same candidates (every non-NaN token, in id order), the
     /// same f32 weights and f64 sums in the same order, so the same token for the same stream;
@@ -448,8 +446,8 @@ impl Sampler {
         let Some(first) = logits.iter().position(|l| !l.is_nan()) else {
             return 0;
         };
-        // f32::max ignores NaN, as the candidates (non-NaN tokens) do.
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        // The largest non-NaN logit, as over the candidates.
+        let max = max_logit(logits) as f64;
         WEIGHTS.with(|w| {
             let mut w = w.borrow_mut();
             w.clear();

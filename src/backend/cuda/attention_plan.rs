@@ -6,9 +6,10 @@
 //!
 //! * **shared prefix** (cascade): for a sharing group ([`crate::backend::SharedPrefix`]) whose
 //!   prefix has at least [`CASCADE_MIN_PREFIX`] tokens and saves at least
-//!   [`CASCADE_MIN_SAVED_KEYS`] key reads over its members' rows, keys `0..P` of all the members' rows are `attention_tile` tasks — tiles of at most
-//!   64 (row, query head) queries × chunks of the prefix — so each prefix key is read once per
-//!   tile instead of once per row. These are parts `0..` of every member row. Below the
+//!   [`CASCADE_MIN_SAVED_KEYS`] key reads over its members' rows, keys `0..P` of all the
+//!   members' rows are `attention_tile` tasks — tiles of at most 64 (row, query head)
+//!   queries × chunks of the prefix — so each prefix key is read once per tile instead of
+//!   once per row. These are parts `0..` of every member row. Below the
 //!   threshold the group is read as plain attention: the prefix is too short for the saving
 //!   to pay for the extra partials and launch.
 //! * **own keys** `from..=p` (`from` = the cascaded prefix length, else 0):

@@ -3,13 +3,14 @@
 //!
 //! Precision: activations and K/V in f16, accumulation in f32, logits in f32 (DESIGN
 //! "Precision"). Weights are uploaded once, repacked into the tensor-core fragment layout of
-//! `kernels/int4_matmul.cu` ([`fragments`]): INT4 parts keep the canonical nibbles, f16 scales
-//! and f32 mins (exact); INT8 and dense parts become f16 matrices. See `kernels/int4_matmul.cu`
-//! for the layout and partitioning.
+//! `kernels/int4_matmul.cu` ([`fragments`]): INT4 parts keep the canonical nibbles, with the
+//! f16 scales and f32 mins as f32 quads (exact); INT8 and dense parts become f16 matrices;
+//! stacked parts of one format are fused into one matrix (`fuse_parts`). See
+//! `kernels/int4_matmul.cu` for the layout, partitioning and pipeline.
 //!
 //! Status: compiled and resource-checked on machines without a GPU (tests/kernel_build.rs);
-//! the GPU tests against the CPU backend (tests/cuda.rs) skip without a device. Until they have
-//! passed on a GPU, no command selects this backend by default.
+//! the GPU tests against the CPU backend (tests/cuda.rs) skip without a device and pass on an
+//! H200 (bench/results/2026-11-26-h200/). `--device` still defaults to the CPU.
 //!
 //! libcuda is loaded dynamically: [`CudaBackend::new`] checks that it is present before any
 //! driver call (cudarc panics otherwise) and returns a typed error when it is not.
@@ -469,21 +470,19 @@ impl CudaBackend {
         out: &mut CudaTensor,
     ) -> Result<()> {
         let n = w.rows();
-        let (kp, weight_bytes) = match w {
-            CudaWeight::Int4 { kp, .. } => (*kp, n * kp / 2),
-            CudaWeight::F16 { kp, .. } => (*kp, n * kp * 2),
+        // INT4 group size (None: f16) and padded inputs.
+        let (kp, weight_bytes, group) = match w {
+            CudaWeight::Int4 { kp, group, .. } => (*kp, n * kp / 2, Some(*group)),
+            CudaWeight::F16 { kp, .. } => (*kp, n * kp * 2, None),
         };
         // Batch tiles of 8 rows per block: the narrowest width that holds m, at most 8 tiles.
         let nt = MATMUL_TILES.into_iter().find(|&t| 8 * t >= m).unwrap_or(8);
         let z = m.div_ceil(8 * nt);
-        // Split-K: enough blocks to fill the machine, but partials ([S, m, n] f32, written and
-        // read once, mostly in L2) kept under the weight bytes.
+        // Split-K: the wave model of `matmul_splits` over the entry point's resident blocks,
+        // with partials ([S, m, n] f32, written and read once, mostly in L2) kept under the
+        // weight bytes.
         let stages = kp.div_ceil(MATMUL_STAGE);
         let blocks = n.div_ceil(MATMUL_BLOCK_ROWS) * z;
-        let group = match w {
-            CudaWeight::Int4 { group, .. } => Some(*group),
-            CudaWeight::F16 { .. } => None,
-        };
         let name = matmul_kernel(nt, group);
         let f = self.kernels.get(&name)?;
         let slots = self.matmul_blocks_per_sm.get(&name).copied().unwrap_or(1) * self.n_sms;
@@ -566,45 +565,41 @@ impl CudaBackend {
 /// one matmul and one split-K reduce instead of three or two. Other parts stay as they are.
 fn fuse_parts<'a>(parts: &[&'a WeightMatrix]) -> Result<Vec<std::borrow::Cow<'a, WeightMatrix>>> {
     use std::borrow::Cow;
-    let joinable = |a: &WeightMatrix, b: &WeightMatrix| {
-        a.rows() % fragments::BLOCK_ROWS == 0
-            && a.cols() == b.cols()
-            && match (a, b) {
-                (WeightMatrix::Int4(x), WeightMatrix::Int4(y)) => x.group == y.group && x.input_order == y.input_order,
-                (WeightMatrix::F16(_), WeightMatrix::F16(_)) => true,
-                _ => false,
-            }
-    };
     let mut out: Vec<Cow<'a, WeightMatrix>> = Vec::with_capacity(parts.len());
     for &p in parts {
-        let merged =
-            match out.last() {
-                Some(prev) if joinable(prev, p) => match (prev.as_ref(), p) {
-                    (WeightMatrix::Int4(a), WeightMatrix::Int4(b)) => {
-                        let mut m = Int4Matrix::new(
-                            a.rows + b.rows,
-                            a.cols,
-                            a.group,
-                            [&a.packed[..], &b.packed[..]].concat(),
-                            [&a.scales[..], &b.scales[..]].concat(),
-                            [&a.mins[..], &b.mins[..]].concat(),
-                        )?;
-                        m.input_order = a.input_order.clone();
-                        Some(WeightMatrix::Int4(m))
-                    }
-                    (WeightMatrix::F16(a), WeightMatrix::F16(b)) => Some(WeightMatrix::F16(
-                        crate::quant::F16Matrix::new(a.rows + b.rows, a.cols, [&a.data[..], &b.data[..]].concat())?,
-                    )),
-                    _ => None,
-                },
-                _ => None,
-            };
-        match merged {
-            Some(m) => *out.last_mut().expect("merged into the last part") = Cow::Owned(m),
+        match out.last().map(|prev| join_parts(prev, p)).transpose()?.flatten() {
+            Some(m) => *out.last_mut().expect("joined to the last part") = Cow::Owned(m),
             None => out.push(Cow::Borrowed(p)),
         }
     }
     Ok(out)
+}
+
+/// `a` stacked over `b` as one matrix, when one launch can serve both (see [`fuse_parts`]).
+fn join_parts(a: &WeightMatrix, b: &WeightMatrix) -> Result<Option<WeightMatrix>> {
+    if a.rows() % fragments::BLOCK_ROWS != 0 || a.cols() != b.cols() {
+        return Ok(None);
+    }
+    Ok(match (a, b) {
+        (WeightMatrix::Int4(a), WeightMatrix::Int4(b)) if a.group == b.group && a.input_order == b.input_order => {
+            let mut m = Int4Matrix::new(
+                a.rows + b.rows,
+                a.cols,
+                a.group,
+                [&a.packed[..], &b.packed[..]].concat(),
+                [&a.scales[..], &b.scales[..]].concat(),
+                [&a.mins[..], &b.mins[..]].concat(),
+            )?;
+            m.input_order = a.input_order.clone();
+            Some(WeightMatrix::Int4(m))
+        }
+        (WeightMatrix::F16(a), WeightMatrix::F16(b)) => Some(WeightMatrix::F16(crate::quant::F16Matrix::new(
+            a.rows + b.rows,
+            a.cols,
+            [&a.data[..], &b.data[..]].concat(),
+        )?)),
+        _ => None,
+    })
 }
 
 /// What attention needs of a step's host data before any kernel reads K/V through it: every
