@@ -48,21 +48,37 @@ __device__ __forceinline__ float warp_max(float v) {
 //
 // CTA (i, kvh, c): row r = split_rows[i] over positions [from + c·chunk, min(from + (c+1)·chunk,
 // pos + 1)), the G query heads of KV head kvh together (each K/V vector read once for all G).
-// Its 4 warps take positions round-robin; within a warp each lane holds HD/32 dimensions of
-// every query and of the running output. Per position: G dot products (warp sums) and an
-// online-softmax update per query head. The warps' (m, l, o) are combined through shared
-// memory into part split_part0[i] + c. A chunk that starts after pos has nothing to do (the
-// grid is sized for the longest row) and writes nothing: its part is not counted for r.
+// The positions go through shared memory SPLIT_KEYS at a time, every 16-byte piece of a tile's
+// K and V issued at once (cp.async; the first tile's before the queries are staged), so a
+// tile costs about one memory round trip rather than one per position. Per tile, three phases split by barriers:
+//   1. scores: thread (g, j) takes q_g · k_j (q pre-scaled by 1/sqrt(HD), f32);
+//   2. softmax: warp w owns query heads w, w+4, …: the tile's max, the weights
+//      p_j = e^{s_j − m_new}, the correction e^{m_old − m_new} and the running sum l;
+//   3. output: thread owns (g, dimension pair) columns: o = o · corr_g + Σ_j p_j · v_j.
+// The CTA's (m, l, o) is written unnormalized as part split_part0[i] + c. A chunk that starts
+// after pos has nothing to do (the grid is sized for the longest row) and writes nothing: its
+// part is not counted for r. Positions past the range are zero-filled in shared memory (their
+// slots may hold NaN) and get weight 0.
+#define SPLIT_KEYS 64
+#define SPLIT_THREADS 128
 template <int HD, int G, int BS>
 __device__ __forceinline__ void attention_split_body(
     const __half* __restrict__ qkv, const __half* __restrict__ k_cache, const __half* __restrict__ v_cache,
     const int* __restrict__ block_tables, const int* __restrict__ row_seq, const int* __restrict__ positions,
     const int* __restrict__ split_rows, const int* __restrict__ split_from, const int* __restrict__ split_part0,
     float* __restrict__ part_ml, float* __restrict__ part_o, int n_kv_heads, int max_blocks, int chunk, int n_parts) {
-    constexpr int D = HD / QMTOT_WARP;  // dimensions per lane
-    constexpr int WARPS = 4;
-    __shared__ float sm_m[WARPS][G], sm_l[WARPS][G], sm_o[WARPS][G][HD];
-    const int lane = threadIdx.x % QMTOT_WARP, warp = threadIdx.x / QMTOT_WARP;
+    constexpr int T = SPLIT_KEYS;
+    constexpr int KS = HD + 8;               // K row stride in halves: 16-byte reads of 8 rows hit 32 banks
+    constexpr int PAIRS = G * HD / 2;        // output columns (query head, dimension pair)
+    constexpr int PER = (PAIRS + SPLIT_THREADS - 1) / SPLIT_THREADS;
+    constexpr int WARPS = SPLIT_THREADS / QMTOT_WARP;
+    static_assert(T == 2 * QMTOT_WARP, "the softmax phase takes two positions per lane");
+    __shared__ __align__(16) __half sm_k[T][KS];
+    __shared__ __align__(16) __half sm_v[T][HD];
+    __shared__ __align__(16) float sm_q[G][HD];
+    __shared__ float sm_p[G][T];
+    __shared__ float sm_m[G], sm_l[G], sm_corr[G];
+    const int tid = threadIdx.x, lane = tid % QMTOT_WARP, warp = tid / QMTOT_WARP;
     const int i = blockIdx.x, kvh = blockIdx.y, c = blockIdx.z;
     const int row = split_rows[i];
     const int pos = positions[row];
@@ -74,71 +90,101 @@ __device__ __forceinline__ void attention_split_body(
     const int* table = block_tables + (size_t)row_seq[row] * max_blocks;
     const float scale = rsqrtf((float)HD);
 
-    float q[G][D], o[G][D], m[G], l[G];
+    // Issues the copies of the tile at t0 into sm_k / sm_v (the previous tile is consumed).
+    auto issue_tile = [&](int t0) {
+        const int n = min(T, end - t0);
+        for (int e = tid; e < T * (HD / 8); e += SPLIT_THREADS) {
+            const int j = e / (HD / 8), c8 = e % (HD / 8);
+            const bool valid = j < n;
+            const size_t at = valid ? (slot_of<BS>(table, t0 + j) * n_kv_heads + kvh) * HD + c8 * 8 : 0;
+            cp_async16_or_zero(&sm_k[j][c8 * 8], k_cache + at, valid);
+            cp_async16_or_zero(&sm_v[j][c8 * 8], v_cache + at, valid);
+        }
+        cp_async_commit();
+    };
+    issue_tile(start);  // the first tile's round trip overlaps the query staging
+    for (int e = tid; e < G * HD; e += SPLIT_THREADS)
+        sm_q[e / HD][e % HD] = __half2float(qkv[(size_t)row * width + kvh * G * HD + e]) * scale;
+    if (tid < G) {
+        sm_m[tid] = QMTOT_NEG_INF;
+        sm_l[tid] = 0.f;
+    }
+    float2 o[PER];
 #pragma unroll
-    for (int g = 0; g < G; ++g) {
-        m[g] = QMTOT_NEG_INF;
-        l[g] = 0.f;
+    for (int k = 0; k < PER; ++k) o[k] = make_float2(0.f, 0.f);
+
+    for (int t0 = start; t0 < end; t0 += T) {
+        const int n = min(T, end - t0);
+        if (t0 != start) {
+            __syncthreads();  // the previous tile is consumed
+            issue_tile(t0);
+        }
+        cp_async_wait<0>();
+        __syncthreads();  // every thread's copies have landed (and q, m, l are staged)
+        // 1. Scores (a warp's threads share g: its q words are broadcasts).
+        for (int e = tid; e < G * T; e += SPLIT_THREADS) {
+            const int g = e / T, j = e % T;
+            float s = 0.f;
 #pragma unroll
-        for (int d = 0; d < D; ++d) {
-            q[g][d] = __half2float(qkv[(size_t)row * width + (kvh * G + g) * HD + lane + 32 * d]) * scale;
-            o[g][d] = 0.f;
+            for (int c8 = 0; c8 < HD / 8; ++c8) {
+                const uint4 kq = *reinterpret_cast<const uint4*>(&sm_k[j][c8 * 8]);
+                const __half2* kh = reinterpret_cast<const __half2*>(&kq);
+#pragma unroll
+                for (int u = 0; u < 4; ++u) {
+                    const float2 kf = __half22float2(kh[u]);
+                    s = fmaf(sm_q[g][c8 * 8 + 2 * u], kf.x, fmaf(sm_q[g][c8 * 8 + 2 * u + 1], kf.y, s));
+                }
+            }
+            sm_p[g][j] = j < n ? s : QMTOT_NEG_INF;
+        }
+        __syncthreads();
+        // 2. Online softmax per query head (position j of the tile: lanes j and j − 32).
+        for (int g = warp; g < G; g += WARPS) {
+            const float a = sm_p[g][lane], b = sm_p[g][lane + QMTOT_WARP];
+            const float m_old = sm_m[g];
+            const float m_new = fmaxf(m_old, warp_max(fmaxf(a, b)));  // finite: position t0 is valid
+            const float pa = expf(a - m_new), pb = expf(b - m_new);
+            const float sum = warp_sum(pa + pb);
+            sm_p[g][lane] = pa;
+            sm_p[g][lane + QMTOT_WARP] = pb;
+            if (lane == 0) {
+                const float corr = expf(m_old - m_new);  // 0 on the first tile (m_old = −∞)
+                sm_corr[g] = corr;
+                sm_l[g] = sm_l[g] * corr + sum;
+                sm_m[g] = m_new;
+            }
+        }
+        __syncthreads();
+        // 3. Output columns (zero-filled positions add 0 · 0).
+#pragma unroll
+        for (int k = 0; k < PER; ++k) {
+            const int col = tid + k * SPLIT_THREADS;
+            if (col >= PAIRS) break;
+            const int g = col / (HD / 2), d2 = col % (HD / 2);
+            const float corr = sm_corr[g];
+            float2 acc = make_float2(o[k].x * corr, o[k].y * corr);
+#pragma unroll 8
+            for (int j = 0; j < T; ++j) {
+                const float pj = sm_p[g][j];
+                const float2 vf = __half22float2(reinterpret_cast<const __half2*>(sm_v[j])[d2]);
+                acc.x = fmaf(pj, vf.x, acc.x);
+                acc.y = fmaf(pj, vf.y, acc.y);
+            }
+            o[k] = acc;
         }
     }
-    for (int p = start + warp; p < end; p += WARPS) {
-        const size_t base = (slot_of<BS>(table, p) * n_kv_heads + kvh) * HD;
-        float kv[D];
-#pragma unroll
-        for (int d = 0; d < D; ++d) kv[d] = __half2float(k_cache[base + lane + 32 * d]);
-        float s[G];
-#pragma unroll
-        for (int g = 0; g < G; ++g) {
-            float dot = 0.f;
-#pragma unroll
-            for (int d = 0; d < D; ++d) dot = fmaf(q[g][d], kv[d], dot);
-            s[g] = warp_sum(dot);
-        }
-#pragma unroll
-        for (int d = 0; d < D; ++d) kv[d] = __half2float(v_cache[base + lane + 32 * d]);
-#pragma unroll
-        for (int g = 0; g < G; ++g) {
-            const float m_new = fmaxf(m[g], s[g]);
-            const float corr = expf(m[g] - m_new);  // 0 on the first position (m = −∞)
-            const float w = expf(s[g] - m_new);
-            l[g] = l[g] * corr + w;
-#pragma unroll
-            for (int d = 0; d < D; ++d) o[g][d] = fmaf(w, kv[d], o[g][d] * corr);
-            m[g] = m_new;
-        }
-    }
-#pragma unroll
-    for (int g = 0; g < G; ++g) {
-        if (lane == 0) {
-            sm_m[warp][g] = m[g];
-            sm_l[warp][g] = l[g];
-        }
-#pragma unroll
-        for (int d = 0; d < D; ++d) sm_o[warp][g][lane + 32 * d] = o[g][d];
-    }
-    __syncthreads();
-    // Combine the warps (a warp that saw no position has m = −∞) into one unnormalized part.
+    // The last tile's phase 2 is behind a barrier: sm_m and sm_l are final.
     const int part = split_part0[i] + c;
-    for (int e = threadIdx.x; e < G * HD; e += blockDim.x) {
-        const int g = e / HD, d = e % HD;
-        float mx = QMTOT_NEG_INF;
-        for (int w = 0; w < WARPS; ++w) mx = fmaxf(mx, sm_m[w][g]);
-        float num = 0.f, den = 0.f;
-        for (int w = 0; w < WARPS; ++w) {
-            if (sm_m[w][g] == QMTOT_NEG_INF) continue;
-            const float cw = expf(sm_m[w][g] - mx);
-            num = fmaf(cw, sm_o[w][g][d], num);
-            den = fmaf(cw, sm_l[w][g], den);
-        }
+#pragma unroll
+    for (int k = 0; k < PER; ++k) {
+        const int col = tid + k * SPLIT_THREADS;
+        if (col >= PAIRS) break;
+        const int g = col / (HD / 2), d2 = col % (HD / 2);
         const size_t at = ((size_t)row * n_heads + kvh * G + g) * n_parts + part;
-        part_o[at * HD + d] = num;
-        if (d == 0) {
-            part_ml[at * 2] = mx;
-            part_ml[at * 2 + 1] = den;
+        reinterpret_cast<float2*>(part_o + at * HD)[d2] = o[k];
+        if (d2 == 0) {
+            part_ml[at * 2] = sm_m[g];
+            part_ml[at * 2 + 1] = sm_l[g];
         }
     }
 }
@@ -319,10 +365,9 @@ __device__ __forceinline__ void attention_merge_body(const float* __restrict__ p
 //   part_ml       [rows, n_heads, n_parts, 2] f32, part_o [rows, n_heads, n_parts, HD] f32
 //
 // attention_split: split_rows / split_from / split_part0 [n_split] int32 (row, first key
-// position, first part). Grid: (n_split, n_kv_heads, max chunks), block (128). At least 4 CTAs
-// per multiprocessor: without that bound ptxas (13.0, sm_90a) picks 56 registers and spills.
+// position, first part). Grid: (n_split, n_kv_heads, max chunks), block (SPLIT_THREADS = 128).
 #define ATTENTION_SPLIT_ENTRY(HD, G)                                                                            \
-    extern "C" __global__ void __launch_bounds__(128, 4) attention_split_hd##HD##_g##G##_f16(                     \
+    extern "C" __global__ void __launch_bounds__(SPLIT_THREADS) attention_split_hd##HD##_g##G##_f16(                     \
         const __half* __restrict__ qkv, const __half* __restrict__ k_cache, const __half* __restrict__ v_cache, \
         const int* __restrict__ block_tables, const int* __restrict__ row_seq,                                  \
         const int* __restrict__ positions, const int* __restrict__ split_rows,                                 \

@@ -62,18 +62,6 @@ __device__ __forceinline__ void mma_16816(float d[4], const unsigned a[4], const
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-// 16 bytes global → shared, asynchronously, bypassing L1 (the weights are read once).
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-// Waits until at most N of this thread's committed groups are still in flight.
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
 // (v & mask) | magic in one instruction (LOP3 with truth table 0xea = (a & b) | c).
 __device__ __forceinline__ unsigned and_or(unsigned v, unsigned mask, unsigned magic) {
     unsigned r;

@@ -8,7 +8,7 @@
 //!   capacity's `max_blocks`, logit rows) are allocated once and refilled by copies before each
 //!   replay ([`CudaBackend::refill_graph_step`]);
 //! * attention uses [`attention_plan::graph_plan`]: every row a flash-decoding split row with
-//!   chunks of [`GRAPH_CHUNK`] keys and a grid sized for `max_context`, so only the per-row part
+//!   chunks of [`graph_chunk`] keys and a grid sized for `max_context`, so only the per-row part
 //!   counts change (a chunk past a row's position exits at once); sharing groups are read as
 //!   plain attention;
 //! * the activations live in the model's [`crate::model::llama::DecodeGraph`], and the
@@ -26,14 +26,25 @@ use super::{i32s, padded_tables, CudaBackend, CudaStep};
 use crate::backend::StepInput;
 use crate::error::{Error, Result};
 
-/// Keys per split chunk in a captured step.
-pub const GRAPH_CHUNK: usize = 256;
+/// Most chunks of a captured step's split rows (the grid's z, and the partial buffers' parts).
+const GRAPH_MAX_CHUNKS: usize = 64;
+
+/// Keys per split chunk in a step captured for positions below `max_context`: one 64-key
+/// shared-memory tile of `attention_split` (`SPLIT_KEYS`) while that keeps the grid within
+/// [`GRAPH_MAX_CHUNKS`], so a short decode context still spreads over many CTAs (a chunk
+/// past a row's position exits at once); longer capacities take longer chunks, so partials
+/// stay at most 64 parts per (row, head).
+pub fn graph_chunk(max_context: usize) -> usize {
+    max_context.div_ceil(GRAPH_MAX_CHUNKS).next_multiple_of(64).max(64)
+}
 
 /// What a graph step holds room for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct GraphShape {
     /// Positions stay below this.
     max_context: usize,
+    /// Keys per split chunk ([`graph_chunk`]) and the chunks that cover `max_context`.
+    chunk: usize,
     max_chunks: usize,
 }
 
@@ -56,9 +67,10 @@ impl CudaBackend {
         let mut step = self.upload_step_with(input, max_blocks)?;
         let shape = GraphShape {
             max_context,
-            max_chunks: max_context.div_ceil(GRAPH_CHUNK),
+            chunk: graph_chunk(max_context),
+            max_chunks: max_context.div_ceil(graph_chunk(max_context)),
         };
-        let plan = self.upload_plan(attention_plan::graph_plan(input, GRAPH_CHUNK, shape.max_chunks))?;
+        let plan = self.upload_plan(attention_plan::graph_plan(input, shape.chunk, shape.max_chunks))?;
         // Set before the capture, so no layer uploads a plan while it is recorded.
         let _ = step.attention.set((None, plan));
         step.graph = Some(shape);
@@ -92,7 +104,7 @@ impl CudaBackend {
         if let Some(rows) = &mut step.logit_rows {
             copy(&i32s(&input.logit_rows), rows)?;
         }
-        let plan: AttentionPlan = attention_plan::graph_plan(input, GRAPH_CHUNK, shape.max_chunks);
+        let plan: AttentionPlan = attention_plan::graph_plan(input, shape.chunk, shape.max_chunks);
         let Some((_, dp)) = step.attention.get_mut() else {
             return Err(cuda_err("refill step", "a graph step without its attention plan"));
         };
@@ -116,5 +128,22 @@ impl CudaBackend {
         graph
             .map_err(|e| cuda_err("end capture", e))?
             .ok_or_else(|| cuda_err("end capture", "nothing was recorded"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn graph_chunks_are_one_tile_until_the_grid_would_pass_64() {
+        assert_eq!(graph_chunk(1), 64);
+        assert_eq!(graph_chunk(2304), 64); // 36 chunks
+        assert_eq!(graph_chunk(4096), 64); // 64 chunks
+        assert_eq!(graph_chunk(4097), 128);
+        assert_eq!(graph_chunk(32768), 512);
+        for ctx in [1usize, 100, 4096, 4097, 10_000, 131_072] {
+            assert!(ctx.div_ceil(graph_chunk(ctx)) <= GRAPH_MAX_CHUNKS, "{ctx}");
+        }
     }
 }
