@@ -31,8 +31,11 @@
 //
 // Partitioning. Grid (ceil(N / 64), S, ceil(M / (8·NT))): block (b, s, z) has 4 warps, warp w
 // the row block 4b + w, over the K-slice s of `slice` inputs (a multiple of 256), for batch
-// rows 8·NT·z .. 8·NT·(z+1). Partial sums go to partial[s, m, n]; `splitk_reduce_*` adds the
-// S partials in order (deterministic; no atomics).
+// rows 8·NT·z .. 8·NT·(z+1). With S = 1 a block writes its sums to out directly. Otherwise
+// partial sums go to partial[s, m, n], and the last block of each output tile (b, z) to finish
+// — a per-tile arrival counter, atomically incremented after the block's partials are fenced —
+// adds the tile's S partials in slice order and writes out (deterministic: the order never
+// depends on which block came last), then sets its counter back to 0 for the next launch.
 //
 // Pipeline. A warp walks its slice in stages (256 inputs for INT4, 64 for f16: 4 uint4 of
 // weights per lane either way, plus the stage's scale_min quads for INT4). Each warp streams
@@ -231,12 +234,62 @@ __device__ __forceinline__ void stage_tiles(const W& weights, const uint4 q[W::L
     }
 }
 
+// The output of a matmul launch: one of out16 / out32 non-null, row stride ldo (a part of a
+// stacked matrix writes its columns of a wider output in place).
+struct MatmulOut {
+    __half* out16;  // [m_rows, ldo] f16, or nullptr
+    float* out32;   // [m_rows, ldo] f32, or nullptr
+    int ldo;
+    __device__ __forceinline__ void store(int m, int col, float v) const {
+        if (out16 != nullptr) out16[(size_t)m * ldo + col] = __float2half(v);
+        else out32[(size_t)m * ldo + col] = v;
+    }
+};
+
+// The last block of output tile (blockIdx.x, blockIdx.z) adds its S = gridDim.y partials in
+// slice order and stores the sums: columns row0 .. row0 + 64, batch rows m0 .. m0 + 8·NT.
+// Each thread takes 4 adjacent columns (16-byte loads when n is a multiple of 4) and issues
+// every slice's loads of them before adding, so the reads overlap rather than chain.
+template <int NT>
+__device__ __forceinline__ void splitk_fixup(const float* __restrict__ partial, const MatmulOut out, int m_rows,
+                                             int n) {
+    constexpr int COLS = MMA_WARPS * 16, MT = 8 * NT;
+    const int row0 = blockIdx.x * COLS, m0 = blockIdx.z * MT, splits = gridDim.y;
+    const int rows = min(COLS, n - row0), ms = min(MT, m_rows - m0);
+    const bool vec = n % 4 == 0;  // then row0 + 4j is 16-byte aligned in every partial row
+    const size_t plane = (size_t)m_rows * n;
+    for (int e = threadIdx.x; e < ms * (COLS / 4); e += blockDim.x) {
+        const int m = m0 + e / (COLS / 4), r = 4 * (e % (COLS / 4));
+        if (r >= rows) continue;
+        const float* p = partial + (size_t)m * n + row0 + r;
+        float v[4] = {0.f, 0.f, 0.f, 0.f};
+        if (vec) {
+#pragma unroll 4
+            for (int sl = 0; sl < splits; ++sl) {
+                const float4 a = __ldcg(reinterpret_cast<const float4*>(p + sl * plane));
+                v[0] += a.x;
+                v[1] += a.y;
+                v[2] += a.z;
+                v[3] += a.w;
+            }
+        } else {
+            const int w = min(4, rows - r);
+#pragma unroll 4
+            for (int sl = 0; sl < splits; ++sl)
+                for (int u = 0; u < w; ++u) v[u] += __ldcg(p + sl * plane + u);
+        }
+        for (int u = 0; u < min(4, rows - r); ++u) out.store(m, row0 + r + u, v[u]);
+    }
+}
+
 // The partitioning and pipeline described at the top, for weight format W and NT batch tiles.
-//   x        [m_rows, k] f16 (row stride k; k a multiple of 32)
-//   partial  [S, m_rows, n] f32
+//   x         [m_rows, k] f16 (row stride k; k a multiple of 32)
+//   partial   [S, m_rows, n] f32 (unused when S = 1)
+//   counters  [gridDim.z, gridDim.x] u32, zero before the launch and after it
 template <int NT, class W>
 __device__ __forceinline__ void mma_matmul(const __half* __restrict__ x, const W& weights, float* __restrict__ partial,
-                                           int m_rows, int n, int k, int slice) {
+                                           const MatmulOut out, unsigned* __restrict__ counters, int m_rows, int n,
+                                           int k, int slice) {
     constexpr int MT = 8 * NT;              // batch rows of this block
     constexpr int SK = W::STAGE_K;          // inputs per stage
     constexpr int SLOT = (W::LOADS + W::AUX) * 32;  // uint4 per ring slot
@@ -346,15 +399,63 @@ __device__ __forceinline__ void mma_matmul(const __half* __restrict__ x, const W
         }
     }
     cp_async_wait<0>();  // no copy outlives the block
-    if (!active) return;
     // D layout: acc[i][0..1] = rows g, columns 8i + 2t, +1; acc[i][2..3] = row g + 8.
+    const bool one_slice = gridDim.y == 1;
+    if (active) {
 #pragma unroll
-    for (int i = 0; i < NT; ++i)
+        for (int i = 0; i < NT; ++i)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int row = rb * 16 + g + 8 * (e / 2), m = m0 + 8 * i + 2 * t + e % 2;
-            if (row < n && m < m_rows) partial[((size_t)blockIdx.y * m_rows + m) * n + row] = acc[i][e];
+            for (int e = 0; e < 4; ++e) {
+                const int row = rb * 16 + g + 8 * (e / 2), m = m0 + 8 * i + 2 * t + e % 2;
+                if (row >= n || m >= m_rows) continue;
+                if (one_slice) out.store(m, row, acc[i][e]);
+                else partial[((size_t)blockIdx.y * m_rows + m) * n + row] = acc[i][e];
+            }
+    }
+    if (one_slice) return;
+
+    // Split-K fix-up: the tile's last block sums the S partials (see the top).
+    __shared__ unsigned is_last;
+    if constexpr (NT == 1) {
+        // Every thread fences its own partials. (With the one-fence form below, ptxas (13.0,
+        // sm_90a) allocates the NT = 1 kernels differently and their main loop ran 5-10% slower
+        // on an H200, runs 8b/8c of bench/results/2026-11-26-h200; the two forms were compared
+        // SASS-for-SASS against the measured builds.)
+        __threadfence();
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            unsigned* counter = counters + (size_t)blockIdx.z * gridDim.x + blockIdx.x;
+            is_last = atomicAdd(counter, 1u) == gridDim.y - 1;
+            if (is_last) *counter = 0;  // every block of the tile has arrived: reset for the next launch
         }
+        __syncthreads();
+        if (!is_last) return;
+        __threadfence();  // order the partial reads after the arrivals seen
+        const int row0 = blockIdx.x * MMA_WARPS * 16;
+        const int rows = min(MMA_WARPS * 16, n - row0), ms = min(MT, m_rows - m0);
+        for (int e = threadIdx.x; e < ms * MMA_WARPS * 16; e += blockDim.x) {
+            const int m = m0 + e / (MMA_WARPS * 16), r = e % (MMA_WARPS * 16);
+            if (r >= rows) continue;
+            float v = 0.f;
+            for (int sl = 0; sl < (int)gridDim.y; ++sl)
+                v += __ldcg(&partial[((size_t)sl * m_rows + m) * n + row0 + r]);
+            out.store(m, row0 + r, v);
+        }
+    } else {
+        // The barrier makes the block's partial stores visible to thread 0, whose device-scope
+        // fence (cumulative) orders them all before its arrival: one fence per block.
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            unsigned* counter = counters + (size_t)blockIdx.z * gridDim.x + blockIdx.x;
+            __threadfence();
+            is_last = atomicAdd(counter, 1u) == gridDim.y - 1;
+            if (is_last) *counter = 0;  // every block of the tile has arrived: reset for the next launch
+            __threadfence();            // the arrivals seen are ordered before the reads below
+        }
+        __syncthreads();
+        if (!is_last) return;
+        splitk_fixup<NT>(partial, out, m_rows, n);
+    }
 }
 
 // One entry point per batch width NT (tiles of 8 rows: M ≤ 8, 16, 32, 64 per block; larger M
@@ -362,14 +463,18 @@ __device__ __forceinline__ void mma_matmul(const __half* __restrict__ x, const W
 //   x          [m_rows, k] f16
 //   qweight    [N/16, kp/64, 32] uint4 (fragment layout above; kp = k rounded up to 64)
 //   scale_min  [N/16, kp/G, 8] float4
-//   partial    [S, m_rows, n] f32, S = ceil(kp / slice)
+//   partial    [S, m_rows, n] f32, S = ceil(kp / slice) (unused when S = 1)
+//   out16      [m_rows, ldo] f16 or out32 [m_rows, ldo] f32: the one that is not null
+//   counters   [ceil(m_rows / (8·NT)), ceil(n / 64)] u32, zero (and left zero)
 // Grid: (ceil(n / 64), S, ceil(m_rows / (8·NT))), block (128), dynamic shared memory
 // mma_smem_bytes<NT, Int4Fragments<G>>(). slice a multiple of SLICE_K (256).
 #define INT4_MATMUL_ENTRY(NT, G)                                                                                  \
     extern "C" __global__ void __launch_bounds__(128, 2) int4_matmul_n##NT##_g##G##_f16(                          \
         const __half* __restrict__ x, const uint4* __restrict__ qweight, const float4* __restrict__ scale_min,     \
-        float* __restrict__ partial, int m_rows, int n, int k, int kp, int slice) {                               \
-        mma_matmul<NT>(x, Int4Fragments<G>{qweight, scale_min, kp}, partial, m_rows, n, k, slice);                \
+        float* __restrict__ partial, __half* __restrict__ out16, float* __restrict__ out32, int ldo,              \
+        unsigned* __restrict__ counters, int m_rows, int n, int k, int kp, int slice) {                           \
+        mma_matmul<NT>(x, Int4Fragments<G>{qweight, scale_min, kp}, partial, MatmulOut{out16, out32, ldo},       \
+                       counters, m_rows, n, k, slice);                                                            \
     }
 INT4_MATMUL_ENTRY(1, 32)
 INT4_MATMUL_ENTRY(2, 32)
@@ -387,45 +492,21 @@ INT4_MATMUL_ENTRY(8, 128)
 // The same for f16 weights (the lm_head, INT8 and dense parts uploaded as f16).
 //   x        [m_rows, k] f16
 //   w        [N/16, kp/16, 32] uint4 (fragment layout above)
-//   partial  [S, m_rows, n] f32
+//   partial, out16 / out32, counters: as above
 // Grid: (ceil(n / 64), S, ceil(m_rows / (8·NT))), block (128), dynamic shared memory
 // mma_smem_bytes<NT, F16Fragments>(). slice a multiple of SLICE_K (256).
 #define DENSE_MATMUL_ENTRY(NT)                                                                                    \
     extern "C" __global__ void __launch_bounds__(128, 2) dense_matmul_n##NT##_f16(                                \
-        const __half* __restrict__ x, const uint4* __restrict__ w, float* __restrict__ partial, int m_rows, int n, \
-        int k, int kp, int slice) {                                                                               \
-        mma_matmul<NT>(x, F16Fragments{w, kp}, partial, m_rows, n, k, slice);                                     \
+        const __half* __restrict__ x, const uint4* __restrict__ w, float* __restrict__ partial,                   \
+        __half* __restrict__ out16, float* __restrict__ out32, int ldo, unsigned* __restrict__ counters,          \
+        int m_rows, int n, int k, int kp, int slice) {                                                            \
+        mma_matmul<NT>(x, F16Fragments{w, kp}, partial, MatmulOut{out16, out32, ldo}, counters, m_rows, n, k,     \
+                       slice);                                                                                    \
     }
 DENSE_MATMUL_ENTRY(1)
 DENSE_MATMUL_ENTRY(2)
 DENSE_MATMUL_ENTRY(4)
 DENSE_MATMUL_ENTRY(8)
-
-// out[m, j] = Σ_s partial[s, m, j] in s order (f16 activations).
-//   partial  [splits, rows, n] f32
-//   out      [rows, n] f16, row stride ldo (so tiles of a larger M land in place)
-// Grid: (ceil(rows·n / 256)), block (256).
-extern "C" __global__ void splitk_reduce_f16(const float* __restrict__ partial, __half* __restrict__ out, int splits,
-                                             int rows, int n, int ldo) {
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= rows * n) return;
-    float v = 0.f;
-    for (int s = 0; s < splits; ++s) v += partial[(size_t)s * rows * n + i];
-    out[(size_t)(i / n) * ldo + i % n] = __float2half(v);
-}
-
-// Same, f32 output (logits).
-//   partial  [splits, rows, n] f32
-//   out      [rows, n] f32, row stride ldo
-// Grid: (ceil(rows·n / 256)), block (256).
-extern "C" __global__ void splitk_reduce_f32(const float* __restrict__ partial, float* __restrict__ out, int splits,
-                                             int rows, int n, int ldo) {
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= rows * n) return;
-    float v = 0.f;
-    for (int s = 0; s < splits; ++s) v += partial[(size_t)s * rows * n + i];
-    out[(size_t)(i / n) * ldo + i % n] = v;
-}
 
 // Activations gathered into a layer's stored input order (GPTQ act-order):
 //   out[r, j] = x[r, order[j]]     x, out [rows, k] f16; order [k] u32, a permutation of 0..k

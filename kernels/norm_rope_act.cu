@@ -1,5 +1,5 @@
 // Row-wise elementwise kernels of the forward pass: RMSNorm fused with the residual add,
-// RoPE in both pair conventions, SiLU·mul. Decode rows are short, so a row's work is spread
+// RoPE in both pair conventions (alone, or fused with the K/V cache write), SiLU·mul. Decode rows are short, so a row's work is spread
 // over the threads of a block (norm) or over several blocks (RoPE, SiLU·mul) with 16-byte
 // accesses: these kernels are latency-bound at batch 1.
 #include "common.cuh"
@@ -93,9 +93,26 @@ extern "C" __global__ void rmsnorm_residual_f16(__half* __restrict__ x, const __
         out[row + i] = __float2half(__half2float(x[row + i]) * inv * w[i]);
 }
 
-// Rotates the Q and K heads of each row of the fused Q|K|V activation by the row's position.
 // Pair (a, b) of a head is rotated by angle pos·θ_i: a' = a·cos − b·sin, b' = a·sin + b·cos.
 // half_split = 0: pairs (2i, 2i+1) (GGUF); 1: pairs (i, i + hd/2) (Hugging Face).
+struct RopePair {
+    int ia, ib;  // the pair's element indices in its head
+    __device__ __forceinline__ RopePair(int i, int hd, int half_split)
+        : ia(half_split ? i : 2 * i), ib(half_split ? i + hd / 2 : 2 * i + 1) {}
+    // Rotates head h's pair in place by table row t (= position · hd/2) and returns it.
+    __device__ __forceinline__ __half2 rotate(__half* h, const float* cos_t, const float* sin_t, size_t t,
+                                              int i) const {
+        const float a = __half2float(h[ia]), b = __half2float(h[ib]);
+        const float c = cos_t[t + i], s = sin_t[t + i];
+        const __half2 r = __floats2half2_rn(a * c - b * s, a * s + b * c);
+        h[ia] = __low2half(r);
+        h[ib] = __high2half(r);
+        return r;
+    }
+};
+
+// Rotates the Q and K heads of each row of the fused Q|K|V activation by the row's position
+// (pairs: RopePair).
 //   qkv        [rows, (n_heads + 2·n_kv_heads)·hd] f16, Q heads then K heads then V heads
 //   positions  [rows] int32
 //   cos, sin   [max_pos, hd/2] f32
@@ -108,16 +125,44 @@ extern "C" __global__ void rope_f16(__half* __restrict__ qkv, const int* __restr
     const int width = (n_heads + 2 * n_kv_heads) * hd;
     const int p = blockIdx.y * blockDim.x + threadIdx.x;
     if (p >= (n_heads + n_kv_heads) * half) return;
-    __half* row = qkv + (size_t)blockIdx.x * width;
-    const size_t t = (size_t)positions[blockIdx.x] * half;
     const int head = p / half, i = p % half;
-    __half* h = row + head * hd;
-    const int ia = half_split ? i : 2 * i;
-    const int ib = half_split ? i + half : 2 * i + 1;
-    const float a = __half2float(h[ia]), b = __half2float(h[ib]);
-    const float c = cos_t[t + i], s = sin_t[t + i];
-    h[ia] = __float2half(a * c - b * s);
-    h[ib] = __float2half(a * s + b * c);
+    __half* h = qkv + (size_t)blockIdx.x * width + head * hd;
+    RopePair(i, hd, half_split).rotate(h, cos_t, sin_t, (size_t)positions[blockIdx.x] * half, i);
+}
+
+// rope_f16, and the row's rotated K heads and its V heads written into its cache slot (the
+// kv_write of kernels/kv_cache.cu) in the same pass: one launch per layer instead of two.
+//   qkv        [rows, (n_heads + 2·n_kv_heads)·hd] f16 (Q and K rotated in place)
+//   positions  [rows] int32, slots [rows] int32
+//   cos, sin   [max_pos, hd/2] f32
+//   k, v       [n_slots, n_kv_heads·hd] f16 (one layer)
+// Grid: (rows, ceil((n_heads + 2·n_kv_heads)·hd/2 / 128)), block (128); one thread per
+// (head, pair) of every head, V heads only copied.
+extern "C" __global__ void rope_kv_write_f16(__half* __restrict__ qkv, const int* __restrict__ positions,
+                                             const int* __restrict__ slots, const float* __restrict__ cos_t,
+                                             const float* __restrict__ sin_t, __half* __restrict__ k,
+                                             __half* __restrict__ v, int n_heads, int n_kv_heads, int hd,
+                                             int half_split) {
+    const int half = hd / 2;
+    const int width = (n_heads + 2 * n_kv_heads) * hd;
+    const int p = blockIdx.y * blockDim.x + threadIdx.x;
+    if (p >= (n_heads + 2 * n_kv_heads) * half) return;
+    const int head = p / half, i = p % half;
+    __half* h = qkv + (size_t)blockIdx.x * width + head * hd;
+    const RopePair pair(i, hd, half_split);
+    const size_t slot = (size_t)slots[blockIdx.x] * n_kv_heads * hd;
+    if (head >= n_heads + n_kv_heads) {  // a V head: copied as is
+        __half* dst = v + slot + (head - n_heads - n_kv_heads) * hd;
+        dst[pair.ia] = h[pair.ia];
+        dst[pair.ib] = h[pair.ib];
+        return;
+    }
+    const __half2 r = pair.rotate(h, cos_t, sin_t, (size_t)positions[blockIdx.x] * half, i);
+    if (head >= n_heads) {  // a K head: its rotated pair goes to the cache too
+        __half* dst = k + slot + (head - n_heads) * hd;
+        dst[pair.ia] = __low2half(r);
+        dst[pair.ib] = __high2half(r);
+    }
 }
 
 __device__ __forceinline__ float silu_times(float g, float u) { return g / (1.f + expf(-g)) * u; }

@@ -134,8 +134,9 @@ fn fused_int4_parts_match_the_cpu_backend() {
     }
 }
 
-/// RMSNorm and SiLU·mul at widths that take the 16-byte vector paths (4096, 14336), one too
-/// wide for the norm's registers (20480), and odd widths that take the scalar paths.
+/// RMSNorm (alone and fused with the residual add) and SiLU·mul at widths that take the
+/// 16-byte vector paths (4096, 14336), one too wide for the norm's registers (20480), and odd
+/// widths that take the scalar paths.
 #[test]
 fn row_kernels_match_the_cpu_backend_at_vector_and_odd_widths() {
     let Some(g) = gpu() else { return };
@@ -157,6 +158,25 @@ fn row_kernels_match_the_cpu_backend_at_vector_and_odd_widths() {
         c.run(|| c.rmsnorm(&xc, &w, 1e-5, &mut oc)).unwrap();
         // One f16 rounding of the output and f32 sums of d squares.
         assert_close(&format!("rmsnorm d={d}"), &host(&g, &og), &oc.data, 2e-3, 4e-3);
+
+        // The fused residual add: x += y (rounded to f16 in place on the GPU), then the norm.
+        let y = f16_round(&rand_values(rows * d, 14 + d as u64, 2.0));
+        let mut xg = g.upload_activations(rows, d, &xc.data).unwrap();
+        g.add_rmsnorm(
+            &mut xg,
+            &g.upload_activations(rows, d, &y).unwrap(),
+            &g.upload_vector(&w).unwrap(),
+            1e-5,
+            &mut og,
+        )
+        .unwrap();
+        let mut xc = xc;
+        let yc = CpuTensor { rows, cols: d, data: y };
+        c.run(|| c.add_rmsnorm(&mut xc, &yc, &w, 1e-5, &mut oc)).unwrap();
+        // x: one f16 rounding of the sum (≤ 2⁻¹¹ relative); out: that rounding carried through
+        // (≤ 2⁻¹¹ relative per element) within the plain norm's bounds.
+        assert_close(&format!("add_rmsnorm x d={d}"), &host(&g, &xg), &xc.data, 1e-3, 1e-3);
+        assert_close(&format!("add_rmsnorm d={d}"), &host(&g, &og), &oc.data, 2e-3, 4e-3);
     }
     for f in [14336, 100, 36] {
         let gu = f16_round(&rand_values(rows * 2 * f, 13 + f as u64, 4.0));
@@ -171,6 +191,80 @@ fn row_kernels_match_the_cpu_backend_at_vector_and_odd_widths() {
         };
         c.run(|| c.silu_mul(&gc, &mut oc)).unwrap();
         assert_close(&format!("silu_mul f={f}"), &host(&g, &og), &oc.data, 2e-3, 4e-3);
+    }
+}
+
+/// The fused RoPE + K/V write leaves exactly what RoPE then the K/V write leave (the same
+/// rotation, rounded once), and its rotation matches the CPU backend's.
+#[test]
+fn fused_rope_and_kv_write_equal_the_two_ops() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    for (n_heads, n_kv, hd) in [(8, 2, 128), (9, 3, 64)] {
+        let layout = QkvLayout {
+            n_heads,
+            n_kv_heads: n_kv,
+            head_dim: hd,
+        };
+        let shape = qmtot::backend::KvShape {
+            n_layers: 2,
+            n_blocks: 4,
+            block_size: 16,
+            n_kv_heads: n_kv,
+            head_dim: hd,
+        };
+        let (max_pos, half) = (64, hd / 2);
+        let angles: Vec<f64> = (0..max_pos * half)
+            .map(|e| (e / half) as f64 * 10000f64.powf(-2.0 * (e % half) as f64 / hd as f64))
+            .collect();
+        let cos: Vec<f32> = angles.iter().map(|a| a.cos() as f32).collect();
+        let sin: Vec<f32> = angles.iter().map(|a| a.sin() as f32).collect();
+        let (cg, sg) = (g.upload_vector(&cos).unwrap(), g.upload_vector(&sin).unwrap());
+        let step = StepInput {
+            tokens: vec![0; 3],
+            positions: vec![0, 17, 63],
+            slots: vec![5, 33, 62],
+            row_seq: vec![0, 1, 2],
+            block_tables: vec![vec![0], vec![2], vec![3]],
+            logit_rows: vec![],
+            groups: vec![],
+        };
+        let st = g.upload_step(&step).unwrap();
+        let x = f16_round(&rand_values(3 * layout.width(), 21 + hd as u64, 1.0));
+        for half_split in [false, true] {
+            let what = format!("h={n_heads} kv={n_kv} hd={hd} half_split={half_split}");
+            let (mut fused, mut apart) = (
+                g.upload_activations(3, layout.width(), &x).unwrap(),
+                g.upload_activations(3, layout.width(), &x).unwrap(),
+            );
+            let (mut kv_fused, mut kv_apart) = (g.alloc_kv(shape).unwrap(), g.alloc_kv(shape).unwrap());
+            g.rope_kv_write(&mut fused, layout, &cg, &sg, half_split, &mut kv_fused, 1, &st)
+                .unwrap();
+            g.rope(&mut apart, layout, &cg, &sg, half_split, &st).unwrap();
+            g.kv_write(&mut kv_apart, 1, &apart, layout, &st).unwrap();
+            let same_bits = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same_bits(&host(&g, &fused), &host(&g, &apart)), "{what}: qkv");
+            let (sf, sa) = (g.kv_to_host(&kv_fused).unwrap(), g.kv_to_host(&kv_apart).unwrap());
+            assert!(
+                same_bits(&sf, &sa),
+                "{what}: the K/V store (unwritten slots poisoned alike)"
+            );
+            assert_eq!(
+                sf.iter().filter(|v| !v.is_nan()).count(),
+                2 * 3 * n_kv * hd,
+                "{what}: slots written"
+            );
+
+            let mut xc = CpuTensor {
+                rows: 3,
+                cols: layout.width(),
+                data: x.clone(),
+            };
+            let sc = c.upload_step(&step).unwrap();
+            c.run(|| c.rope(&mut xc, layout, &cos, &sin, half_split, &sc)).unwrap();
+            // One f16 rounding of each rotated value (2⁻¹¹ relative).
+            assert_close(&what, &host(&g, &fused), &xc.data, 1e-3, 1e-3);
+        }
     }
 }
 

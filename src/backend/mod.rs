@@ -365,6 +365,23 @@ pub trait Backend: Send + Sync {
         layout: QkvLayout,
         step: &Self::Step,
     ) -> Result<()>;
+    /// [`Backend::rope`], then [`Backend::kv_write`] of the rotated K (and V) heads: one kernel
+    /// on a backend that fuses them (the result is the two ops' result).
+    #[allow(clippy::too_many_arguments)]
+    fn rope_kv_write(
+        &self,
+        qkv: &mut Self::Activations,
+        layout: QkvLayout,
+        cos: &Self::Vector,
+        sin: &Self::Vector,
+        half_split: bool,
+        kv: &mut Self::KvStore,
+        layer: usize,
+        step: &Self::Step,
+    ) -> Result<()> {
+        self.rope(qkv, layout, cos, sin, half_split, step)?;
+        self.kv_write(kv, layer, qkv, layout, step)
+    }
     /// Causal GQA attention of each row's Q heads over its sequence's cached positions
     /// `0..=pos`: out `[T, n_heads·head_dim]`.
     fn attention(
@@ -380,6 +397,19 @@ pub trait Backend: Send + Sync {
     fn silu_mul(&self, gate_up: &Self::Activations, out: &mut Self::Activations) -> Result<()>;
     /// `x += y`.
     fn add_assign(&self, x: &mut Self::Activations, y: &Self::Activations) -> Result<()>;
+    /// `x += y`, then `out = rmsnorm(x) ⊙ w`: a residual add and the norm that reads it, one
+    /// kernel on a backend that fuses them (the result is the two ops' result).
+    fn add_rmsnorm(
+        &self,
+        x: &mut Self::Activations,
+        y: &Self::Activations,
+        w: &Self::Vector,
+        eps: f32,
+        out: &mut Self::Activations,
+    ) -> Result<()> {
+        self.add_assign(x, y)?;
+        self.rmsnorm(x, w, eps, out)
+    }
     /// `x[r, :] += bias` for every row (a projection's bias), `x [T, n]`, `bias [n]`.
     fn add_bias(&self, x: &mut Self::Activations, bias: &Self::Vector) -> Result<()>;
     /// `out[i] = x[step.logit_rows[i]]`.
@@ -414,5 +444,14 @@ pub trait Backend: Send + Sync {
             "{}: no graphs on this backend",
             self.name()
         )))
+    }
+
+    // ---- profiling (optional) -------------------------------------------------------------
+
+    /// Starts (`true`) or stops collection by an attached profiler (Nsight Compute run with
+    /// `--profile-from-start off`), so a benchmark can mark the region worth tracing; nothing
+    /// happens without a profiler or on a backend without one.
+    fn profile_region(&self, _on: bool) -> Result<()> {
+        Ok(())
     }
 }

@@ -137,8 +137,13 @@ pub fn run_batched<B: Backend>(
         false => None,
     };
     let mut per_step = Vec::new();
-    for rep in 0..=reps.max(1) {
+    let last_rep = reps.max(1);
+    for rep in 0..=last_rep {
         next.clone_from(&first);
+        if rep == last_rep {
+            // An attached profiler traces the last round's decode steps only (not the prefill).
+            model.backend().profile_region(true)?;
+        }
         let t = Instant::now();
         for i in 0..steps {
             let step = decode_step(&next, context + i);
@@ -158,6 +163,7 @@ pub fn run_batched<B: Backend>(
             per_step.push(t.elapsed().as_secs_f64() / steps as f64);
         }
     }
+    model.backend().profile_region(false)?;
     per_step.sort_by(f64::total_cmp);
     let sec = per_step[per_step.len() / 2];
     Ok(BatchDecodeResult {

@@ -292,23 +292,25 @@ impl<B: Backend> Llama<B> {
         } = bufs;
 
         b.embed(&self.embed, step, x)?; //                                x = E[tokens]
+        if let Some(first) = self.layers.first() {
+            b.rmsnorm(x, &first.attn_norm, c.rms_eps, h)?; //             h = rmsnorm(x) ⊙ g_attn
+        }
         for (l, w) in self.layers.iter().enumerate() {
-            // Attention block.
-            b.rmsnorm(x, &w.attn_norm, c.rms_eps, h)?; //                 h = rmsnorm(x) ⊙ g_attn
+            // Attention block (h = rmsnorm(x) ⊙ g_attn is ready: above, or the previous layer's
+            // last op).
             b.matmul(h, &w.wqkv, qkv)?; //                                [q|k|v] = h · W_qkvᵀ (+ b_qkv)
             if let Some(bias) = &w.qkv_bias {
                 b.add_bias(qkv, bias)?;
             }
-            b.rope(qkv, layout, &self.rope_cos, &self.rope_sin, half_split, step)?; // q, k rotated by position
-            b.kv_write(kv, l, qkv, layout, step)?; //                     K[slot], V[slot] = k, v
+            // q, k rotated by position; K[slot], V[slot] = k, v
+            b.rope_kv_write(qkv, layout, &self.rope_cos, &self.rope_sin, half_split, kv, l, step)?;
             b.attention(qkv, kv, l, layout, step, attn)?; //              a = softmax(q·Kᵀ/√hd)·V (causal, GQA)
             b.matmul(attn, &w.wo, proj)?; //                              o = a · W_oᵀ (+ b_o)
             if let Some(bias) = &w.o_bias {
                 b.add_bias(proj, bias)?;
             }
-            b.add_assign(x, proj)?; //                                    x = x + o
-                                    // MLP block.
-            b.rmsnorm(x, &w.ffn_norm, c.rms_eps, h)?; //                  h = rmsnorm(x) ⊙ g_ffn
+            // MLP block.
+            b.add_rmsnorm(x, proj, &w.ffn_norm, c.rms_eps, h)?; //        x = x + o; h = rmsnorm(x) ⊙ g_ffn
             b.matmul(h, &w.w_gate_up, gate_up)?; //                       [g|u] = h · W_gate_upᵀ (+ b_gate_up)
             if let Some(bias) = &w.gate_up_bias {
                 b.add_bias(gate_up, bias)?;
@@ -318,7 +320,11 @@ impl<B: Backend> Llama<B> {
             if let Some(bias) = &w.down_bias {
                 b.add_bias(proj, bias)?;
             }
-            b.add_assign(x, proj)?; //                                    x = x + y
+            match self.layers.get(l + 1) {
+                // x = x + y; h = rmsnorm(x) ⊙ g_attn of the next layer
+                Some(next) => b.add_rmsnorm(x, proj, &next.attn_norm, c.rms_eps, h)?,
+                None => b.add_assign(x, proj)?, //                         x = x + y
+            }
         }
 
         if *logit_rows == 0 {

@@ -109,6 +109,7 @@ mod tests {
         for name in [
             "rmsnorm_residual_f16",
             "rope_f16",
+            "rope_kv_write_f16",
             "silu_mul_f16",
             "add_f16",
             "embed_f16",
@@ -122,8 +123,6 @@ mod tests {
             "int4_matmul_n8_g128_f16",
             "dense_matmul_n8_f16",
             "dense_matmul_n4_f16",
-            "splitk_reduce_f16",
-            "splitk_reduce_f32",
             "attention_split_hd64_g3_f16",
             "attention_split_hd128_g8_f16",
             "attention_tile_hd64_g1_f16",

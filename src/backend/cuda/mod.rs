@@ -6,7 +6,10 @@
 //! `kernels/int4_matmul.cu` ([`fragments`]): INT4 parts keep the canonical nibbles, with the
 //! f16 scales and f32 mins as f32 quads (exact); INT8 and dense parts become f16 matrices;
 //! stacked parts of one format are fused into one matrix (`fuse_parts`). See
-//! `kernels/int4_matmul.cu` for the layout, partitioning and pipeline.
+//! `kernels/int4_matmul.cu` for the layout, partitioning and pipeline (split-K partials are
+//! added by each output tile's last block, found by arrival counters in `matmul_counters`).
+//! Two pairs of forward ops are one kernel each here: the residual add and the RMSNorm that
+//! reads it ([`Backend::add_rmsnorm`]), RoPE and the K/V write ([`Backend::rope_kv_write`]).
 //!
 //! Status: compiled and resource-checked on machines without a GPU (tests/kernel_build.rs);
 //! the GPU tests against the CPU backend (tests/cuda.rs) skip without a device and pass on an
@@ -181,6 +184,9 @@ pub struct CudaBackend {
     /// Resident blocks per multiprocessor of each matmul entry point, by name (the occupancy
     /// the driver reports at its shared memory).
     matmul_blocks_per_sm: std::collections::HashMap<String, usize>,
+    /// `[MATMUL_COUNTERS]` u32 split-K arrival counters, zero between launches: every launch
+    /// on the one stream uses them from index 0, and each tile's last block resets its own.
+    matmul_counters: CudaSlice<u32>,
 }
 
 fn shape_err(op: &str, reason: String) -> Error {
@@ -205,8 +211,8 @@ fn i32s(v: &[u32]) -> Vec<i32> {
     v.iter().map(|&x| x as i32).collect()
 }
 
-/// The output view of a split-K reduce, in the output's dtype.
-enum ReduceOut<'a> {
+/// The output view of a matmul launch, in the output's dtype.
+enum MatmulOut<'a> {
     F16(cudarc::driver::CudaViewMut<'a, f16>),
     F32(cudarc::driver::CudaViewMut<'a, f32>),
 }
@@ -224,6 +230,9 @@ const MATMUL_TILES: [usize; 4] = [1, 2, 4, 8];
 /// The split-K cost model's fixed cost of a block, in slice granules: its first weights' trip
 /// from memory and its first activation chunk, before its pipeline streams.
 const MATMUL_BLOCK_OVERHEAD: usize = 2;
+/// Split-K arrival counters: a launch with more output tiles (column blocks × batch tiles, a
+/// long prefill through the lm_head) runs unsplit, which needs none.
+const MATMUL_COUNTERS: usize = 1 << 16;
 
 /// Dynamic shared memory of one matmul block in bytes: `mma_smem_bytes<NT, W>()` of
 /// kernels/int4_matmul.cu for INT4 group size `group` (`None`: f16): a weight ring of 4 warps ×
@@ -253,11 +262,58 @@ fn matmul_kernel(nt: usize, group: Option<usize>) -> String {
 
 /// Split-K for a matmul of `blocks` output blocks over `stages` slice granules, with `slots`
 /// blocks resident at once and at most `max_splits` splits: the count that minimizes waves ×
-/// (granules per split + a block's fixed cost); the fewest splits among equals.
+/// (granules per split + a block's fixed cost, one granule more when split: the partials'
+/// round trip and the arrival count); the fewest splits among equals.
 fn matmul_splits(blocks: usize, stages: usize, slots: usize, max_splits: usize) -> usize {
     (1..=max_splits.clamp(1, stages.max(1)))
-        .min_by_key(|&s| (blocks * s).div_ceil(slots.max(1)) * (stages.div_ceil(s) + MATMUL_BLOCK_OVERHEAD))
+        .min_by_key(|&s| {
+            let fixed = MATMUL_BLOCK_OVERHEAD + usize::from(s > 1);
+            (blocks * s).div_ceil(slots.max(1)) * (stages.div_ceil(s) + fixed)
+        })
         .unwrap_or(1)
+}
+
+/// What `rope` checks: `qkv` is the step's `[rows, layout.width()]`, the cos/sin tables are
+/// `[max_pos, head_dim/2]` and every position is inside them.
+fn check_rope(
+    op: &str,
+    qkv: &CudaTensor,
+    layout: QkvLayout,
+    cos: &CudaVector,
+    sin: &CudaVector,
+    step: &CudaStep,
+) -> Result<()> {
+    check(op, "qkv", qkv, step.host.rows(), layout.width())?;
+    let half = (layout.head_dim / 2).max(1);
+    let max_pos = cos.len / half;
+    if cos.len != sin.len || cos.len % half != 0 {
+        return Err(shape_err(op, "cos/sin tables differ or are ragged".into()));
+    }
+    if let Some(&p) = step.host.positions.iter().find(|&&p| p as usize >= max_pos) {
+        return Err(shape_err(op, format!("position {p} beyond the table of {max_pos}")));
+    }
+    Ok(())
+}
+
+/// What `kv_write` checks: `qkv` is the step's `[rows, layout.width()]`, `layer` and the
+/// layout's K/V heads match the store, and every slot is inside it.
+fn check_kv_write(
+    op: &str,
+    kv: &CudaKv,
+    layer: usize,
+    qkv: &CudaTensor,
+    layout: QkvLayout,
+    step: &CudaStep,
+) -> Result<()> {
+    check(op, "qkv", qkv, step.host.rows(), layout.width())?;
+    let s = kv.shape;
+    if layer >= s.n_layers || layout.n_kv_heads != s.n_kv_heads || layout.head_dim != s.head_dim {
+        return Err(shape_err(op, format!("layer {layer} / {layout:?} vs store {s:?}")));
+    }
+    if let Some(&slot) = step.host.slots.iter().find(|&&x| x as usize >= s.n_slots()) {
+        return Err(shape_err(op, format!("slot {slot} outside the store")));
+    }
+    Ok(())
 }
 
 fn grid(x: usize, y: usize, block: u32) -> LaunchConfig {
@@ -315,6 +371,9 @@ impl CudaBackend {
                 matmul_blocks_per_sm.insert(name, (blocks as usize).max(1));
             }
         }
+        let matmul_counters = stream
+            .alloc_zeros::<u32>(MATMUL_COUNTERS)
+            .map_err(|e| cuda_err("alloc", e))?;
         Ok(Self {
             ctx,
             stream,
@@ -323,6 +382,7 @@ impl CudaBackend {
             arch,
             n_sms,
             matmul_blocks_per_sm,
+            matmul_counters,
         })
     }
 
@@ -345,6 +405,13 @@ impl CudaBackend {
             cols,
             buf: DevBuf::F16(self.upload(&halves)?),
         })
+    }
+
+    /// The whole K/V store as f32, `[n_layers, 2 (K, V), n_slots, n_kv_heads·head_dim]` (for
+    /// tests: the CPU backend's store is host memory already).
+    pub fn kv_to_host(&self, kv: &CudaKv) -> Result<Vec<f32>> {
+        let halves = self.stream.clone_dtoh(&kv.store).map_err(|e| cuda_err("download", e))?;
+        Ok(halves.iter().map(|h| h.to_f32()).collect())
     }
 
     pub fn synchronize(&self) -> Result<()> {
@@ -487,73 +554,53 @@ impl CudaBackend {
         let f = self.kernels.get(&name)?;
         let slots = self.matmul_blocks_per_sm.get(&name).copied().unwrap_or(1) * self.n_sms;
         let by_traffic = (weight_bytes / (4 * m * n)).max(1);
-        let splits = matmul_splits(blocks, stages, slots, by_traffic);
+        let splits = if blocks <= MATMUL_COUNTERS {
+            matmul_splits(blocks, stages, slots, by_traffic)
+        } else {
+            1
+        };
         let slice = stages.div_ceil(splits) * MATMUL_STAGE;
         let splits = kp.div_ceil(slice);
-        // Not zeroed: the matmul kernels write every (split, row, column) the reduce reads.
-        let mut partial = self.scratch_f32(splits * m * n)?;
+        // Not zeroed: the matmul blocks write every (split, row, column) their tile's last
+        // block reads; one slice writes out directly and needs none.
+        let partial = self.scratch_f32(if splits > 1 { splits * m * n } else { 1 })?;
         let cfg = LaunchConfig {
             grid_dim: (n.div_ceil(MATMUL_BLOCK_ROWS) as u32, splits as u32, z as u32),
             block_dim: (128, 1, 1),
             shared_mem_bytes: matmul_smem_bytes(nt, group) as u32,
         };
         let (m_i, n_i, k_i, kp_i, slice_i) = (m as i32, n as i32, k as i32, kp as i32, slice as i32);
-        match w {
-            CudaWeight::Int4 { qweight, scale_min, .. } => {
-                // SAFETY: shapes checked by `matmul`; the kernel reads x[m, k] and the fragment
-                // layout of W[n, kp], and writes partial[splits, m, n].
-                unsafe {
-                    self.stream
-                        .launch_builder(f)
-                        .arg(x)
-                        .arg(qweight)
-                        .arg(scale_min)
-                        .arg(&mut partial)
-                        .arg(&m_i)
-                        .arg(&n_i)
-                        .arg(&k_i)
-                        .arg(&kp_i)
-                        .arg(&slice_i)
-                        .launch(cfg)
-                }
-                .map_err(|e| cuda_err("int4_matmul", e))?;
-            }
-            CudaWeight::F16 { data, .. } => {
-                // SAFETY: as above, with the f16 fragment layout of W[n, kp].
-                unsafe {
-                    self.stream
-                        .launch_builder(f)
-                        .arg(x)
-                        .arg(data)
-                        .arg(&mut partial)
-                        .arg(&m_i)
-                        .arg(&n_i)
-                        .arg(&k_i)
-                        .arg(&kp_i)
-                        .arg(&slice_i)
-                        .launch(cfg)
-                }
-                .map_err(|e| cuda_err("dense_matmul", e))?;
-            }
-        }
-        let ldo = out.cols;
-        let (splits_i, ldo_i) = (splits as i32, ldo as i32);
-        let cfg = grid((m * n).div_ceil(256), 1, 256);
-        // The reduce writes rows 0..m, columns col0..col0+n of out, in out's dtype.
-        let (name, mut builder_out) = match &mut out.buf {
-            DevBuf::F16(o) => ("splitk_reduce_f16", ReduceOut::F16(o.slice_mut(col0..))),
-            DevBuf::F32(o) => ("splitk_reduce_f32", ReduceOut::F32(o.slice_mut(col0..))),
-        };
-        let f = self.kernels.get(name)?;
+        let ldo_i = out.cols as i32;
+        let null = 0u64;
         let mut launch = self.stream.launch_builder(f);
-        launch.arg(&partial);
-        match &mut builder_out {
-            ReduceOut::F16(v) => launch.arg(v),
-            ReduceOut::F32(v) => launch.arg(v),
+        launch.arg(x);
+        match w {
+            CudaWeight::Int4 { qweight, scale_min, .. } => launch.arg(qweight).arg(scale_min),
+            CudaWeight::F16 { data, .. } => launch.arg(data),
         };
-        launch.arg(&splits_i).arg(&m_i).arg(&n_i).arg(&ldo_i);
-        // SAFETY: partial is [splits, m, n]; the view covers the written rows and columns.
-        unsafe { launch.launch(cfg) }.map_err(|e| cuda_err("splitk_reduce", e))?;
+        launch.arg(&partial);
+        // The output columns col0..col0 + n of rows 0..m, in out's dtype (the other pointer null).
+        let mut view = match &mut out.buf {
+            DevBuf::F16(o) => MatmulOut::F16(o.slice_mut(col0..)),
+            DevBuf::F32(o) => MatmulOut::F32(o.slice_mut(col0..)),
+        };
+        match &mut view {
+            MatmulOut::F16(v) => launch.arg(v).arg(&null),
+            MatmulOut::F32(v) => launch.arg(&null).arg(v),
+        };
+        launch
+            .arg(&ldo_i)
+            .arg(&self.matmul_counters)
+            .arg(&m_i)
+            .arg(&n_i)
+            .arg(&k_i)
+            .arg(&kp_i)
+            .arg(&slice_i);
+        // SAFETY: shapes checked by `matmul`; the kernel reads x[m, k] and W[n, kp] in its
+        // fragment layout, writes partial[splits, m, n] (splits > 1) and out's rows 0..m,
+        // columns col0..col0 + n (the view), and uses counters[z · ceil(n / 64)] ≤
+        // MATMUL_COUNTERS (splits > 1 only when blocks ≤ MATMUL_COUNTERS).
+        unsafe { launch.launch(cfg) }.map_err(|e| cuda_err(&name, e))?;
         Ok(())
     }
 }
@@ -562,7 +609,7 @@ impl CudaBackend {
 /// kernel launch can serve merged into one matrix: INT4 parts of one group size and input
 /// order, or f16 parts, where every part but the run's last has a multiple of 16 rows (so the
 /// merged fragment layout's row blocks are the parts' own). A fused Q|K|V or gate|up is then
-/// one matmul and one split-K reduce instead of three or two. Other parts stay as they are.
+/// one matmul launch instead of three or two. Other parts stay as they are.
 fn fuse_parts<'a>(parts: &[&'a WeightMatrix]) -> Result<Vec<std::borrow::Cow<'a, WeightMatrix>>> {
     use std::borrow::Cow;
     let mut out: Vec<Cow<'a, WeightMatrix>> = Vec::with_capacity(parts.len());
@@ -795,6 +842,39 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
+    fn add_rmsnorm(
+        &self,
+        x: &mut CudaTensor,
+        y: &CudaTensor,
+        w: &CudaVector,
+        eps: f32,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        check("add_rmsnorm", "y", y, x.rows, x.cols)?;
+        check("add_rmsnorm", "out", out, x.rows, x.cols)?;
+        if w.len != x.cols {
+            return Err(shape_err(
+                "add_rmsnorm",
+                format!("weight of {} for width {}", w.len, x.cols),
+            ));
+        }
+        let (rows, d) = (x.rows, x.cols as i32);
+        // SAFETY: shapes checked; x[rows, d] updated in place, writes out[rows, d].
+        unsafe {
+            self.stream
+                .launch_builder(self.kernels.get("rmsnorm_residual_f16")?)
+                .arg(x.f16_mut("add_rmsnorm")?)
+                .arg(y.f16("add_rmsnorm")?)
+                .arg(&w.data)
+                .arg(out.f16_mut("add_rmsnorm")?)
+                .arg(&d)
+                .arg(&eps)
+                .launch(grid(rows, 1, NORM_BLOCK))
+        }
+        .map_err(|e| cuda_err("add_rmsnorm", e))?;
+        Ok(())
+    }
+
     fn matmul(&self, x: &CudaTensor, w: &CudaLinear, out: &mut CudaTensor) -> Result<()> {
         if x.cols != w.cols {
             return Err(shape_err(
@@ -839,15 +919,7 @@ impl Backend for CudaBackend {
         half_split: bool,
         step: &CudaStep,
     ) -> Result<()> {
-        check("rope", "qkv", qkv, step.host.rows(), layout.width())?;
-        let half = (layout.head_dim / 2).max(1);
-        let max_pos = cos.len / half;
-        if cos.len != sin.len || cos.len % half != 0 {
-            return Err(shape_err("rope", "cos/sin tables differ or are ragged".into()));
-        }
-        if let Some(&p) = step.host.positions.iter().find(|&&p| p as usize >= max_pos) {
-            return Err(shape_err("rope", format!("position {p} beyond the table of {max_pos}")));
-        }
+        check_rope("rope", qkv, layout, cos, sin, step)?;
         let (h, kv, hd, hs) = (
             layout.n_heads as i32,
             layout.n_kv_heads as i32,
@@ -856,7 +928,7 @@ impl Backend for CudaBackend {
         );
         let rows = qkv.rows;
         // One thread per rotated (head, pair).
-        let pairs = (layout.n_heads + layout.n_kv_heads) * half;
+        let pairs = (layout.n_heads + layout.n_kv_heads) * (layout.head_dim / 2).max(1);
         let q = qkv.f16_mut("rope")?;
         // SAFETY: positions checked against the tables; rotates Q and K heads in place.
         unsafe {
@@ -884,17 +956,7 @@ impl Backend for CudaBackend {
         layout: QkvLayout,
         step: &CudaStep,
     ) -> Result<()> {
-        check("kv_write", "qkv", qkv, step.host.rows(), layout.width())?;
-        let s = kv.shape;
-        if layer >= s.n_layers || layout.n_kv_heads != s.n_kv_heads || layout.head_dim != s.head_dim {
-            return Err(shape_err(
-                "kv_write",
-                format!("layer {layer} / {layout:?} vs store {s:?}"),
-            ));
-        }
-        if let Some(&slot) = step.host.slots.iter().find(|&&x| x as usize >= s.n_slots()) {
-            return Err(shape_err("kv_write", format!("slot {slot} outside the store")));
-        }
+        check_kv_write("kv_write", kv, layer, qkv, layout, step)?;
         let plane = kv.plane();
         let (h, n_kv, hd) = (layout.n_heads as i32, layout.n_kv_heads as i32, layout.head_dim as i32);
         let mut layer_kv = kv.store.slice_mut(2 * layer * plane..2 * (layer + 1) * plane);
@@ -913,6 +975,53 @@ impl Backend for CudaBackend {
                 .launch(grid(qkv.rows, 1, 128))
         }
         .map_err(|e| cuda_err("kv_write", e))?;
+        Ok(())
+    }
+
+    fn rope_kv_write(
+        &self,
+        qkv: &mut CudaTensor,
+        layout: QkvLayout,
+        cos: &CudaVector,
+        sin: &CudaVector,
+        half_split: bool,
+        kv: &mut CudaKv,
+        layer: usize,
+        step: &CudaStep,
+    ) -> Result<()> {
+        check_rope("rope_kv_write", qkv, layout, cos, sin, step)?;
+        check_kv_write("rope_kv_write", kv, layer, qkv, layout, step)?;
+        let (h, n_kv, hd, hs) = (
+            layout.n_heads as i32,
+            layout.n_kv_heads as i32,
+            layout.head_dim as i32,
+            half_split as i32,
+        );
+        let rows = qkv.rows;
+        // One thread per (head, pair) of every head: Q and K rotated, K and V written.
+        let pairs = (layout.n_heads + 2 * layout.n_kv_heads) * (layout.head_dim / 2).max(1);
+        let plane = kv.plane();
+        let mut layer_kv = kv.store.slice_mut(2 * layer * plane..2 * (layer + 1) * plane);
+        let (mut k, mut v) = layer_kv.split_at_mut(plane);
+        // SAFETY: positions checked against the tables and slots against the store; rotates Q
+        // and K heads in place and writes one [n_kv·hd] row of K and V per row.
+        unsafe {
+            self.stream
+                .launch_builder(self.kernels.get("rope_kv_write_f16")?)
+                .arg(qkv.f16_mut("rope_kv_write")?)
+                .arg(&step.positions)
+                .arg(&step.slots)
+                .arg(&cos.data)
+                .arg(&sin.data)
+                .arg(&mut k)
+                .arg(&mut v)
+                .arg(&h)
+                .arg(&n_kv)
+                .arg(&hd)
+                .arg(&hs)
+                .launch(grid(rows, pairs.div_ceil(128), 128))
+        }
+        .map_err(|e| cuda_err("rope_kv_write", e))?;
         Ok(())
     }
 
@@ -1190,6 +1299,16 @@ impl Backend for CudaBackend {
 
     fn replay(&self, graph: &Self::Graph) -> Result<()> {
         graph.launch().map_err(|e| cuda_err("graph launch", e))
+    }
+
+    fn profile_region(&self, on: bool) -> Result<()> {
+        // The profiler API acts on the calling thread's current context.
+        self.ctx.bind_to_thread().map_err(|e| cuda_err("profiler", e))?;
+        match on {
+            true => cudarc::driver::profiler_start(),
+            false => cudarc::driver::profiler_stop(),
+        }
+        .map_err(|e| cuda_err("profiler", e))
     }
 
     fn to_host(&self, x: &CudaTensor, out: &mut Vec<f32>) -> Result<()> {
