@@ -347,28 +347,31 @@ fn attention_matches_the_cpu_backend_for_decode_prefill_and_cascade() {
     //   * scattered prefill rows of two short sequences (the tile kernel, causal);
     //   * decode rows over 3000 and 1200 keys (flash-decoding split over many chunks), a
     //     70-row prefill after a 100-token cached prefix (several tiles, odd ends), five
-    //     siblings one to three tokens past a shared 640-token prefix plus a member still
+    //     siblings one to three tokens past a shared 1152-token prefix plus a member still
     //     prefilling 25 rows (cascade over the prefix, then split rows and a tile).
     let short = vec![(40usize, (0..40).collect::<Vec<u32>>()), (23, (0..23).collect())];
     let mut long = vec![(3000usize, vec![2999]), (1200, vec![1199]), (170, (100..170).collect())];
     let mut members = Vec::new();
     for i in 0..5u32 {
         members.push(long.len() as u32);
-        long.push((641 + i as usize % 3, vec![640 + i % 3]));
+        long.push((1153 + i as usize % 3, vec![1152 + i % 3]));
     }
     members.push(long.len() as u32);
-    long.push((665, (640..665).collect()));
-    // 40 blocks = 640 tokens × 29 more rows: over the cascade crossover (attention_plan).
-    let scenarios = [(short, vec![]), (long, vec![(members, 40u32)])];
+    long.push((1177, (1152..1177).collect()));
+    // 72 blocks = 1152 tokens × 29 more rows, 30 rows: over the cascade crossover
+    // (attention_plan) at GQA 3, 4 and 8; plain at GQA 1 (a tile holds 64 rows there).
+    let scenarios = [(short, vec![]), (long, vec![(members, 72u32)])];
     for (n_heads, n_kv, hd) in [(9, 3, 64), (8, 2, 128), (8, 1, 128), (4, 4, 64)] {
         let layout = QkvLayout {
             n_heads,
             n_kv_heads: n_kv,
             head_dim: hd,
         };
+        // 1024 blocks: every sequence's table is distinct from the others' (713 blocks are
+        // taken; 97 is coprime with 1024), so no two rows of the fill step share a slot.
         let shape = qmtot::backend::KvShape {
             n_layers: 1,
-            n_blocks: 400,
+            n_blocks: 1024,
             block_size: 16,
             n_kv_heads: n_kv,
             head_dim: hd,

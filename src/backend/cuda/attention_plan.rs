@@ -5,13 +5,13 @@
 //! key of every row is covered by exactly one part, and `row_parts[r]` counts the row's parts:
 //!
 //! * **shared prefix** (cascade): for a sharing group ([`crate::backend::SharedPrefix`]) whose
-//!   prefix has at least [`CASCADE_MIN_PREFIX`] tokens and saves at least
-//!   [`CASCADE_MIN_SAVED_KEYS`] key reads over its members' rows, keys `0..P` of all the
+//!   prefix has at least [`CASCADE_MIN_PREFIX`] tokens, whose rows fill a tile and which saves
+//!   at least [`CASCADE_MIN_SAVED_KEYS`] key reads over its members' rows, keys `0..P` of all the
 //!   members' rows are `attention_tile` tasks — tiles of at most 64 (row, query head)
 //!   queries × chunks of the prefix — so each prefix key is read once per tile instead of
 //!   once per row. These are parts `0..` of every member row. Below the
-//!   threshold the group is read as plain attention: the prefix is too short for the saving
-//!   to pay for the extra partials and launch.
+//!   threshold the group is read as plain attention: the saving does not pay for a tile's
+//!   unused queries, the extra partials and the launch.
 //! * **own keys** `from..=p` (`from` = the cascaded prefix length, else 0):
 //!   * a sequence with one row in the step (a decode row) is an `attention_split` row, its keys
 //!     cut into chunks of `split_chunk` (flash-decoding);
@@ -28,15 +28,19 @@ use crate::backend::StepInput;
 
 /// Queries ((row, query head) pairs) per `attention_tile` task (`ATT_QUERIES`).
 pub const TILE_QUERIES: usize = 64;
-/// Cascade crossover, measured (`qmtot bench kernels --parts cascade`, H200, 2026-11-26; one
-/// layer at LLaMA-3.1-8B heads): a group is read by cascade when its prefix has at least
-/// [`CASCADE_MIN_PREFIX`] tokens and cascade saves at least [`CASCADE_MIN_SAVED_KEYS`] key
-/// reads (prefix × (rows − 1)); below either the whole group is plain attention. The measured
-/// points: 4 siblings over 512 tokens 0.68× (1536 saved), over 2048 1.16× (6144); 16 over 512
-/// 1.20× (7680); 64 over 128 1.01× (neutral), over 512 1.84×.
+/// Cascade crossover, measured (`qmtot bench kernels --parts cascade`, H200, 2026-11-26, run
+/// 8c, after `attention_split` began staging its keys in shared memory; one layer at
+/// LLaMA-3.1-8B heads): a group is read by cascade when its prefix has at least
+/// [`CASCADE_MIN_PREFIX`] tokens, its rows fill at least one tile of queries
+/// ([`TILE_QUERIES`] / GQA group), and cascade saves at least [`CASCADE_MIN_SAVED_KEYS`] key
+/// reads (prefix × (rows − 1)); otherwise the whole group is plain attention. The measured
+/// points (cascade time / plain time as a speed-up): 4 siblings (a quarter tile) lose at every
+/// prefix (0.69× over 2048 tokens, 0.63× over 32k); 16 siblings over 512 tokens 0.70× (7680
+/// keys saved), over 2048 1.41× (30720); 64 over 128 1.00×, over 512 1.16× (32256), over 2048
+/// 1.44×.
 pub const CASCADE_MIN_PREFIX: usize = 512;
 /// See [`CASCADE_MIN_PREFIX`].
-pub const CASCADE_MIN_SAVED_KEYS: usize = 6144;
+pub const CASCADE_MIN_SAVED_KEYS: usize = 30720;
 /// CTAs per multiprocessor the chunking aims at.
 pub const CTAS_PER_SM: usize = 2;
 /// Bounds of a key chunk (multiples of the 32 keys a tile step stages).
@@ -111,7 +115,10 @@ pub fn plan(step: &StepInput, gqa: usize, n_kv_heads: usize, block_size: usize, 
             .iter()
             .flat_map(|&s| seq_rows[s as usize].iter().copied())
             .collect();
-        if prefix < CASCADE_MIN_PREFIX || prefix * members.len().saturating_sub(1) < CASCADE_MIN_SAVED_KEYS {
+        if prefix < CASCADE_MIN_PREFIX
+            || members.len() < rows_per_tile
+            || prefix * members.len().saturating_sub(1) < CASCADE_MIN_SAVED_KEYS
+        {
             continue;
         }
         for &s in &g.seqs {
@@ -470,28 +477,35 @@ mod tests {
 
     #[test]
     fn cascade_reads_the_shared_prefix_in_tiles_for_all_members() {
-        // 16 siblings one token past a 512-token prefix, and a prefilling member.
-        let mut seqs: Vec<Vec<u32>> = (0..16).map(|i| vec![512 + i % 3]).collect();
-        seqs.push((512..540).collect());
+        // 16 siblings one token past a 1024-token prefix, and a prefilling member.
+        let mut seqs: Vec<Vec<u32>> = (0..16).map(|i| vec![1024 + i % 3]).collect();
+        seqs.push((1024..1052).collect());
         let members: Vec<u32> = (0..17).collect();
-        let plan = check(&seqs, &[(members, 32)], 4, 8);
-        let prefix_tasks = plan.tasks.iter().filter(|t| t.key_end <= 512).count();
+        let plan = check(&seqs, &[(members, 64)], 4, 8);
+        let prefix_tasks = plan.tasks.iter().filter(|t| t.key_end <= 1024).count();
         assert!(prefix_tasks > 0);
-        // Every member row's first parts are the prefix; own keys start at 512.
-        assert!(plan.split_from.iter().all(|&f| f == 512));
+        // Every member row's first parts are the prefix; own keys start at 1024.
+        assert!(plan.split_from.iter().all(|&f| f == 1024));
         // A short prefix stays plain attention.
         let plan = check(&[vec![40], vec![41]], &[(vec![0, 1], 2)], 4, 8);
         assert!(plan.tasks.is_empty() && plan.split_from == [0, 0]);
         // A group with a single row is not worth a cascade either.
         let plan = check(&[vec![600]], &[(vec![0], 32)], 4, 8);
         assert!(plan.tasks.is_empty());
-        // The measured crossover: 4 siblings over 512 tokens stay plain (cascade measured
-        // 0.68×), over 2048 they cascade (1.16×).
-        let four = |p: u32| (0..4).map(|i| vec![p + i]).collect::<Vec<_>>();
-        let plan = check(&four(512), &[(vec![0, 1, 2, 3], 32)], 4, 8);
-        assert!(plan.tasks.is_empty());
-        let plan = check(&four(2048), &[(vec![0, 1, 2, 3], 128)], 4, 8);
-        assert!(plan.split_from.iter().all(|&f| f == 2048));
+        // The measured crossover (GQA 4: tiles of 16 rows): 4 siblings stay plain even over
+        // 8192 tokens (cascade measured 0.81×); 16 stay plain over 512 (0.70×) and cascade
+        // over 2048 (1.41×); 64 cascade over 512 (1.16×).
+        let siblings = |n: u32, p: u32| (0..n).map(|i| vec![p + i % 3]).collect::<Vec<_>>();
+        let group = |n: u32, p: u32| vec![((0..n).collect::<Vec<u32>>(), p / 16)];
+        for (n, p, cascade) in [(4, 8192, false), (16, 512, false), (16, 2048, true), (64, 512, true)] {
+            let plan = check(&siblings(n, p), &group(n, p), 4, 8);
+            assert_eq!(
+                plan.split_from.iter().all(|&f| f == p),
+                cascade,
+                "{n} siblings over {p}"
+            );
+            assert_eq!(plan.tasks.is_empty(), !cascade, "{n} siblings over {p}");
+        }
     }
 
     #[test]
