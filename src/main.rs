@@ -185,8 +185,8 @@ pub(crate) struct RunArgs {
     #[arg(long, value_enum, default_value_t = CpuMatmul::F32)]
     cpu_matmul: CpuMatmul,
     /// Where to run: cpu, cuda (device 0), cuda:N, or auto (CUDA when a device is usable,
-    /// else CPU; says which it chose). The CUDA backend has not yet been verified on a GPU, so
-    /// the default stays cpu.
+    /// else CPU; says which it chose). The default stays cpu: CI and most machines that build
+    /// qmtot have no GPU, and a run should not change backends with the machine unasked.
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     device: DeviceArg,
 }
@@ -1034,8 +1034,8 @@ fn bench_tree_on<B: Backend>(a: &BenchTreeArgs, model: Llama<B>) -> Result<()> {
         a.siblings, a.prefix, a.suffix, DEFAULT_BLOCK_SIZE
     );
     println!(
-        "{:<12} {:>5} {:>14} {:>12} {:>14} {:>12} {:>12}",
-        "setup", "seqs", "median ms/step", "mean ms/step", "vs single", "KV blocks", "shared"
+        "{:<12} {:>5} {:>14} {:>12} {:>14} {:>12} {:>12} {:>11} {:>9}",
+        "setup", "seqs", "median ms/step", "mean ms/step", "vs single", "KV blocks", "shared", "forward ms", "draw ms"
     );
     let mut rounds: Vec<Vec<qmtot::bench::tree::TreeBenchResult>> = Vec::new();
     for _ in 0..a.reps.max(1) {
@@ -1053,21 +1053,26 @@ fn bench_tree_on<B: Backend>(a: &BenchTreeArgs, model: Llama<B>) -> Result<()> {
     for (i, mode) in TreeMode::ALL.iter().enumerate() {
         let step = median(rounds.iter().map(|r| r[i].median_step_ms).collect());
         let mean = median(rounds.iter().map(|r| r[i].mean_step_ms).collect());
+        let forward = median(rounds.iter().map(|r| r[i].forward_ms).collect());
+        let draw = median(rounds.iter().map(|r| r[i].draw_ms).collect());
         let r = &rounds[0][i];
         let base = *single_ms.get_or_insert(step);
         println!(
-            "{:<12} {:>5} {:>14.2} {:>12.2} {:>13.2}x {:>12} {:>12}",
+            "{:<12} {:>5} {:>14.2} {:>12.2} {:>13.2}x {:>12} {:>12} {:>11.2} {:>9.2}",
             mode.name(),
             r.sequences,
             step,
             mean,
             step / base,
             r.blocks_used,
-            r.blocks_shared
+            r.blocks_shared,
+            forward,
+            draw
         );
     }
     println!(
-        "(step times: median over {} interleaved rounds of each round's median step)",
+        "(step times: median over {} interleaved rounds of each round's median step; forward (with the \
+         logits' copy to the host) and host draws: mean per step, median over rounds)",
         rounds.len()
     );
     let bound = a.prefix.div_ceil(DEFAULT_BLOCK_SIZE)

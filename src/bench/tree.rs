@@ -49,6 +49,10 @@ pub struct TreeBenchResult {
     pub sequences: usize,
     pub median_step_ms: f64,
     pub mean_step_ms: f64,
+    /// Per timed step, on average: wall time in the forward (including the logits' copy to
+    /// the host) and drawing tokens on the host; the rest of a step is the engine's own work.
+    pub forward_ms: f64,
+    pub draw_ms: f64,
     /// Blocks in use after the last step.
     pub blocks_used: usize,
     pub blocks_shared: usize,
@@ -118,19 +122,25 @@ pub fn run<B: Backend>(
         engine.generate(id, sampling, stop)?;
     }
     let mut steps_ms = Vec::with_capacity(suffix);
+    let before = engine.stats();
     while !engine.is_idle() {
         let t = Instant::now();
         engine.step()?;
         steps_ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    let pool = engine.stats().pool;
-    let mean_step_ms = steps_ms.iter().sum::<f64>() / steps_ms.len().max(1) as f64;
+    let after = engine.stats();
+    let pool = after.pool;
+    let timed_steps = steps_ms.len().max(1) as f64;
+    let per_step = |d: std::time::Duration| d.as_secs_f64() * 1e3 / timed_steps;
+    let mean_step_ms = steps_ms.iter().sum::<f64>() / timed_steps;
     steps_ms.sort_by(|a, b| a.total_cmp(b));
     Ok(TreeBenchResult {
         mode,
         sequences: k,
         median_step_ms: steps_ms.get(steps_ms.len() / 2).copied().unwrap_or(0.0),
         mean_step_ms,
+        forward_ms: per_step(after.forward_time - before.forward_time),
+        draw_ms: per_step(after.draw_time - before.draw_time),
         blocks_used: pool.used,
         blocks_shared: pool.shared,
     })

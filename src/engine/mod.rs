@@ -204,6 +204,11 @@ pub struct EngineStats {
     /// Copy-on-write block copies.
     pub block_copies: usize,
     pub preemptions: usize,
+    /// Wall time in the steps' forwards (block copies, the forward or its graph replay, and
+    /// the logits' copy to the host, which waits for the device).
+    pub forward_time: Duration,
+    /// Wall time drawing tokens from logits on the host.
+    pub draw_time: Duration,
     /// Sequences held (including engine-internal ones).
     pub sequences: usize,
     pub pool: PoolStats,
@@ -565,10 +570,12 @@ impl<'m, B: Backend> Engine<'m, B> {
             self.config.block_size,
             self.config.cascade_min_blocks,
         );
+        let forward_start = Instant::now();
         let result = self
             .model
             .copy_blocks(&mut self.kv, &copies)
             .and_then(|()| self.run_forward(&input));
+        self.stats.forward_time += forward_start.elapsed();
         let logits = match result {
             Ok(logits) => logits,
             Err(e) => {
@@ -839,6 +846,7 @@ impl<'m, B: Backend> Engine<'m, B> {
     /// those of drawing one by one, and a 128k-vocabulary row costs 1–3 ms of host time (16
     /// siblings drawn one by one took longer than their GPU step).
     fn draw_in_parallel(&mut self, pick: impl Fn(SeqId) -> bool + Sync) {
+        let start = Instant::now();
         self.seqs.par_iter_mut().for_each(|(&id, seq)| {
             if let (Task::Generate(g), Some(logits)) = (&mut seq.task, &seq.next_logits) {
                 if g.drawn.is_none() && pick(id) {
@@ -846,6 +854,7 @@ impl<'m, B: Backend> Engine<'m, B> {
                 }
             }
         });
+        self.stats.draw_time += start.elapsed();
     }
 
     fn advance_one(&mut self, id: SeqId, events: &mut Vec<Event>) {

@@ -273,6 +273,15 @@ fn matmul_splits(blocks: usize, stages: usize, slots: usize, max_splits: usize) 
         .unwrap_or(1)
 }
 
+/// What a norm checks: `out` is `x`'s shape and the weight is one row wide.
+fn check_norm(op: &str, x: &CudaTensor, w: &CudaVector, out: &CudaTensor) -> Result<()> {
+    check(op, "out", out, x.rows, x.cols)?;
+    if w.len != x.cols {
+        return Err(shape_err(op, format!("weight of {} for width {}", w.len, x.cols)));
+    }
+    Ok(())
+}
+
 /// What `rope` checks: `qkv` is the step's `[rows, layout.width()]`, the cos/sin tables are
 /// `[max_pos, head_dim/2]` and every position is inside them.
 fn check_rope(
@@ -816,13 +825,7 @@ impl Backend for CudaBackend {
     }
 
     fn rmsnorm(&self, x: &CudaTensor, w: &CudaVector, eps: f32, out: &mut CudaTensor) -> Result<()> {
-        check("rmsnorm", "out", out, x.rows, x.cols)?;
-        if w.len != x.cols {
-            return Err(shape_err(
-                "rmsnorm",
-                format!("weight of {} for width {}", w.len, x.cols),
-            ));
-        }
+        check_norm("rmsnorm", x, w, out)?;
         let (d, null) = (x.cols as i32, 0u64);
         let xs = x.f16("rmsnorm")?;
         let o = out.f16_mut("rmsnorm")?;
@@ -851,13 +854,7 @@ impl Backend for CudaBackend {
         out: &mut CudaTensor,
     ) -> Result<()> {
         check("add_rmsnorm", "y", y, x.rows, x.cols)?;
-        check("add_rmsnorm", "out", out, x.rows, x.cols)?;
-        if w.len != x.cols {
-            return Err(shape_err(
-                "add_rmsnorm",
-                format!("weight of {} for width {}", w.len, x.cols),
-            ));
-        }
+        check_norm("add_rmsnorm", x, w, out)?;
         let (rows, d) = (x.rows, x.cols as i32);
         // SAFETY: shapes checked; x[rows, d] updated in place, writes out[rows, d].
         unsafe {
