@@ -1317,8 +1317,12 @@ impl Backend for CudaBackend {
                 out.extend(v[..n].iter().map(|h| h.to_f32()));
             }
             DevBuf::F32(b) => {
-                let v = self.stream.clone_dtoh(b).map_err(|e| cuda_err("to_host", e))?;
-                out.extend_from_slice(&v[..n]);
+                // Straight into `out` (logits: 16 rows of a 128k vocabulary are 8 MB, which a
+                // temporary would allocate and copy once more).
+                out.resize(n, 0.0);
+                self.stream
+                    .memcpy_dtoh(&b.slice(..n), out.as_mut_slice())
+                    .map_err(|e| cuda_err("to_host", e))?;
             }
         }
         Ok(())
