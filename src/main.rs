@@ -275,6 +275,10 @@ pub(crate) struct EngineArgs {
     /// Run decode steps uncaptured (no CUDA graphs).
     #[arg(long)]
     no_graphs: bool,
+    /// Draw tokens on the device (CUDA) when a step's rows are all generating, instead of
+    /// copying their logits to the host (not yet checked on a GPU: off by default).
+    #[arg(long)]
+    device_sampling: bool,
 }
 
 impl EngineArgs {
@@ -289,6 +293,7 @@ impl EngineArgs {
             prefix_cache: !self.no_prefix_cache,
             cascade_min_blocks: (!self.no_cascade).then_some(1),
             graphs: !self.no_graphs,
+            device_sampling: self.device_sampling,
         }
     }
 }
@@ -422,6 +427,10 @@ struct BenchTreeArgs {
     /// noisy machine affects every setup alike).
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// Draw the siblings' tokens on the device (CUDA) instead of copying their logits to the
+    /// host and drawing there.
+    #[arg(long)]
+    device_sampling: bool,
     #[command(flatten)]
     shape: ShapeArgs,
     #[command(flatten)]
@@ -1029,6 +1038,8 @@ fn cmd_bench_tree(a: BenchTreeArgs) -> Result<()> {
 fn bench_tree_on<B: Backend>(a: &BenchTreeArgs, model: Llama<B>) -> Result<()> {
     println!("backend:  {}", model.backend_name());
     println!("cpu:      {}", cpu_model());
+    let on_device = a.device_sampling && model.backend().draws_on_device();
+    println!("draws:    {}", if on_device { "on the device" } else { "on the host" });
     println!(
         "K = {} siblings, prefix P = {} tokens, suffix S = {} tokens, block = {} tokens",
         a.siblings, a.prefix, a.suffix, DEFAULT_BLOCK_SIZE
@@ -1041,7 +1052,7 @@ fn bench_tree_on<B: Backend>(a: &BenchTreeArgs, model: Llama<B>) -> Result<()> {
     for _ in 0..a.reps.max(1) {
         let round = TreeMode::ALL
             .iter()
-            .map(|&mode| qmtot::bench::tree::run(&model, mode, a.siblings, a.prefix, a.suffix))
+            .map(|&mode| qmtot::bench::tree::run(&model, mode, a.siblings, a.prefix, a.suffix, a.device_sampling))
             .collect::<Result<Vec<_>>>()?;
         rounds.push(round);
     }

@@ -563,16 +563,19 @@ fn a_captured_decode_graph_replays_the_uncaptured_decode() {
 
 /// Greedy generations of the engine on `model`: three independent prompts (decode steps of
 /// three rows, which graphs capture when `graphs` is on) and three forked siblings of one
-/// prompt (sharing groups: cascade, uncaptured). Returns the generated ids in request order
-/// and the steps that replayed a graph.
+/// prompt (sharing groups: cascade, uncaptured), tokens drawn on the device when
+/// `device_sampling` is on and the backend can. Returns the generated ids in request order,
+/// the steps that replayed a graph and the steps drawn on the device.
 fn engine_greedy<B: Backend>(
     model: &Llama<B>,
     tok: &qmtot::tokenizer::Tokenizer,
     graphs: bool,
-) -> (Vec<Vec<u32>>, usize) {
+    device_sampling: bool,
+) -> (Vec<Vec<u32>>, usize, usize) {
     use qmtot::engine::{Engine, EngineConfig, Event, SamplingParams, StopConditions};
     let config = EngineConfig {
         graphs,
+        device_sampling,
         ..EngineConfig::default()
     };
     let mut engine = Engine::new(model, None, config).unwrap();
@@ -613,24 +616,78 @@ fn engine_greedy<B: Backend>(
             _ => {}
         }
     }
-    (out, engine.stats().graph_steps)
+    let stats = engine.stats();
+    (out, stats.graph_steps, stats.device_draw_steps)
 }
 
 #[test]
 fn the_engine_on_cuda_generates_the_cpu_greedy_text_with_and_without_graphs() {
-    // The CPU oracle first (it runs everywhere; it has no graphs).
+    // The CPU oracle first (it runs everywhere; it has no graphs and draws on the host even
+    // when asked to draw on the device).
     let (cm, tok) = load_smollm2(cpu());
-    let (on_cpu, cpu_replays) = engine_greedy(&cm, &tok, true);
+    let (on_cpu, cpu_replays, _) = engine_greedy(&cm, &tok, true, false);
     assert_eq!(cpu_replays, 0);
     assert!(on_cpu.iter().all(|t| t.len() == 10), "{on_cpu:?}");
+    let (asked, _, cpu_device_draws) = engine_greedy(&cm, &tok, true, true);
+    assert_eq!((&asked, cpu_device_draws), (&on_cpu, 0));
     let Some(g) = gpu() else { return };
     let (gm, _) = load_smollm2(g);
-    let (with_graphs, replayed) = engine_greedy(&gm, &tok, true);
-    let (without, none) = engine_greedy(&gm, &tok, false);
+    let (with_graphs, replayed, _) = engine_greedy(&gm, &tok, true, false);
+    let (without, none, _) = engine_greedy(&gm, &tok, false, false);
     assert!(replayed > 0, "no decode step replayed a graph");
     assert_eq!(none, 0);
     assert_eq!(with_graphs, without, "graphs change the greedy text");
     // Greedy text on CUDA (f16) equals the CPU oracle's (f32): the forward test's bound on
     // the logits leaves these prompts' top tokens clear of ties.
     assert_eq!(with_graphs, on_cpu, "CUDA vs CPU greedy text");
+    // Drawn on the device (the argmax kernel is the host argmax), with and without graphs.
+    for graphs in [true, false] {
+        let (drawn, _, device_steps) = engine_greedy(&gm, &tok, graphs, true);
+        assert!(device_steps > 0, "graphs={graphs}: no step drew on the device");
+        assert_eq!(drawn, on_cpu, "graphs={graphs}: device draws vs CPU greedy text");
+    }
+}
+
+/// Seeded sampling with top-k / top-p drawn on the device repeats itself, token for token.
+#[test]
+fn device_draws_in_the_engine_repeat_for_a_seed() {
+    use qmtot::engine::{Engine, EngineConfig, Event, SamplingParams, StopConditions};
+    let Some(g) = gpu() else { return };
+    let (gm, tok) = load_smollm2(g);
+    let run = || {
+        let config = EngineConfig {
+            device_sampling: true,
+            ..EngineConfig::default()
+        };
+        let mut engine = Engine::new(&gm, None, config).unwrap();
+        let root = engine.add(tok.encode("Once upon a time", true).unwrap()).unwrap();
+        engine.prefill(root).unwrap();
+        engine.run_until_idle().unwrap();
+        let kids = engine.fork(root, 4).unwrap();
+        for (i, &k) in kids.iter().enumerate() {
+            let sampling = SamplingParams {
+                temperature: 0.9,
+                top_k: 40,
+                top_p: 0.9,
+                seed: 7 + i as u64,
+                ..SamplingParams::default()
+            };
+            let stop = StopConditions {
+                max_new_tokens: 12,
+                ..Default::default()
+            };
+            engine.generate(k, sampling, stop).unwrap();
+        }
+        let mut out = vec![Vec::new(); kids.len()];
+        for e in engine.run_until_idle().unwrap() {
+            if let Event::Finished { seq, generation } = e {
+                out[kids.iter().position(|&k| k == seq).unwrap()] = generation.tokens;
+            }
+        }
+        (out, engine.stats().device_draw_steps)
+    };
+    let (first, steps) = run();
+    assert!(steps > 0, "no step drew on the device");
+    assert!(first.iter().all(|t| t.len() == 12), "{first:?}");
+    assert_eq!(run().0, first, "the same seeds drew other tokens");
 }

@@ -20,6 +20,7 @@
 pub mod cpu;
 pub mod cuda;
 
+use crate::engine::sampler::{Sampled, SamplingParams};
 use crate::error::Result;
 use crate::quant::WeightMatrix;
 
@@ -298,6 +299,14 @@ pub fn stack_parts<W>(
     })
 }
 
+/// One row's device draw ([`Backend::draw_rows`]): its sampling parameters and the uniform
+/// `u ∈ [0, 1)` its sequence's stream gave (`Sampler::next_uniform`).
+#[derive(Clone, Copy, Debug)]
+pub struct RowDraw<'a> {
+    pub params: &'a SamplingParams,
+    pub uniform: f64,
+}
+
 /// The ops a model runs on. See the module doc.
 pub trait Backend: Send + Sync {
     /// Activations `[rows, cols]`.
@@ -444,6 +453,22 @@ pub trait Backend: Send + Sync {
             "{}: no graphs on this backend",
             self.name()
         )))
+    }
+
+    // ---- sampling on the device (optional) -----------------------------------------------
+
+    /// Whether [`Backend::draw_rows`] draws here (asked before a caller takes uniforms from its
+    /// sequences' streams for it).
+    fn draws_on_device(&self) -> bool {
+        false
+    }
+    /// Draws one token for each row of `logits` (`[draws.len(), vocab]` f32) on the device,
+    /// with its log-probability and the `top_logprobs` it asks for, so only those come back to
+    /// the host. The draw is [`crate::engine::sampler::draw_with_uniform`] with the row's
+    /// uniform (the host `Sampler` draws from the same distribution, walking top-p candidates in
+    /// probability order instead of id order). `Ok(None)` on a backend without device sampling.
+    fn draw_rows(&self, _logits: &Self::Activations, _draws: &[RowDraw]) -> Result<Option<Vec<Sampled>>> {
+        Ok(None)
     }
 
     // ---- profiling (optional) -------------------------------------------------------------

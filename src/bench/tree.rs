@@ -66,6 +66,7 @@ pub fn run<B: Backend>(
     siblings: usize,
     prefix: usize,
     suffix: usize,
+    device_sampling: bool,
 ) -> Result<TreeBenchResult> {
     let k = if mode == TreeMode::Single { 1 } else { siblings.max(1) };
     crate::engine::check_prompt(prefix, suffix, model.config.context_length)?;
@@ -83,6 +84,7 @@ pub fn run<B: Backend>(
         // Graphs capture only steps without sharing groups, so they would speed up every setup
         // but cascade: off, to compare the attention setups alone.
         graphs: false,
+        device_sampling,
     };
     let mut engine = Engine::new(model, None, config)?;
     let vocab = model.config.vocab_size as u64;

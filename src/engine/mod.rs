@@ -36,10 +36,10 @@ pub use stop::{FinishReason, StopConditions, StopMatcher};
 
 use rayon::prelude::*;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, RowDraw};
 use crate::error::{Error, Result};
 use crate::kv::{BlockPool, PoolStats, RadixCache, DEFAULT_BLOCK_SIZE};
-use crate::model::llama::DecodeGraph;
+use crate::model::llama::{DecodeGraph, StepOutput};
 use crate::model::{KvCache, Llama};
 use crate::tokenizer::Tokenizer;
 use sequence::{detach_kept_rows, Candidate, Generating, LogitsRow, Scoring, Sequence, Task};
@@ -62,6 +62,11 @@ pub struct EngineConfig {
     pub cascade_min_blocks: Option<usize>,
     /// Replay captured graphs for decode steps (CUDA graphs; no effect on a backend without).
     pub graphs: bool,
+    /// Draw tokens on the device when every logit row of a step is a generating sequence's
+    /// next token, so only the tokens come back ([`crate::backend::Backend::draw_rows`]; no
+    /// effect on a backend without). Off by default until a GPU run has checked the engine's
+    /// use of it.
+    pub device_sampling: bool,
 }
 
 impl EngineConfig {
@@ -85,6 +90,7 @@ impl Default for EngineConfig {
             prefix_cache: true,
             cascade_min_blocks: Some(1),
             graphs: true,
+            device_sampling: false,
         }
     }
 }
@@ -209,6 +215,8 @@ pub struct EngineStats {
     pub forward_time: Duration,
     /// Wall time drawing tokens from logits on the host.
     pub draw_time: Duration,
+    /// Steps whose tokens were drawn on the device ([`EngineConfig::device_sampling`]).
+    pub device_draw_steps: usize,
     /// Sequences held (including engine-internal ones).
     pub sequences: usize,
     pub pool: PoolStats,
@@ -516,14 +524,20 @@ impl<'m, B: Backend> Engine<'m, B> {
     /// shared prefixes as plain attention, so steps that could cascade run uncaptured) when
     /// the config allows and the backend has graphs; else, or when the step does not fit its
     /// graph, the plain forward.
-    fn run_forward(&mut self, input: &crate::backend::StepInput) -> Result<Vec<f32>> {
+    /// With `draws` (one per logit row), the tokens are drawn on the device where the backend
+    /// can ([`Llama::forward_drawing`]).
+    fn run_forward(&mut self, input: &crate::backend::StepInput, draws: Option<&[RowDraw]>) -> Result<StepOutput> {
+        let plain = |engine: &mut Self| match draws {
+            Some(d) => engine.model.forward_drawing(&mut engine.kv, input, d),
+            None => engine.model.forward(&mut engine.kv, input).map(StepOutput::Logits),
+        };
         let rows = input.rows();
         let decode = rows <= MAX_GRAPH_ROWS
             && rows == input.block_tables.len()
             && input.logit_rows.len() == rows
             && input.groups.is_empty();
         if !self.config.graphs || self.graphs_unavailable || !decode {
-            return self.model.forward(&mut self.kv, input);
+            return plain(self);
         }
         let longest = input.positions.iter().max().map_or(1, |&p| p as usize + 1);
         let bucket = longest
@@ -546,12 +560,61 @@ impl<'m, B: Backend> Engine<'m, B> {
             }
         }
         if let Some(g) = self.graphs.get_mut(&key) {
-            if let Some(logits) = self.model.replay_decode(g, &mut self.kv, input)? {
+            let replayed = match draws {
+                Some(d) => self.model.replay_decode_drawing(g, &mut self.kv, input, d)?,
+                None => self
+                    .model
+                    .replay_decode(g, &mut self.kv, input)?
+                    .map(StepOutput::Logits),
+            };
+            if let Some(out) = replayed {
                 self.stats.graph_steps += 1;
-                return Ok(logits);
+                return Ok(out);
             }
         }
-        self.model.forward(&mut self.kv, input)
+        plain(self)
+    }
+
+    /// Device draws for a step whose logit rows `uses` all give a generating sequence its next
+    /// token (and only when the config asks and the backend draws on the device): each
+    /// sequence's parameters and the next uniform of its stream, in row order, with the
+    /// samplers as they were before (to rewind them if the step fails, so a recomputed step
+    /// draws what it would have). `None` leaves every stream untouched (the host draws as
+    /// usual).
+    #[allow(clippy::type_complexity)]
+    fn device_draws(
+        &mut self,
+        plan: &[scheduler::Planned],
+        uses: &[LogitUse],
+    ) -> Option<(Vec<(SamplingParams, f64)>, Vec<(SeqId, Sampler)>)> {
+        if !self.config.device_sampling || !self.model.backend().draws_on_device() || uses.is_empty() {
+            return None;
+        }
+        let seq_of = |u: &LogitUse| match u {
+            LogitUse::Next { entry } => Some(plan[*entry].seq),
+            LogitUse::Candidate { .. } => None,
+        };
+        let all_generating = uses.iter().all(|u| {
+            seq_of(u)
+                .and_then(|id| self.seqs.get(&id))
+                .is_some_and(|s| matches!(&s.task, Task::Generate(g) if g.drawn.is_none() && s.next_logits.is_none()))
+        });
+        if !all_generating {
+            return None;
+        }
+        let mut before = Vec::with_capacity(uses.len());
+        let draws = uses
+            .iter()
+            .map(|u| {
+                let id = seq_of(u).expect("checked");
+                let Some(Task::Generate(g)) = self.seqs.get_mut(&id).map(|s| &mut s.task) else {
+                    unreachable!("checked")
+                };
+                before.push((id, g.sampler.clone()));
+                (g.sampler.params().clone(), g.sampler.next_uniform())
+            })
+            .collect();
+        Some((draws, before))
     }
 
     /// Runs one batched forward over the scheduled rows and returns the events it caused.
@@ -571,15 +634,30 @@ impl<'m, B: Backend> Engine<'m, B> {
             self.config.cascade_min_blocks,
         );
         let forward_start = Instant::now();
+        let (draw_params, samplers_before) = self.device_draws(&plan, &uses).unzip();
+        let draws: Option<Vec<RowDraw>> = draw_params.as_ref().map(|d| {
+            d.iter()
+                .map(|(params, uniform)| RowDraw {
+                    params,
+                    uniform: *uniform,
+                })
+                .collect()
+        });
         let result = self
             .model
             .copy_blocks(&mut self.kv, &copies)
-            .and_then(|()| self.run_forward(&input));
+            .and_then(|()| self.run_forward(&input, draws.as_deref()));
         self.stats.forward_time += forward_start.elapsed();
-        let logits = match result {
-            Ok(logits) => logits,
+        let output = match result {
+            Ok(output) => output,
             Err(e) => {
-                // The planned rows' slots were reserved but not written: recompute them later.
+                // The planned rows' slots were reserved but not written: recompute them later,
+                // with the streams the device draws took from rewound.
+                for (id, sampler) in samplers_before.into_iter().flatten() {
+                    if let Some(Task::Generate(g)) = self.seqs.get_mut(&id).map(|s| &mut s.task) {
+                        g.sampler = sampler;
+                    }
+                }
                 for p in &plan {
                     self.preempt(p.seq);
                 }
@@ -592,6 +670,23 @@ impl<'m, B: Backend> Engine<'m, B> {
         for p in &plan {
             self.seqs.get_mut(&p.seq).expect("planned sequences exist").computed += p.rows;
         }
+        let logits = match output {
+            StepOutput::Logits(logits) => logits,
+            StepOutput::Drawn(drawn) => {
+                self.stats.device_draw_steps += 1;
+                // Every row was a generating sequence's next token (`device_draws`).
+                for (sampled, use_) in drawn.into_iter().zip(&uses) {
+                    let LogitUse::Next { entry } = use_ else {
+                        unreachable!("device draws only for next-token rows")
+                    };
+                    let seq = self.seqs.get_mut(&plan[*entry].seq).expect("planned");
+                    if let Task::Generate(g) = &mut seq.task {
+                        g.drawn = Some(sampled);
+                    }
+                }
+                Vec::new()
+            }
+        };
         let vocab = self.model.config.vocab_size;
         // The rows stay in the step's buffer: a 128k-vocabulary row is 512 KB, and copying 16
         // of them took 0.43 ms on the development CPU (best of 30; more with fresh pages),
@@ -867,16 +962,22 @@ impl<'m, B: Backend> Engine<'m, B> {
                 seq.task = Task::Idle;
                 events.push(Event::Ready { seq: id });
             }
-            Task::Generate(g) if seq.next_logits.is_some() || g.stop.max_new_tokens == 0 => {
-                let Some(logits) = seq.next_logits.take() else {
-                    let Task::Generate(g) = std::mem::replace(&mut seq.task, Task::Idle) else {
-                        unreachable!()
-                    };
-                    let generation = finish_generation(*g, FinishReason::Length);
-                    events.push(Event::Finished { seq: id, generation });
-                    return;
+            Task::Generate(g) if seq.next_logits.is_some() || g.drawn.is_some() || g.stop.max_new_tokens == 0 => {
+                // Drawn already (in parallel on the host, or on the device), else drawn now.
+                let logits = seq.next_logits.take();
+                let sampled = match (g.drawn.take(), logits) {
+                    (Some(sampled), _) => sampled,
+                    (None, Some(logits)) => g.sampler.sample(&logits),
+                    (None, None) => {
+                        let Task::Generate(g) = std::mem::replace(&mut seq.task, Task::Idle) else {
+                            unreachable!()
+                        };
+                        let generation = finish_generation(*g, FinishReason::Length);
+                        events.push(Event::Finished { seq: id, generation });
+                        return;
+                    }
                 };
-                let Sampled { token, logprob, top } = g.drawn.take().unwrap_or_else(|| g.sampler.sample(&logits));
+                let Sampled { token, logprob, top } = sampled;
                 seq.tokens.push(token);
                 let (text, finish) = record_token(g, self.tokenizer, token, logprob);
                 events.push(Event::Token {

@@ -12,8 +12,9 @@
 //! logits   [R, vocab]             R = rows that asked for logits
 //! ```
 
-use crate::backend::{Backend, KvShape, QkvLayout, StepInput};
+use crate::backend::{Backend, KvShape, QkvLayout, RowDraw, StepInput};
 use crate::config::{ModelConfig, RopeStyle};
+use crate::engine::sampler::Sampled;
 use crate::error::{Error, Result};
 use crate::model::WeightSource;
 
@@ -236,21 +237,48 @@ impl<B: Backend> Llama<B> {
     /// Runs one batched step: writes every row's K/V into its slot and returns the logits of
     /// `input.logit_rows`, `[R, vocab]` row-major f32.
     pub fn forward(&self, kv: &mut KvCache<B>, input: &StepInput) -> Result<Vec<f32>> {
-        self.backend.run(|| self.forward_in_context(kv, input))
+        match self.backend.run(|| self.forward_in_context(kv, input, None))? {
+            StepOutput::Logits(logits) => Ok(logits),
+            StepOutput::Drawn(_) => unreachable!("no draws were asked"),
+        }
     }
 
-    fn forward_in_context(&self, kv: &mut KvCache<B>, input: &StepInput) -> Result<Vec<f32>> {
+    /// [`Llama::forward`], drawing one token per logit row on the device with `draws` (one per
+    /// row of `input.logit_rows`, in order) when the backend can ([`Backend::draw_rows`]): then
+    /// only the drawn tokens come back; otherwise the logits do.
+    pub fn forward_drawing(&self, kv: &mut KvCache<B>, input: &StepInput, draws: &[RowDraw]) -> Result<StepOutput> {
+        self.backend.run(|| self.forward_in_context(kv, input, Some(draws)))
+    }
+
+    fn forward_in_context(
+        &self,
+        kv: &mut KvCache<B>,
+        input: &StepInput,
+        draws: Option<&[RowDraw]>,
+    ) -> Result<StepOutput> {
         let c = &self.config;
         input.validate(c.vocab_size, c.context_length, &kv.shape)?;
+        check_draws(input, draws)?;
         let step = self.backend.upload_step(input)?;
         let r = input.logit_rows.len();
         let mut bufs = self.alloc_buffers(input.rows(), r)?;
         self.run_step(&mut kv.store, &step, &mut bufs)?;
+        self.step_output(&bufs.logits, r, draws)
+    }
+
+    /// The step's result from its logits buffer (`r` rows): drawn on the device when `draws`
+    /// asks and the backend can, else copied to the host.
+    fn step_output(&self, logits: &B::Activations, r: usize, draws: Option<&[RowDraw]>) -> Result<StepOutput> {
+        if let Some(draws) = draws.filter(|_| r > 0) {
+            if let Some(drawn) = self.backend.draw_rows(logits, draws)? {
+                return Ok(StepOutput::Drawn(drawn));
+            }
+        }
         let mut logits_host = Vec::new();
         if r > 0 {
-            self.backend.to_host(&bufs.logits, &mut logits_host)?;
+            self.backend.to_host(logits, &mut logits_host)?;
         }
-        Ok(logits_host)
+        Ok(StepOutput::Logits(logits_host))
     }
 
     /// The activations of a step of `t` rows, `r` of them returning logits.
@@ -373,15 +401,60 @@ impl<B: Backend> Llama<B> {
         kv: &mut KvCache<B>,
         input: &StepInput,
     ) -> Result<Option<Vec<f32>>> {
+        Ok(self.replay_decode_inner(g, kv, input, None)?.map(|out| match out {
+            StepOutput::Logits(logits) => logits,
+            StepOutput::Drawn(_) => unreachable!("no draws were asked"),
+        }))
+    }
+
+    /// [`Llama::replay_decode`] with device draws, as [`Llama::forward_drawing`].
+    pub fn replay_decode_drawing(
+        &self,
+        g: &mut DecodeGraph<B>,
+        kv: &mut KvCache<B>,
+        input: &StepInput,
+        draws: &[RowDraw],
+    ) -> Result<Option<StepOutput>> {
+        self.replay_decode_inner(g, kv, input, Some(draws))
+    }
+
+    fn replay_decode_inner(
+        &self,
+        g: &mut DecodeGraph<B>,
+        kv: &mut KvCache<B>,
+        input: &StepInput,
+        draws: Option<&[RowDraw]>,
+    ) -> Result<Option<StepOutput>> {
         let c = &self.config;
         input.validate(c.vocab_size, c.context_length, &kv.shape)?;
+        check_draws(input, draws)?;
         if kv.shape != g.kv_shape || !self.backend.refill_step(&mut g.step, input)? {
             return Ok(None);
         }
         self.backend.replay(&g.graph)?;
-        let mut logits = Vec::new();
-        self.backend.to_host(&g.bufs.logits, &mut logits)?;
-        Ok(Some(logits))
+        self.step_output(&g.bufs.logits, input.logit_rows.len(), draws)
+            .map(Some)
+    }
+}
+
+/// What a step brings back to the host.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StepOutput {
+    /// The logits of the step's logit rows, `[R, vocab]` row-major f32.
+    Logits(Vec<f32>),
+    /// One token drawn on the device per logit row, in order ([`Backend::draw_rows`]).
+    Drawn(Vec<Sampled>),
+}
+
+/// Device draws, when asked, come one per logit row.
+fn check_draws(input: &StepInput, draws: Option<&[RowDraw]>) -> Result<()> {
+    match draws {
+        Some(d) if d.len() != input.logit_rows.len() => Err(Error::InvalidArgument(format!(
+            "{} device draws for {} logit rows",
+            d.len(),
+            input.logit_rows.len()
+        ))),
+        _ => Ok(()),
     }
 }
 

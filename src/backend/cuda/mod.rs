@@ -35,7 +35,8 @@ use half::f16;
 pub use kernels::arch_for;
 use kernels::{cuda_err, Kernels};
 
-use super::{Backend, KvShape, QkvLayout, StepInput};
+use super::{Backend, KvShape, QkvLayout, RowDraw, StepInput};
+use crate::engine::sampler::Sampled;
 use crate::error::{Error, Result};
 use crate::quant::{Int4Matrix, WeightMatrix};
 use kernel_cache::KernelCache;
@@ -1296,6 +1297,32 @@ impl Backend for CudaBackend {
 
     fn replay(&self, graph: &Self::Graph) -> Result<()> {
         graph.launch().map_err(|e| cuda_err("graph launch", e))
+    }
+
+    fn draws_on_device(&self) -> bool {
+        true
+    }
+
+    fn draw_rows(&self, logits: &CudaTensor, draws: &[RowDraw]) -> Result<Option<Vec<Sampled>>> {
+        let rows: Vec<sampling::RowSampling> = draws
+            .iter()
+            .map(|d| sampling::RowSampling {
+                params: d.params,
+                uniform: d.uniform,
+                candidates: &[],
+            })
+            .collect();
+        let drawn = self.sample_rows(logits, &rows)?;
+        Ok(Some(
+            drawn
+                .into_iter()
+                .map(|d| Sampled {
+                    token: d.token,
+                    logprob: d.logprob,
+                    top: d.top,
+                })
+                .collect(),
+        ))
     }
 
     fn profile_region(&self, on: bool) -> Result<()> {
