@@ -465,8 +465,9 @@ pub trait Backend: Send + Sync {
     /// Draws one token for each row of `logits` (`[draws.len(), vocab]` f32) on the device,
     /// with its log-probability and the `top_logprobs` it asks for, so only those come back to
     /// the host. The draw is [`crate::engine::sampler::draw_with_uniform`] with the row's
-    /// uniform (the host `Sampler` draws from the same distribution, walking top-p candidates in
-    /// probability order instead of id order). `Ok(None)` on a backend without device sampling.
+    /// uniform, which the host `Sampler` follows too (same kept tokens, same id order), so a
+    /// stream draws the same tokens either way up to rounding at a boundary. `Ok(None)` on a
+    /// backend without device sampling.
     fn draw_rows(&self, _logits: &Self::Activations, _draws: &[RowDraw]) -> Result<Option<Vec<Sampled>>> {
         Ok(None)
     }

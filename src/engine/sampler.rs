@@ -7,9 +7,9 @@
 //!
 //! The CUDA backend samples on the device (`kernels/sampling.cu`); [`kept_weights`] and
 //! [`draw_with_uniform`] are its semantics as pure host code, the oracle its GPU tests compare
-//! against. It draws from the same distribution as [`Sampler`], with the host's `u`
-//! ([`Sampler::next_uniform`]), but walks the kept tokens in ascending id order, so with top-k or
-//! top-p on the same `u` may pick another token than `Sampler::sample` would.
+//! against. [`Sampler`] walks the same kept tokens in the same ascending id order with the same
+//! `u` ([`Sampler::next_uniform`]), so a seed draws the same tokens on either backend, up to
+//! rounding (f32 weights here and on the device, f64 in the oracle) moving a boundary.
 
 use crate::error::{Error, Result};
 
@@ -385,8 +385,9 @@ impl Sampler {
             idx.select_nth_unstable_by(p.top_k - 1, by_logit);
             idx.truncate(p.top_k);
         }
-        // Only top-p needs the candidates in probability order; otherwise they stay in id order
-        // and a draw costs no sort of the vocabulary (it ran every decode step).
+        // Only top-p needs the candidates in probability order (to find the nucleus); the walk
+        // below is in id order either way, and without top-p a draw costs no sort of the
+        // vocabulary (it ran every decode step).
         let nucleus = p.top_p < 1.0;
         if nucleus {
             idx.sort_unstable_by(by_logit);
@@ -418,20 +419,24 @@ impl Sampler {
                 }
             }
         }
-        let kept_mass: f64 = weights[..keep].iter().sum();
+        // The kept candidates walked in ascending id order, as the device draws them
+        // (`draw_with_uniform`), so one stream draws the same token on every backend.
+        let mut kept: Vec<(u32, f64)> = idx[..keep]
+            .iter()
+            .zip(&weights[..keep])
+            .filter(|&(_, &w)| w > 0.0)
+            .map(|(&i, &w)| (i, w))
+            .collect();
+        kept.sort_unstable_by_key(|&(i, _)| i);
+        let kept_mass: f64 = kept.iter().map(|k| k.1).sum();
         let mut u = self.rng.next_f64() * kept_mass;
-        let mut last = idx[0];
-        for (i, &w) in weights[..keep].iter().enumerate() {
-            if w == 0.0 {
-                continue;
-            }
+        for &(id, w) in &kept {
             if u < w {
-                return idx[i];
+                return id;
             }
             u -= w;
-            last = idx[i];
         }
-        last
+        kept.last().map_or(idx[0], |k| k.0)
     }
 
     /// [`Sampler::draw`] for temperature alone (no top-k, top-p or min-p, the default of the
@@ -729,8 +734,9 @@ mod tests {
     }
 
     #[test]
-    fn device_semantics_equal_the_sampler_token_for_token_without_top_k_and_top_p() {
-        // Without top-k and top-p both walk the candidates in id order: same seed, same tokens.
+    fn device_semantics_equal_the_sampler_token_for_token() {
+        // Both walk the kept candidates in id order: same seed, same tokens, with or without
+        // top-k, top-p and min-p.
         let logits: Vec<f32> = (0..1000)
             .map(|i| ((i * 7919) % 997) as f32 / 997.0 * 6.0 - 3.0)
             .collect();
@@ -738,6 +744,9 @@ mod tests {
             params(1.0, 0, 1.0, 0.0, 11),
             params(0.5, 0, 1.0, 0.2, 12),
             params(0.0, 0, 1.0, 0.0, 13),
+            params(1.0, 40, 1.0, 0.0, 14),
+            params(0.8, 0, 0.9, 0.0, 15),
+            params(1.2, 100, 0.7, 0.05, 16),
         ] {
             let (mut host, mut device) = (Sampler::new(p.clone()).unwrap(), Sampler::new(p.clone()).unwrap());
             for _ in 0..2000 {

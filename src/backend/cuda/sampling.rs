@@ -2,8 +2,8 @@
 //! `kernels/sampling.cu` and copies back only the ids and the requested log-probabilities.
 //!
 //! Semantics: exactly [`draw_with_uniform`](crate::engine::sampler::draw_with_uniform) /
-//! [`kept_weights`](crate::engine::sampler::kept_weights), the host oracle (same distribution as
-//! the host `Sampler`; kept tokens walked in ascending id order). The randomness is the host's:
+//! [`kept_weights`](crate::engine::sampler::kept_weights), the host oracle (kept tokens walked
+//! in ascending id order, as the host `Sampler` walks them too). The randomness is the host's:
 //! each row carries its `u` from the sequence's seeded stream (`Sampler::next_uniform`), so a
 //! seed means the same stream on both backends and nothing random lives on the device.
 //! Log-probabilities are those of the raw logits (temperature 1), as `Sampler` reports them.
