@@ -134,8 +134,14 @@ pub struct CudaKv {
 }
 
 impl CudaKv {
+    /// Elements of one K or V plane of a layer, `[n_slots, n_kv_heads·head_dim]`.
     fn plane(&self) -> usize {
         self.shape.n_slots() * self.shape.n_kv_heads * self.shape.head_dim
+    }
+
+    /// Layer `layer`'s K plane then V plane in `store`: split the slice at [`CudaKv::plane`].
+    fn layer_range(&self, layer: usize) -> std::ops::Range<usize> {
+        2 * layer * self.plane()..2 * (layer + 1) * self.plane()
     }
 }
 
@@ -955,9 +961,9 @@ impl Backend for CudaBackend {
         step: &CudaStep,
     ) -> Result<()> {
         check_kv_write("kv_write", kv, layer, qkv, layout, step)?;
-        let plane = kv.plane();
         let (h, n_kv, hd) = (layout.n_heads as i32, layout.n_kv_heads as i32, layout.head_dim as i32);
-        let mut layer_kv = kv.store.slice_mut(2 * layer * plane..2 * (layer + 1) * plane);
+        let (range, plane) = (kv.layer_range(layer), kv.plane());
+        let mut layer_kv = kv.store.slice_mut(range);
         let (mut k, mut v) = layer_kv.split_at_mut(plane);
         // SAFETY: slots checked; writes one [n_kv·hd] row of K and V per row.
         unsafe {
@@ -998,8 +1004,8 @@ impl Backend for CudaBackend {
         let rows = qkv.rows;
         // One thread per (head, pair) of every head: Q and K rotated, K and V written.
         let pairs = (layout.n_heads + 2 * layout.n_kv_heads) * (layout.head_dim / 2).max(1);
-        let plane = kv.plane();
-        let mut layer_kv = kv.store.slice_mut(2 * layer * plane..2 * (layer + 1) * plane);
+        let (range, plane) = (kv.layer_range(layer), kv.plane());
+        let mut layer_kv = kv.store.slice_mut(range);
         let (mut k, mut v) = layer_kv.split_at_mut(plane);
         // SAFETY: positions checked against the tables and slots against the store; rotates Q
         // and K heads in place and writes one [n_kv·hd] row of K and V per row.
@@ -1087,9 +1093,7 @@ impl Backend for CudaBackend {
         // step's partials (sized for its longest context) would cost a large memset per layer.
         let mut part_ml = self.scratch_f32(rows * n_heads * np * 2)?;
         let mut part_o = self.scratch_f32(rows * n_heads * np * hd)?;
-        let plane = kv.plane();
-        let k = kv.store.slice(2 * layer * plane..(2 * layer + 1) * plane);
-        let v = kv.store.slice((2 * layer + 1) * plane..(2 * layer + 2) * plane);
+        let (k, v) = kv.store.slice(kv.layer_range(layer)).split_at(kv.plane());
         let (n_kv_i, mb, np_i) = (n_kv as i32, step.max_blocks as i32, np as i32);
         let x = qkv.f16("attention")?;
         if !plan.split_rows.is_empty() {
