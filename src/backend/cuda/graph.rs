@@ -65,10 +65,11 @@ impl CudaBackend {
             )));
         }
         let mut step = self.upload_step_with(input, max_blocks)?;
+        let chunk = graph_chunk(max_context);
         let shape = GraphShape {
             max_context,
-            chunk: graph_chunk(max_context),
-            max_chunks: max_context.div_ceil(graph_chunk(max_context)),
+            chunk,
+            max_chunks: max_context.div_ceil(chunk),
         };
         let plan = self.upload_plan(attention_plan::graph_plan(input, shape.chunk, shape.max_chunks))?;
         // Set before the capture, so no layer uploads a plan while it is recorded.
