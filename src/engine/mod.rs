@@ -633,7 +633,6 @@ impl<'m, B: Backend> Engine<'m, B> {
             self.config.block_size,
             self.config.cascade_min_blocks,
         );
-        let forward_start = Instant::now();
         let (draw_params, samplers_before) = self.device_draws(&plan, &uses).unzip();
         let draws: Option<Vec<RowDraw>> = draw_params.as_ref().map(|d| {
             d.iter()
@@ -643,6 +642,7 @@ impl<'m, B: Backend> Engine<'m, B> {
                 })
                 .collect()
         });
+        let forward_start = Instant::now();
         let result = self
             .model
             .copy_blocks(&mut self.kv, &copies)

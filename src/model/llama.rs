@@ -237,10 +237,7 @@ impl<B: Backend> Llama<B> {
     /// Runs one batched step: writes every row's K/V into its slot and returns the logits of
     /// `input.logit_rows`, `[R, vocab]` row-major f32.
     pub fn forward(&self, kv: &mut KvCache<B>, input: &StepInput) -> Result<Vec<f32>> {
-        match self.backend.run(|| self.forward_in_context(kv, input, None))? {
-            StepOutput::Logits(logits) => Ok(logits),
-            StepOutput::Drawn(_) => unreachable!("no draws were asked"),
-        }
+        Ok(self.backend.run(|| self.forward_in_context(kv, input, None))?.undrawn())
     }
 
     /// [`Llama::forward`], drawing one token per logit row on the device with `draws` (one per
@@ -401,10 +398,7 @@ impl<B: Backend> Llama<B> {
         kv: &mut KvCache<B>,
         input: &StepInput,
     ) -> Result<Option<Vec<f32>>> {
-        Ok(self.replay_decode_inner(g, kv, input, None)?.map(|out| match out {
-            StepOutput::Logits(logits) => logits,
-            StepOutput::Drawn(_) => unreachable!("no draws were asked"),
-        }))
+        Ok(self.replay_decode_inner(g, kv, input, None)?.map(StepOutput::undrawn))
     }
 
     /// [`Llama::replay_decode`] with device draws, as [`Llama::forward_drawing`].
@@ -444,6 +438,16 @@ pub enum StepOutput {
     Logits(Vec<f32>),
     /// One token drawn on the device per logit row, in order ([`Backend::draw_rows`]).
     Drawn(Vec<Sampled>),
+}
+
+impl StepOutput {
+    /// The logits of a step that asked for no device draws (the only output it can have).
+    fn undrawn(self) -> Vec<f32> {
+        match self {
+            StepOutput::Logits(logits) => logits,
+            StepOutput::Drawn(_) => unreachable!("no draws were asked"),
+        }
+    }
 }
 
 /// Device draws, when asked, come one per logit row.
