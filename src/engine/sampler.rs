@@ -428,15 +428,7 @@ impl Sampler {
             .map(|(&i, &w)| (i, w))
             .collect();
         kept.sort_unstable_by_key(|&(i, _)| i);
-        let kept_mass: f64 = kept.iter().map(|k| k.1).sum();
-        let mut u = self.rng.next_f64() * kept_mass;
-        for &(id, w) in &kept {
-            if u < w {
-                return id;
-            }
-            u -= w;
-        }
-        kept.last().map_or(idx[0], |k| k.0)
+        walk_in_id_order(kept.iter().copied(), self.rng.next_f64(), idx[0])
     }
 
     /// [`Sampler::draw`] for temperature alone (no top-k, top-p or min-p, the default of the
@@ -464,23 +456,28 @@ impl Sampler {
                     fast_exp(((l as f64 - max) * inv_t) as f32)
                 }
             }));
-            let kept_mass: f64 = w.iter().map(|&x| x as f64).sum();
-            let mut u = self.rng.next_f64() * kept_mass;
-            let mut last = first as u32;
-            for (id, &x) in w.iter().enumerate() {
-                if x == 0.0 {
-                    continue;
-                }
-                let x = x as f64;
-                if u < x {
-                    return id as u32;
-                }
-                u -= x;
-                last = id as u32;
-            }
-            last
+            let weights = w.iter().enumerate().map(|(id, &x)| (id as u32, x as f64));
+            walk_in_id_order(weights, self.rng.next_f64(), first as u32)
         })
     }
+}
+
+/// The walk of a draw: `u ∈ [0, 1)` scaled by the total weight of `weights` ((id, weight ≥ 0)
+/// in ascending id order), then the first id whose running weight passes it, zero weights
+/// skipped; the last weighted id if rounding leaves none, `unweighted` if nothing weighs
+/// anything. The same walk as [`draw_with_uniform`] (f64 sums in id order).
+fn walk_in_id_order(weights: impl Iterator<Item = (u32, f64)> + Clone, u: f64, unweighted: u32) -> u32 {
+    let mass: f64 = weights.clone().map(|(_, w)| w).sum();
+    let mut u = u * mass;
+    let mut last = unweighted;
+    for (id, w) in weights.filter(|&(_, w)| w != 0.0) {
+        if u < w {
+            return id;
+        }
+        u -= w;
+        last = id;
+    }
+    last
 }
 
 // The same chi-square statistics as the device sampling tests, from one file.
