@@ -1,7 +1,8 @@
 //! CPU criterion benchmarks: the INT4 matmul at SmolLM2-135M and LLaMA-3.1-8B shapes for
 //! M = 1, 8, 32 activation rows; one layer of paged attention for sibling sequences sharing a
-//! prefix, plain against cascade; and (when the default model is present) one decode step and
-//! a 512-token prefill of SmolLM2-135M. Throughput is reported in weights per second for the
+//! prefix, plain against cascade; drawing one token from a LLaMA-3 vocabulary row (128256
+//! logits) with each sampling setting; and (when the default model is present) one decode step
+//! and a 512-token prefill of SmolLM2-135M. Throughput is reported in weights per second for the
 //! matmuls (M·N·K / time would double-count nothing: each weight is read once per call).
 //!
 //! `cargo bench --bench cpu` (set `QMTOT_BENCH_FILTER`-style filters with criterion's own
@@ -212,5 +213,46 @@ fn smollm2(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, int4_matmul, attention, smollm2);
+/// One token drawn from a 128256-logit row (LLaMA 3's vocabulary), log-probability included,
+/// as the engine draws every host-sampled token: a flat row (random logits, the worst case of
+/// top-p) and a peaked one (a few tokens far above the rest, as a trained model's).
+fn sampler(c: &mut Criterion) {
+    use qmtot::engine::{Sampler, SamplingParams};
+    let flat: Vec<f32> = values(128_256, 7).iter().map(|v| 4.0 * v).collect();
+    let peaked: Vec<f32> = flat
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| if i % 5000 == 7 { l + 14.0 } else { l })
+        .collect();
+    let mut group = c.benchmark_group("sampler");
+    group.sample_size(20);
+    group.measurement_time(Duration::from_secs(2));
+    let settings = [
+        ("greedy", 0.0, 0, 1.0, 0.0),
+        ("t1", 1.0, 0, 1.0, 0.0),
+        ("t0.7", 0.7, 0, 1.0, 0.0),
+        ("top_k40", 1.0, 40, 1.0, 0.0),
+        ("top_p0.9", 1.0, 0, 0.9, 0.0),
+        ("min_p0.05", 1.0, 0, 1.0, 0.05),
+    ];
+    for (row_name, row) in [("flat", &flat), ("peaked", &peaked)] {
+        for (name, temperature, top_k, top_p, min_p) in settings {
+            let mut s = Sampler::new(SamplingParams {
+                temperature,
+                top_k,
+                top_p,
+                min_p,
+                seed: 1,
+                top_logprobs: 0,
+            })
+            .expect("valid parameters");
+            group.bench_function(BenchmarkId::new(row_name, name), |b| {
+                b.iter(|| black_box(s.sample(row)))
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, int4_matmul, attention, sampler, smollm2);
 criterion_main!(benches);

@@ -23,6 +23,7 @@ mod sequence;
 mod single;
 mod step;
 pub mod stop;
+pub mod vocab;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -11,7 +11,12 @@
 //! `u` ([`Sampler::next_uniform`]), so a seed draws the same tokens on either backend, up to
 //! rounding (f32 weights here and on the device, f64 in the oracle) moving a boundary.
 
+use super::vocab::{
+    chunk_sums, drop_below, log_sum_exp, log_sum_exp_with_max, max_logit, position_of, tempered_weights, TemperedRow,
+};
 use crate::error::{Error, Result};
+
+pub use super::vocab::argmax;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {
@@ -125,63 +130,6 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
     logits.iter().map(|&l| (l as f64 - lse) as f32).collect()
 }
 
-/// `e^x` in f32 without a libm call, so that loops over a vocabulary vectorize: the sampler
-/// and the log-probabilities walk 128k logits per row, and with libm's f64 `exp` a row took
-/// 1.5 ms on the host — longer than a GPU decode step of 16 rows (H200, 2026-11-26).
-/// Cody–Waite reduction `x = n·ln 2 + r` (|r| ≤ ln2/2) and the Taylor polynomial of `e^r` to
-/// r⁷ (truncation below 1e-8 relative); about 3e-7 relative error in all, from f32 rounding.
-/// `x < −87` gives 0 (the f32 exponent's end; −∞ included), NaN stays NaN.
-#[inline]
-pub(crate) fn fast_exp(x: f32) -> f32 {
-    const LN2_HI: f32 = 0.693_359_4; // ln 2 split so that n·LN2_HI is exact
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    const ROUND: f32 = 12_582_912.0; // 1.5·2²³: adding and subtracting it rounds to an integer
-    let xc = x.clamp(-87.0, 88.0); // NaN stays NaN
-    let t = xc * std::f32::consts::LOG2_E + ROUND;
-    let n = t - ROUND;
-    // n as an integer without a float → int conversion: t's mantissa holds it (ulp 1 there).
-    let n_bits = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
-    let r = xc - n * LN2_HI - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    let v = p * f32::from_bits((n_bits.wrapping_add(127) << 23) as u32);
-    if x < -87.0 {
-        0.0
-    } else {
-        v
-    }
-}
-
-/// `ln Σ e^l`: the maximum taken out, [`fast_exp`] per logit, f32 sums over chunks of 1024
-/// (vectorized) added in f64.
-fn log_sum_exp(logits: &[f32]) -> f64 {
-    let max = max_logit(logits);
-    if max.is_infinite() {
-        // All −∞ (or some +∞): the sum is not finite; keep the f64 definition's value.
-        let m = max as f64;
-        return m + logits.iter().map(|&l| (l as f64 - m).exp()).sum::<f64>().ln();
-    }
-    // 8 f32 lanes per chunk of 1024 (a sum the compiler may vectorize: it cannot reorder one
-    // running f32 sum), chunks added in f64.
-    let sum: f64 = logits
-        .chunks(1024)
-        .map(|c| {
-            let mut lanes = [0f32; 8];
-            let exact = c.chunks_exact(8);
-            let tail: f32 = exact.remainder().iter().map(|&l| fast_exp(l - max)).sum();
-            for e in exact {
-                for (acc, &l) in lanes.iter_mut().zip(e) {
-                    *acc += fast_exp(l - max);
-                }
-            }
-            (lanes.iter().sum::<f32>() + tail) as f64
-        })
-        .sum();
-    max as f64 + sum.ln()
-}
-
 /// log p(c) for each candidate token `c` (for evaluators and letter-likelihood baselines).
 pub fn candidate_logprobs(logits: &[f32], candidates: &[u32]) -> Result<Vec<f32>> {
     let lse = log_sum_exp(logits);
@@ -205,47 +153,7 @@ pub fn top_logprobs(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
     if k == 0 {
         return Vec::new();
     }
-    // A sorted list of at most k (logit, id): k is small (≤ MAX_TOP_LOGPROBS), the row long.
-    let mut best: Vec<(f32, u32)> = Vec::with_capacity(k + 1);
-    for (i, &l) in logits.iter().enumerate() {
-        if l.is_nan() || (best.len() == k && l <= best[k - 1].0) {
-            continue;
-        }
-        let at = best.partition_point(|&(b, _)| b >= l);
-        best.insert(at, (l, i as u32));
-        best.truncate(k);
-    }
-    let lse = log_sum_exp(logits);
-    best.into_iter().map(|(l, i)| (i, (l as f64 - lse) as f32)).collect()
-}
-
-/// The largest non-NaN logit (−∞ for an empty or all-NaN row), over 8 lanes so that it
-/// vectorizes.
-fn max_logit(logits: &[f32]) -> f32 {
-    let mut lanes = [f32::NEG_INFINITY; 8];
-    let chunks = logits.chunks_exact(8);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for (m, &l) in lanes.iter_mut().zip(c) {
-            // NaN compares false: never taken.
-            *m = if l > *m { l } else { *m };
-        }
-    }
-    lanes
-        .iter()
-        .chain(tail)
-        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
-}
-
-/// Index of the largest logit (lowest index among ties; NaN never wins; an all-NaN row gives
-/// its last index). Two passes that vectorize — the largest value over 8 lanes, then its first
-/// position — since a vocabulary row is 128k logits and this runs for every greedy row.
-pub fn argmax(logits: &[f32]) -> u32 {
-    let max = max_logit(logits);
-    logits
-        .iter()
-        .position(|&l| l == max)
-        .unwrap_or(logits.len().saturating_sub(1)) as u32
+    top_logprobs_with_lse(logits, k, log_sum_exp(logits))
 }
 
 /// The tokens a draw can return and their tempered weights, in ascending id order: the device
@@ -354,130 +262,195 @@ impl Sampler {
 
     /// Draws the next token from one row of logits.
     pub fn sample(&mut self, logits: &[f32]) -> Sampled {
-        let token = if self.params.temperature == 0.0 {
-            argmax(logits)
+        let max = max_logit(logits);
+        let (token, lse) = if self.params.temperature == 0.0 {
+            // The argmax, from the maximum already taken.
+            let at = position_of(logits, max).unwrap_or(logits.len().saturating_sub(1));
+            (at as u32, None)
         } else {
-            self.draw(logits)
+            self.draw(logits, max)
         };
-        let logprob = (logits[token as usize] as f64 - log_sum_exp(logits)) as f32;
+        let lse = lse.unwrap_or_else(|| log_sum_exp_with_max(logits, max));
         Sampled {
             token,
-            logprob,
-            top: top_logprobs(logits, self.params.top_logprobs),
+            logprob: (logits[token as usize] as f64 - lse) as f32,
+            top: top_logprobs_with_lse(logits, self.params.top_logprobs, lse),
         }
     }
 
-    fn draw(&mut self, logits: &[f32]) -> u32 {
-        let p = &self.params;
-        let inv_t = 1.0 / p.temperature as f64;
-        if (p.top_k == 0 || p.top_k >= logits.len()) && p.top_p >= 1.0 && p.min_p <= 0.0 {
-            return self.draw_tempered(logits, inv_t);
-        }
-        let mut idx: Vec<u32> = (0..logits.len() as u32)
-            .filter(|&i| !logits[i as usize].is_nan())
-            .collect();
-        if idx.is_empty() {
-            return 0;
-        }
-        // Most likely first; ties: lower id first.
-        let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
-        if p.top_k > 0 && p.top_k < idx.len() {
-            idx.select_nth_unstable_by(p.top_k - 1, by_logit);
-            idx.truncate(p.top_k);
-        }
-        // Only top-p needs the candidates in probability order (to find the nucleus); the walk
-        // below is in id order either way, and without top-p a draw costs no sort of the
-        // vocabulary (it ran every decode step).
-        let nucleus = p.top_p < 1.0;
-        if nucleus {
-            idx.sort_unstable_by(by_logit);
-        }
-        let max = idx
-            .iter()
-            .map(|&i| logits[i as usize])
-            .fold(f32::NEG_INFINITY, f32::max) as f64;
-        // Tempered weights relative to the most likely candidate (whose weight is 1).
-        let mut weights: Vec<f64> = idx
-            .iter()
-            .map(|&i| fast_exp(((logits[i as usize] as f64 - max) * inv_t) as f32) as f64)
-            .collect();
-        // min-p: drop candidates less likely than min_p × the most likely.
-        let floor = p.min_p as f64;
-        if floor > 0.0 {
-            weights.iter_mut().filter(|w| **w < floor).for_each(|w| *w = 0.0);
-        }
-        // top-p: the shortest most-likely-first prefix whose mass reaches top_p of the total.
-        let mut keep = weights.len();
-        if nucleus {
-            let total: f64 = weights.iter().sum();
-            let mut mass = 0.0;
-            for (i, w) in weights.iter().enumerate() {
-                mass += w;
-                if mass >= p.top_p as f64 * total {
-                    keep = i + 1;
-                    break;
-                }
-            }
-        }
-        // The kept candidates walked in ascending id order, as the device draws them
-        // (`draw_with_uniform`), so one stream draws the same token on every backend.
-        let mut kept: Vec<(u32, f64)> = idx[..keep]
-            .iter()
-            .zip(&weights[..keep])
-            .filter(|&(_, &w)| w > 0.0)
-            .map(|(&i, &w)| (i, w))
-            .collect();
-        kept.sort_unstable_by_key(|&(i, _)| i);
-        walk_in_id_order(kept.iter().copied(), self.rng.next_f64(), idx[0])
-    }
-
-    /// [`Sampler::draw`] for temperature alone (no top-k, top-p or min-p, the default of the
-    /// server and the ToT runner): the same candidates (every non-NaN token, in id order), the
-    /// same f32 weights and f64 sums in the same order, so the same token for the same stream;
-    /// but the weights go into a per-thread buffer instead of an index and a weight vector
-    /// allocated per draw (1.5 MB for a 128k row).
-    fn draw_tempered(&mut self, logits: &[f32], inv_t: f64) -> u32 {
+    /// Draws at temperature T > 0: [`weigh_kept`] into this thread's row buffer, then the walk
+    /// over the kept tokens in ascending id order, as the device draws ([`draw_with_uniform`]).
+    /// Also returns the row's log-sum-exp when it came for free.
+    fn draw(&mut self, logits: &[f32], max: f32) -> (u32, Option<f64>) {
         thread_local! {
-            static WEIGHTS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+            // One row's weights per thread (0.5 MB of f32 at 128k), kept between draws rather
+            // than allocated per draw.
+            static ROW: std::cell::RefCell<TemperedRow> = std::cell::RefCell::new(TemperedRow::default());
         }
-        let Some(first) = logits.iter().position(|l| !l.is_nan()) else {
-            return 0;
-        };
-        // The largest non-NaN logit, as over the candidates.
-        let max = max_logit(logits) as f64;
-        WEIGHTS.with(|w| {
-            let mut w = w.borrow_mut();
-            w.clear();
-            // A NaN logit weighs 0, which the sum and the walk below skip like a non-candidate.
-            w.extend(logits.iter().map(|&l| {
-                if l.is_nan() {
-                    0.0
-                } else {
-                    fast_exp(((l as f64 - max) * inv_t) as f32)
-                }
-            }));
-            let weights = w.iter().enumerate().map(|(id, &x)| (id as u32, x as f64));
-            walk_in_id_order(weights, self.rng.next_f64(), first as u32)
+        ROW.with(|row| {
+            let mut row = row.borrow_mut();
+            let lse = weigh_kept(logits, max, &self.params, &mut row);
+            // Token 0 when every logit is NaN (nothing weighs anything), as on the device.
+            (row.walk(self.rng.next_f64(), 0), lse)
         })
     }
 }
 
-/// The walk of a draw: `u ∈ [0, 1)` scaled by the total weight of `weights` ((id, weight ≥ 0)
-/// in ascending id order), then the first id whose running weight passes it, zero weights
-/// skipped; the last weighted id if rounding leaves none, `unweighted` if nothing weighs
-/// anything. The same walk as [`draw_with_uniform`] (f64 sums in id order).
-fn walk_in_id_order(weights: impl Iterator<Item = (u32, f64)> + Clone, u: f64, unweighted: u32) -> u32 {
-    let mass: f64 = weights.clone().map(|(_, w)| w).sum();
-    let mut u = u * mass;
-    let mut last = unweighted;
-    for (id, w) in weights.filter(|&(_, w)| w != 0.0) {
-        if u < w {
-            return id;
-        }
-        u -= w;
-        last = id;
+/// The weights a draw at temperature T > 0 walks, into `row`: the tempered weights of the
+/// whole row in one vectorized pass (`max` its largest non-NaN logit), then top-k, min-p and
+/// top-p, in that order, zero what they drop ([`kept_weights`]'s filters). Returns the row's
+/// log-sum-exp when it came for free: at T = 1 with no NaN logit the unfiltered weights are
+/// `e^(l − max)`, the same sums [`log_sum_exp`] makes.
+fn weigh_kept(logits: &[f32], max: f32, p: &SamplingParams, row: &mut TemperedRow) -> Option<f64> {
+    let inv_t = 1.0 / p.temperature;
+    let has_nan = tempered_weights(logits, max, inv_t, &mut row.weights, &mut row.chunk_mass);
+    let lse = (inv_t == 1.0 && !has_nan && max.is_finite()).then(|| max as f64 + row.mass().ln());
+    if p.top_k > 0 && p.top_k < logits.len() {
+        keep_only(
+            most_likely(logits, p.top_k).into_iter().map(|(_, i)| i),
+            &mut row.weights,
+        );
     }
-    last
+    if p.min_p > 0.0 {
+        drop_below(p.min_p, &mut row.weights);
+    }
+    if p.top_k > 0 || p.min_p > 0.0 {
+        chunk_sums(&row.weights, &mut row.chunk_mass);
+    }
+    if p.top_p < 1.0 {
+        keep_nucleus(logits, max, p.temperature, p.top_p, row);
+    }
+    lse
+}
+
+/// The `k` most likely non-NaN tokens (logit, id), most likely first in `f32::total_cmp`
+/// order, ties to the lower id (fewer when the row has fewer non-NaN logits).
+///
+/// Without reading the row twice: the k-th largest of the maxima of blocks of 64 logits, τ,
+/// bounds the k-th largest logit from below (k blocks hold a logit ≥ τ), so the k most likely
+/// all lie, at or above τ, in blocks whose maximum reaches τ; only those few logits are sorted.
+/// With more than one block per k the whole row is the candidate set.
+fn most_likely(logits: &[f32], k: usize) -> Vec<(f32, u32)> {
+    const BLOCK: usize = 64;
+    if k == 0 {
+        return Vec::new();
+    }
+    let maxima: Vec<f32> = logits.chunks(BLOCK).map(max_logit).collect();
+    let mut candidates: Vec<(f32, u32)> = if k < maxima.len() {
+        let mut sorted = maxima.clone();
+        let (_, &mut tau, _) = sorted.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+        maxima
+            .iter()
+            .enumerate()
+            .filter(|&(_, &m)| m >= tau)
+            .flat_map(|(b, _)| {
+                let start = b * BLOCK;
+                logits[start..(start + BLOCK).min(logits.len())]
+                    .iter()
+                    .enumerate()
+                    .filter(move |&(_, &l)| l >= tau)
+                    .map(move |(j, &l)| (l, (start + j) as u32))
+            })
+            .collect()
+    } else {
+        logits
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| !l.is_nan())
+            .map(|(i, &l)| (l, i as u32))
+            .collect()
+    };
+    if candidates.len() > k {
+        candidates.select_nth_unstable_by(k - 1, by_likelihood);
+        candidates.truncate(k);
+    }
+    candidates.sort_unstable_by(by_likelihood);
+    candidates
+}
+
+/// The `k` most likely tokens with their log-probabilities, given the row's log-sum-exp.
+fn top_logprobs_with_lse(logits: &[f32], k: usize, lse: f64) -> Vec<(u32, f32)> {
+    most_likely(logits, k)
+        .into_iter()
+        .map(|(l, i)| (i, (l as f64 - lse) as f32))
+        .collect()
+}
+
+/// Zeroes every weight but those of `kept`.
+fn keep_only(kept: impl Iterator<Item = u32>, weights: &mut [f32]) {
+    let saved: Vec<(u32, f32)> = kept.map(|i| (i, weights[i as usize])).collect();
+    weights.fill(0.0);
+    for (i, w) in saved {
+        weights[i as usize] = w;
+    }
+}
+
+/// Most likely first (`f32::total_cmp` on the logit), ties to the lower id.
+fn by_likelihood(a: &(f32, u32), b: &(f32, u32)) -> std::cmp::Ordering {
+    b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
+}
+
+/// top-p: keeps the shortest most-likely-first prefix of the weighted tokens (logit order,
+/// ties to the lower id) whose mass reaches `top_p` × the row's mass, zeroing the rest, and
+/// recomputes the chunk sums. The candidates are the tokens within a logit distance `d·T` of
+/// the maximum (weights above e^−d), for the smallest `d` of a ladder whose tokens hold enough
+/// mass; [`nucleus_length`] then finds the prefix without sorting them all.
+fn keep_nucleus(logits: &[f32], max: f32, temperature: f32, top_p: f32, row: &mut TemperedRow) {
+    let target = top_p as f64 * row.mass();
+    for d in [5.0f32, 12.0, 24.0, f32::INFINITY] {
+        let floor = if d.is_finite() {
+            max - d * temperature
+        } else {
+            f32::NEG_INFINITY
+        };
+        let mut near: Vec<(f32, u32)> = logits
+            .iter()
+            .zip(&row.weights)
+            .enumerate()
+            .filter(|&(_, (&l, &w))| w != 0.0 && l >= floor)
+            .map(|(i, (&l, _))| (l, i as u32))
+            .collect();
+        let Some(keep) = nucleus_length(&mut near, &row.weights, target) else {
+            if d.is_finite() {
+                continue; // not enough mass this close to the maximum
+            }
+            return; // rounding: the whole row is the prefix
+        };
+        keep_only(near[..keep].iter().map(|&(_, i)| i), &mut row.weights);
+        chunk_sums(&row.weights, &mut row.chunk_mass);
+        return;
+    }
+}
+
+/// The length of the shortest prefix of `near` in [`by_likelihood`] order whose weights
+/// (`weights[id]`) sum to at least `target` (`None` if all of them fall short), leaving that
+/// prefix in `near[..length]`. Halving by selection rather than sorting: each round places the
+/// median of the undecided range, sums the more likely half, and keeps the half the prefix
+/// ends in, so the work is about two passes over `near` (a flat row's nucleus is most of the
+/// vocabulary). The last few are sorted and walked; masses are f64 sums, the prefix's in order.
+fn nucleus_length(near: &mut [(f32, u32)], weights: &[f32], target: f64) -> Option<usize> {
+    let mass = |part: &[(f32, u32)]| part.iter().map(|&(_, i)| weights[i as usize] as f64).sum::<f64>();
+    // near[..lo] are in the prefix (mass `before`), near[hi..] are not; the end lies between.
+    let (mut lo, mut hi, mut before) = (0, near.len(), 0.0);
+    while hi - lo > 32 {
+        let mid = lo + (hi - lo) / 2;
+        near[lo..hi].select_nth_unstable_by(mid - lo, by_likelihood);
+        let upper = mass(&near[lo..=mid]);
+        if before + upper >= target {
+            hi = mid + 1;
+        } else {
+            before += upper;
+            lo = mid + 1;
+        }
+    }
+    near[lo..hi].sort_unstable_by(by_likelihood);
+    for (j, &(_, i)) in near.iter().enumerate().take(hi).skip(lo) {
+        before += weights[i as usize] as f64;
+        if before >= target {
+            return Some(j + 1);
+        }
+    }
+    None
 }
 
 // The same chi-square statistics as the device sampling tests, from one file.
@@ -515,36 +488,14 @@ mod tests {
                 ..fast.clone()
             };
             let (mut a, mut b) = (Sampler::new(fast).unwrap(), Sampler::new(general).unwrap());
-            let draws: Vec<(u32, u32)> = (0..300).map(|_| (a.draw(&logits), b.draw(&logits))).collect();
+            let max = max_logit(&logits);
+            let draws: Vec<(u32, u32)> = (0..300)
+                .map(|_| (a.draw(&logits, max).0, b.draw(&logits, max).0))
+                .collect();
             assert!(draws.iter().all(|(x, y)| x == y), "T = {temperature}: {draws:?}");
             let distinct: std::collections::HashSet<u32> = draws.iter().map(|d| d.0).collect();
             assert!(distinct.len() > 50, "the draws spread over the vocabulary");
         }
-    }
-
-    #[test]
-    fn fast_exp_is_within_a_millionth_of_exp_and_keeps_the_edges() {
-        let mut worst = 0f64;
-        for i in 0..=200_000 {
-            let x = -87.0 + i as f32 * (87.0 + 10.0) / 200_000.0;
-            let want = (x as f64).exp();
-            worst = worst.max(((fast_exp(x) as f64 - want) / want).abs());
-        }
-        // f32 rounding of the reduction and the polynomial: a few ulp (1 ulp = 6e-8).
-        assert!(worst < 1e-6, "max relative error {worst}");
-        assert_eq!(fast_exp(0.0), 1.0);
-        assert_eq!(fast_exp(f32::NEG_INFINITY), 0.0);
-        assert_eq!(fast_exp(-100.0), 0.0);
-        assert!(fast_exp(f32::NAN).is_nan());
-        // The log-sum-exp built on it: within 1e-6 of the f64 definition on a vocabulary row.
-        let row: Vec<f32> = (0..128_256).map(|i| ((i * 7919) % 2000) as f32 / 97.0 - 10.0).collect();
-        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let exact = m + row.iter().map(|&l| (l as f64 - m).exp()).sum::<f64>().ln();
-        assert!(
-            (log_sum_exp(&row) - exact).abs() < 1e-6,
-            "{} vs {exact}",
-            log_sum_exp(&row)
-        );
     }
 
     use super::chi2::{chi2_critical, chi2_fit, chi2_two_sample};
@@ -750,6 +701,73 @@ mod tests {
                 let u = device.next_uniform();
                 assert_eq!(host.sample(&logits).token, draw_with_uniform(&logits, &p, u), "{p:?}");
             }
+        }
+    }
+
+    /// A vocabulary-sized row on 40 levels (ties everywhere), NaN sprinkled, ±0 both present.
+    fn tied_row(n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| match i % 4099 {
+                17 => f32::NAN,
+                18 => -0.0,
+                19 => 0.0,
+                _ => ((i * 7919) % 40) as f32 * 0.3 - 6.0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn most_likely_equals_sorting_the_row() {
+        for n in [5, 64, 65, 1000, 20_011] {
+            let row = tied_row(n);
+            let mut all: Vec<(f32, u32)> = row
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| !l.is_nan())
+                .map(|(i, &l)| (l, i as u32))
+                .collect();
+            all.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            for k in [1, 2, 7, 40, 64, 200, 313, 5000, n + 3] {
+                let got = most_likely(&row, k);
+                let want = &all[..k.min(all.len())];
+                assert_eq!(got.len(), want.len(), "n {n} k {k}");
+                assert!(
+                    got.iter()
+                        .zip(want)
+                        .all(|(a, b)| a.0.to_bits() == b.0.to_bits() && a.1 == b.1),
+                    "n {n} k {k}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_sampler_keeps_the_oracle_tokens_on_a_vocabulary_row() {
+        // The host's filters (block-bounded top-k, ladder-bounded nucleus, f32 weights) keep
+        // exactly the tokens of `kept_weights` (the device's semantics), with ties at every
+        // level, on a row long enough for every shortcut to be taken.
+        let row = tied_row(128_256);
+        let max = max_logit(&row);
+        for p in [
+            params(1.0, 40, 1.0, 0.0, 0),
+            params(0.7, 1000, 1.0, 0.0, 0),
+            params(1.0, 0, 1.0, 0.3, 0),
+            params(0.5, 0, 0.8, 0.0, 0),
+            params(2.0, 0, 0.95, 0.0, 0),
+            params(1.3, 3000, 0.6, 0.01, 0),
+        ] {
+            let mut r = TemperedRow::default();
+            weigh_kept(&row, max, &p, &mut r);
+            let host: Vec<u32> = (0..row.len() as u32)
+                .filter(|&i| r.weights[i as usize] != 0.0)
+                .collect();
+            let oracle: Vec<u32> = kept_weights(&row, &p).iter().map(|k| k.0).collect();
+            assert_eq!(host.len(), oracle.len(), "{p:?}");
+            assert!(host == oracle, "{p:?}");
+            // The chunk sums are those of the kept weights.
+            let mut sums = Vec::new();
+            chunk_sums(&r.weights, &mut sums);
+            assert_eq!(sums, r.chunk_mass, "{p:?}");
         }
     }
 

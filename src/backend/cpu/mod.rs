@@ -5,7 +5,7 @@ mod attention;
 pub mod matmul;
 mod ops;
 mod q8;
-mod simd;
+pub(crate) mod simd;
 
 pub use matmul::{CpuLinear, Isa, MatmulPrecision};
 
