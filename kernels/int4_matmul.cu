@@ -52,7 +52,8 @@
 #define MMA_WARPS 4
 // Stage slots per warp: RING − 1 stages in flight behind the one being computed. Three keep
 // 4 KB of weights in flight per warp, and leave shared memory for 4 blocks (16 warps) per SM.
-#define RING 3
+// (The pipeline variants at the end of the file try other depths.)
+constexpr int DEFAULT_RING = 3;
 // Inputs per K-slice granule: slices are multiples of this (and so of every stage and group).
 #define SLICE_K 256
 
@@ -165,11 +166,12 @@ struct XChunk {
 };
 
 // Dynamic shared memory of one block, in bytes (the layout at the top; mirrored by the
-// launcher's `matmul_smem_bytes` in src/backend/cuda/mod.rs).
-template <int NT, class W>
+// launcher's `matmul_smem_bytes` in src/backend/cuda/mod.rs), for RING slots per warp and
+// activation chunks of XC inputs.
+template <int NT, class W, int RING, int XC>
 __host__ __device__ constexpr int mma_smem_bytes() {
-    return MMA_WARPS * RING * (W::LOADS + W::AUX) * 32 * 16 + 8 * NT * (XChunk<NT>::XC + 8) * 2 +
-           (W::GROUPED ? 8 * NT * (XChunk<NT>::XC / 32) * 4 : 0);
+    return MMA_WARPS * RING * (W::LOADS + W::AUX) * 32 * 16 + 8 * NT * (XC + 8) * 2 +
+           (W::GROUPED ? 8 * NT * (XC / 32) * 4 : 0);
 }
 
 // The k-tiles of one stage: acc += W[rows of this warp, stage] · x[batch tile, stage]ᵀ.
@@ -282,21 +284,22 @@ __device__ __forceinline__ void splitk_fixup(const float* __restrict__ partial, 
     }
 }
 
-// The partitioning and pipeline described at the top, for weight format W and NT batch tiles.
+// The partitioning and pipeline described at the top, for weight format W, NT batch tiles,
+// RING weight slots per warp and activation chunks of XC inputs.
 //   x         [m_rows, k] f16 (row stride k; k a multiple of 32)
 //   partial   [S, m_rows, n] f32 (unused when S = 1)
 //   counters  [gridDim.z, gridDim.x] u32, zero before the launch and after it
-template <int NT, class W>
+template <int NT, class W, int RING = DEFAULT_RING, int XC = XChunk<NT>::XC>
 __device__ __forceinline__ void mma_matmul(const __half* __restrict__ x, const W& weights, float* __restrict__ partial,
                                            const MatmulOut out, unsigned* __restrict__ counters, int m_rows, int n,
                                            int k, int slice) {
     constexpr int MT = 8 * NT;              // batch rows of this block
     constexpr int SK = W::STAGE_K;          // inputs per stage
     constexpr int SLOT = (W::LOADS + W::AUX) * 32;  // uint4 per ring slot
-    constexpr int XC = XChunk<NT>::XC;      // inputs per activation chunk
     constexpr int XS_STRIDE = XC + 8;       // halves: 4 words past a multiple of 32 banks, so the
                                             // 32 lanes' B-fragment loads hit 32 banks
     static_assert(XC % SK == 0 && XC % SLICE_K == 0, "chunks hold whole stages and slice granules");
+    static_assert(RING >= 2, "at least one stage in flight");
     extern __shared__ uint4 smem[];
     uint4* ring = smem;
     __half(*xs)[XS_STRIDE] = reinterpret_cast<__half(*)[XS_STRIDE]>(smem + MMA_WARPS * RING * SLOT);
@@ -304,7 +307,7 @@ __device__ __forceinline__ void mma_matmul(const __half* __restrict__ x, const W
     {
         unsigned have;
         asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(have));
-        if (have < (unsigned)mma_smem_bytes<NT, W>()) __trap();  // launched with too little
+        if (have < (unsigned)mma_smem_bytes<NT, W, RING, XC>()) __trap();  // launched with too little
     }
     const int lane = threadIdx.x % QMTOT_WARP, warp = threadIdx.x / QMTOT_WARP;
     const int g = lane / 4, t = lane % 4;
@@ -467,7 +470,7 @@ __device__ __forceinline__ void mma_matmul(const __half* __restrict__ x, const W
 //   out16      [m_rows, ldo] f16 or out32 [m_rows, ldo] f32: the one that is not null
 //   counters   [ceil(m_rows / (8·NT)), ceil(n / 64)] u32, zero (and left zero)
 // Grid: (ceil(n / 64), S, ceil(m_rows / (8·NT))), block (128), dynamic shared memory
-// mma_smem_bytes<NT, Int4Fragments<G>>(). slice a multiple of SLICE_K (256).
+// mma_smem_bytes<NT, Int4Fragments<G>, DEFAULT_RING, XChunk<NT>::XC>(). slice a multiple of SLICE_K (256).
 #define INT4_MATMUL_ENTRY(NT, G)                                                                                  \
     extern "C" __global__ void __launch_bounds__(128, 2) int4_matmul_n##NT##_g##G##_f16(                          \
         const __half* __restrict__ x, const uint4* __restrict__ qweight, const float4* __restrict__ scale_min,     \
@@ -489,12 +492,35 @@ INT4_MATMUL_ENTRY(2, 128)
 INT4_MATMUL_ENTRY(4, 128)
 INT4_MATMUL_ENTRY(8, 128)
 
+// Pipeline variants of the INT4 g128 kernels, for measuring (`QMTOT_MATMUL_VARIANTS`, see
+// src/backend/cuda/mod.rs): R weight slots per warp, activation chunks of XC inputs, and at
+// least MINB blocks per multiprocessor in the register budget. Deeper rings keep more weights
+// in flight per warp; smaller chunks leave shared memory (and with MINB, registers) for more
+// warps per multiprocessor. Same arguments, grid and block as INT4_MATMUL_ENTRY; dynamic shared
+// memory mma_smem_bytes<NT, Int4Fragments<128>, R, XC>().
+#define INT4_MATMUL_VARIANT(NT, R, XC, MINB)                                                                       \
+    extern "C" __global__ void __launch_bounds__(128, MINB) int4_matmul_n##NT##_g128_r##R##_x##XC##_f16(           \
+        const __half* __restrict__ x, const uint4* __restrict__ qweight, const float4* __restrict__ scale_min,     \
+        float* __restrict__ partial, __half* __restrict__ out16, float* __restrict__ out32, int ldo,              \
+        unsigned* __restrict__ counters, int m_rows, int n, int k, int kp, int slice) {                           \
+        mma_matmul<NT, Int4Fragments<128>, R, XC>(x, Int4Fragments<128>{qweight, scale_min, kp}, partial,          \
+                                                   MatmulOut{out16, out32, ldo}, counters, m_rows, n, k, slice);   \
+    }
+INT4_MATMUL_VARIANT(1, 4, 1024, 3)
+INT4_MATMUL_VARIANT(1, 3, 512, 5)
+INT4_MATMUL_VARIANT(1, 4, 512, 4)
+INT4_MATMUL_VARIANT(1, 6, 512, 3)
+INT4_MATMUL_VARIANT(1, 3, 256, 6)
+INT4_MATMUL_VARIANT(1, 5, 256, 4)
+INT4_MATMUL_VARIANT(2, 3, 256, 4)
+INT4_MATMUL_VARIANT(2, 4, 256, 4)
+
 // The same for f16 weights (the lm_head, INT8 and dense parts uploaded as f16).
 //   x        [m_rows, k] f16
 //   w        [N/16, kp/16, 32] uint4 (fragment layout above)
 //   partial, out16 / out32, counters: as above
 // Grid: (ceil(n / 64), S, ceil(m_rows / (8·NT))), block (128), dynamic shared memory
-// mma_smem_bytes<NT, F16Fragments>(). slice a multiple of SLICE_K (256).
+// mma_smem_bytes<NT, F16Fragments, DEFAULT_RING, XChunk<NT>::XC>(). slice a multiple of SLICE_K (256).
 #define DENSE_MATMUL_ENTRY(NT)                                                                                    \
     extern "C" __global__ void __launch_bounds__(128, 2) dense_matmul_n##NT##_f16(                                \
         const __half* __restrict__ x, const uint4* __restrict__ w, float* __restrict__ partial,                   \

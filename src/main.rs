@@ -392,6 +392,11 @@ struct BenchKernelsArgs {
     /// Timed calls per point (median reported), after 3 warm-up calls.
     #[arg(long, default_value_t = 20)]
     reps: usize,
+    /// Matmul: also time each compiled pipeline variant of the INT4 g128 kernel beside the
+    /// default (CUDA; rows labelled [nN=rRxXC]: R weight slots per warp, activation chunks of XC
+    /// inputs). `QMTOT_MATMUL_VARIANTS=LABEL,...` then runs any command through chosen ones.
+    #[arg(long)]
+    matmul_variants: bool,
     /// Which parts: matmul, attention (decode over long contexts), cascade (shared prefix vs
     /// plain for sibling groups).
     #[arg(long, value_delimiter = ',', default_value = "matmul,attention,cascade")]
@@ -954,10 +959,12 @@ fn bench_matmul_on<B: qmtot::bench::kernels::KernelBenchDevice>(
 ) -> Result<()> {
     println!("| shape | N×K | M | qmtot µs | weight GB/s | % of copy | baseline | baseline µs | speed-up |");
     println!("|---|---|---:|---:|---:|---:|---|---:|---:|");
-    let report = qmtot::bench::kernels::run(b, shapes, &a.m, a.reps, |r| {
+    let report = qmtot::bench::kernels::run(b, shapes, &a.m, a.reps, a.matmul_variants, |r| {
+        let variant = r.variant.as_ref().map_or(String::new(), |v| format!(" [{v}]"));
         println!(
-            "| {} | {}×{} | {} | {:.1} | {:.0} | {:.0}% | {} | {:.1} | {:.2}× |",
+            "| {}{} | {}×{} | {} | {:.1} | {:.0} | {:.0}% | {} | {:.1} | {:.2}× |",
             r.shape.name,
+            variant,
             r.shape.n,
             r.shape.k,
             r.m,

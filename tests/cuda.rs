@@ -109,6 +109,31 @@ fn int4_and_dense_matmul_match_the_cpu_backend() {
     }
 }
 
+/// Every pipeline variant of the INT4 g128 kernel (deeper weight rings, smaller activation
+/// chunks, `QMTOT_MATMUL_VARIANTS`) equals the CPU backend, as the default does: K below, at and
+/// above each chunk size (640 ends in a short stage), many ring wraps (4352), N off the 64-row
+/// block, and T over the rows its batch width serves.
+#[test]
+fn int4_matmul_pipeline_variants_match_the_cpu_backend() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    for &(n, k) in &[(70, 4352), (21, 2048), (130, 640)] {
+        let w = WeightMatrix::Int4(Int4Matrix::quantize_rtn(n, k, 128, &rand_values(n * k, 5, 0.5)).unwrap());
+        let (wg, wc) = (g.upload_linear(&[&w]).unwrap(), c.upload_linear(&[&w]).unwrap());
+        for v in cuda::matmul_variant::MATMUL_VARIANTS {
+            g.use_matmul_variants(&[v]).unwrap();
+            assert_eq!(g.matmul_variants_in_use(), vec![v]);
+            let rows: &[usize] = if v.nt == 1 { &[1, 3, 8] } else { &[9, 16] };
+            for &t in rows {
+                let what = format!("variant {} N={n} K={k} T={t}", v.label());
+                compare_matmul(&g, &c, (&wg, &wc), (t, k, n), 200 + t as u64, &what);
+            }
+        }
+        g.use_matmul_variants(&[]).unwrap();
+        assert!(g.matmul_variants_in_use().is_empty());
+    }
+}
+
 /// Q|K|V-like INT4 parts (32, 16 and 5 rows: the CUDA upload fuses them into one launch) and
 /// a part of another group size after them (its own launch) equal the CPU backend.
 #[test]

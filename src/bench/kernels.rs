@@ -69,6 +69,16 @@ pub trait KernelBenchDevice: Backend {
     fn kv_element_bytes(&self) -> usize;
     /// Activations `[rows, cols]` holding `values`.
     fn activations(&self, rows: usize, cols: usize, values: &[f32]) -> Result<Self::Activations>;
+    /// Alternative INT4 (g128) matmul pipelines this device can time beside its default at `m`
+    /// rows, by label (none by default).
+    fn matmul_variants(&self, _m: usize) -> Vec<String> {
+        Vec::new()
+    }
+    /// Runs INT4 matmuls through `label` (one of [`KernelBenchDevice::matmul_variants`]), or
+    /// through the defaults again (`None`).
+    fn use_matmul_variant(&self, _label: Option<&str>) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// A layer shape: `W[n, k]`.
@@ -152,6 +162,8 @@ pub const LLAMA2_70B: [Shape; 5] = [
 #[derive(Clone, Debug)]
 pub struct Row {
     pub shape: Shape,
+    /// The matmul pipeline variant timed (`None`: the default).
+    pub variant: Option<String>,
     pub m: usize,
     pub seconds: f64,
     pub weight_gbps: f64,
@@ -188,12 +200,15 @@ pub fn random_values(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// Runs every shape × m. `progress` gets each row as it is measured.
+/// Runs every shape × m, and with `variants` every alternative matmul pipeline of the device
+/// beside the default at the INT4 shapes (against the same baseline measurement). `progress`
+/// gets each row as it is measured.
 pub fn run<B: KernelBenchDevice>(
     b: &B,
     shapes: &[Shape],
     ms: &[usize],
     reps: usize,
+    variants: bool,
     mut progress: impl FnMut(&Row),
 ) -> Result<Report> {
     let copy_gbps = b.copy_bandwidth()?;
@@ -253,18 +268,33 @@ pub fn run<B: KernelBenchDevice>(
             };
             let seconds = b.per_call_time(3, reps, BENCH_ROUNDS, &mut || step(&mut out))?;
             let (baseline, baseline_seconds) = b.baseline(m, n, k, reps)?;
-            let weight_gbps = bytes as f64 / seconds / 1e9;
-            let row = Row {
-                shape: *shape,
-                m,
-                seconds,
-                weight_gbps,
-                fraction_of_copy: weight_gbps / copy_gbps,
-                baseline,
-                baseline_seconds,
+            let labels = if variants && !shape.f16 {
+                b.matmul_variants(m)
+            } else {
+                Vec::new()
             };
-            progress(&row);
-            rows.push(row);
+            let mut timed = vec![(None, seconds)];
+            for label in labels {
+                b.use_matmul_variant(Some(&label))?;
+                let t = b.per_call_time(3, reps, BENCH_ROUNDS, &mut || step(&mut out));
+                b.use_matmul_variant(None)?;
+                timed.push((Some(label), t?));
+            }
+            for (variant, seconds) in timed {
+                let weight_gbps = bytes as f64 / seconds / 1e9;
+                let row = Row {
+                    shape: *shape,
+                    variant,
+                    m,
+                    seconds,
+                    weight_gbps,
+                    fraction_of_copy: weight_gbps / copy_gbps,
+                    baseline: baseline.clone(),
+                    baseline_seconds,
+                };
+                progress(&row);
+                rows.push(row);
+            }
         }
     }
     Ok(Report { copy_gbps, rows })
@@ -345,8 +375,10 @@ mod tests {
             },
         ];
         let mut seen = 0;
-        let r = run(&b, &shapes, &[1, 3], 2, |_| seen += 1).unwrap();
+        // The CPU has no matmul variants: asking for them adds no row.
+        let r = run(&b, &shapes, &[1, 3], 2, true, |_| seen += 1).unwrap();
         assert_eq!((r.rows.len(), seen), (4, 4));
+        assert!(r.rows.iter().all(|row| row.variant.is_none()));
         assert!(r.copy_gbps.is_finite() && r.copy_gbps > 0.0);
         for row in &r.rows {
             assert!(row.seconds > 0.0 && row.baseline_seconds > 0.0);

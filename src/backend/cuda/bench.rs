@@ -6,6 +6,7 @@ use cudarc::driver::sys::CUevent_flags;
 use half::f16;
 
 use super::kernels::cuda_err;
+use super::matmul_variant::{MatmulVariant, MATMUL_TILES, MATMUL_VARIANTS};
 use super::{CudaBackend, CudaTensor};
 use crate::bench::kernels::{random_values, KernelBenchDevice};
 use crate::error::Result;
@@ -78,5 +79,19 @@ impl KernelBenchDevice for CudaBackend {
 
     fn activations(&self, rows: usize, cols: usize, values: &[f32]) -> Result<CudaTensor> {
         self.upload_activations(rows, cols, values)
+    }
+
+    fn matmul_variants(&self, m: usize) -> Vec<String> {
+        // The batch width the launcher picks for m rows (as `matmul_part` does).
+        let nt = MATMUL_TILES.into_iter().find(|&t| 8 * t >= m).unwrap_or(8);
+        MATMUL_VARIANTS
+            .iter()
+            .filter(|v| v.nt == nt)
+            .map(|v| v.label())
+            .collect()
+    }
+
+    fn use_matmul_variant(&self, label: Option<&str>) -> Result<()> {
+        self.use_matmul_variants(&MatmulVariant::parse_list(label.unwrap_or(""))?)
     }
 }

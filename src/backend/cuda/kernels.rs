@@ -79,6 +79,11 @@ fn entry_points(source: &str) -> Vec<String> {
             let mut it = args.trim_end_matches(')').split(',').map(str::trim);
             let (nt, g) = (it.next().unwrap_or(""), it.next().unwrap_or(""));
             names.push(format!("int4_matmul_n{nt}_g{g}_f16"));
+        } else if let Some(args) = line.strip_prefix("INT4_MATMUL_VARIANT(") {
+            let v: Vec<&str> = args.trim_end_matches(')').split(',').map(str::trim).collect();
+            if let [nt, r, xc, ..] = v[..] {
+                names.push(format!("int4_matmul_n{nt}_g128_r{r}_x{xc}_f16"));
+            }
         } else if let Some(args) = line.strip_prefix("DENSE_MATMUL_ENTRY(") {
             names.push(format!("dense_matmul_n{}_f16", first_arg(args)));
         } else if let Some((op, args)) = ["SPLIT", "TILE"]
@@ -123,6 +128,8 @@ mod tests {
             "int4_matmul_n8_g128_f16",
             "dense_matmul_n8_f16",
             "dense_matmul_n4_f16",
+            "int4_matmul_n1_g128_r4_x512_f16",
+            "int4_matmul_n2_g128_r3_x256_f16",
             "attention_split_hd64_g3_f16",
             "attention_split_hd128_g8_f16",
             "attention_tile_hd64_g1_f16",

@@ -24,6 +24,7 @@ pub mod fragments;
 mod graph;
 pub mod kernel_cache;
 mod kernels;
+pub mod matmul_variant;
 pub mod nvrtc;
 pub mod sampling;
 
@@ -40,6 +41,7 @@ use crate::engine::sampler::Sampled;
 use crate::error::{Error, Result};
 use crate::quant::{Int4Matrix, WeightMatrix};
 use kernel_cache::KernelCache;
+use matmul_variant::{matmul_kernel, MatmulVariant, Pipeline, MATMUL_TILES, MATMUL_VARIANTS, VARIANT_GROUP};
 
 /// Whether the CUDA driver library can be loaded at all.
 pub fn driver_present() -> bool {
@@ -191,6 +193,9 @@ pub struct CudaBackend {
     /// Resident blocks per multiprocessor of each matmul entry point, by name (the occupancy
     /// the driver reports at its shared memory).
     matmul_blocks_per_sm: std::collections::HashMap<String, usize>,
+    /// The INT4 g128 pipeline variant in use for each batch width of `MATMUL_TILES`: 0 for the
+    /// default entry point, else 1 + its index in `MATMUL_VARIANTS`.
+    matmul_variant: [std::sync::atomic::AtomicUsize; 4],
     /// `[MATMUL_COUNTERS]` u32 split-K arrival counters, zero between launches: every launch
     /// on the one stream uses them from index 0, and each tile's last block resets its own.
     matmul_counters: CudaSlice<u32>,
@@ -232,40 +237,12 @@ const NORM_BLOCK: u32 = 512;
 const MATMUL_STAGE: usize = 256;
 /// Output rows per matmul block (4 warps × 16).
 const MATMUL_BLOCK_ROWS: usize = 64;
-/// The batch widths of the matmul entry points: `NT` tiles of 8 rows.
-const MATMUL_TILES: [usize; 4] = [1, 2, 4, 8];
 /// The split-K cost model's fixed cost of a block, in slice granules: its first weights' trip
 /// from memory and its first activation chunk, before its pipeline streams.
 const MATMUL_BLOCK_OVERHEAD: usize = 2;
 /// Split-K arrival counters: a launch with more output tiles (column blocks × batch tiles, a
 /// long prefill through the lm_head) runs unsplit, which needs none.
 const MATMUL_COUNTERS: usize = 1 << 16;
-
-/// Dynamic shared memory of one matmul block in bytes: `mma_smem_bytes<NT, W>()` of
-/// kernels/int4_matmul.cu for INT4 group size `group` (`None`: f16): a weight ring of 4 warps ×
-/// RING 3 slots × (4 weight uint4 + the INT4 scale quads' ceil(8·256/group / 32)) uint4 per
-/// lane, an x chunk of 8·NT rows × (XC + 8) halves, and Σ x of each 32 inputs for INT4. The
-/// kernel traps if it is launched with less.
-fn matmul_smem_bytes(nt: usize, group: Option<usize>) -> usize {
-    let aux = group.map_or(0, |g| (8 * (256 / g)).div_ceil(32));
-    let ring = 4 * 3 * (4 + aux) * 32 * 16;
-    let xc = match nt {
-        1 => 1024,
-        2 => 512,
-        _ => 256,
-    };
-    let x = 8 * nt * (xc + 8) * 2;
-    let sum_x = if group.is_some() { 8 * nt * (xc / 32) * 4 } else { 0 };
-    ring + x + sum_x
-}
-
-/// The matmul entry point for batch tiles `nt` and INT4 group size `group` (`None`: f16).
-fn matmul_kernel(nt: usize, group: Option<usize>) -> String {
-    match group {
-        Some(g) => format!("int4_matmul_n{nt}_g{g}_f16"),
-        None => format!("dense_matmul_n{nt}_f16"),
-    }
-}
 
 /// Split-K for a matmul of `blocks` output blocks over `stages` slice granules, with `slots`
 /// blocks resident at once and at most `max_splits` splits: the count that minimizes waves ×
@@ -370,27 +347,34 @@ impl CudaBackend {
         let kernels = Kernels::load(&ctx, &arch, &KernelCache::new(KernelCache::default_dir()))?;
         // The matmul kernels take more than the default 48 KB of dynamic shared memory.
         let mut matmul_blocks_per_sm = std::collections::HashMap::new();
-        for nt in MATMUL_TILES {
+        let defaults = MATMUL_TILES.into_iter().flat_map(|nt| {
             let groups = crate::quant::INT4_GROUP_SIZES.map(Some);
-            for group in groups.into_iter().chain([None]) {
-                let name = matmul_kernel(nt, group);
-                let bytes = matmul_smem_bytes(nt, group);
-                let f = kernels.get(&name)?;
-                f.set_attribute(
-                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    bytes as i32,
+            groups.into_iter().chain([None]).map(move |group| {
+                (
+                    matmul_kernel(nt, group),
+                    Pipeline::default_for(nt).smem_bytes(nt, group),
                 )
-                .map_err(|e| cuda_err(&format!("{name}: {bytes} bytes of shared memory"), e))?;
-                let blocks = f
-                    .occupancy_max_active_blocks_per_multiprocessor(128, bytes, None)
-                    .map_err(|e| cuda_err(&format!("{name}: occupancy"), e))?;
-                matmul_blocks_per_sm.insert(name, (blocks as usize).max(1));
-            }
+            })
+        });
+        let variants = MATMUL_VARIANTS
+            .iter()
+            .map(|v| (v.kernel_name(), v.pipeline.smem_bytes(v.nt, Some(VARIANT_GROUP))));
+        for (name, bytes) in defaults.chain(variants) {
+            let f = kernels.get(&name)?;
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            )
+            .map_err(|e| cuda_err(&format!("{name}: {bytes} bytes of shared memory"), e))?;
+            let blocks = f
+                .occupancy_max_active_blocks_per_multiprocessor(128, bytes, None)
+                .map_err(|e| cuda_err(&format!("{name}: occupancy"), e))?;
+            matmul_blocks_per_sm.insert(name, (blocks as usize).max(1));
         }
         let matmul_counters = stream
             .alloc_zeros::<u32>(MATMUL_COUNTERS)
             .map_err(|e| cuda_err("alloc", e))?;
-        Ok(Self {
+        let backend = Self {
             ctx,
             stream,
             kernels,
@@ -398,8 +382,45 @@ impl CudaBackend {
             arch,
             n_sms,
             matmul_blocks_per_sm,
+            matmul_variant: Default::default(),
             matmul_counters,
-        })
+        };
+        // A measuring knob: pipeline variants of the INT4 g128 matmul (see `matmul_variant`).
+        if let Ok(spec) = std::env::var("QMTOT_MATMUL_VARIANTS") {
+            backend.use_matmul_variants(&MatmulVariant::parse_list(&spec)?)?;
+        }
+        Ok(backend)
+    }
+
+    /// Runs INT4 g128 matmuls of each variant's batch width through that variant instead of the
+    /// default entry point (the other widths go back to their defaults). For measuring
+    /// (`qmtot bench kernels --matmul-variants`): every variant computes the same sums. A
+    /// variant that is not compiled (not in `MATMUL_VARIANTS`) is an error and changes nothing.
+    pub fn use_matmul_variants(&self, variants: &[MatmulVariant]) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        let index = |v: &MatmulVariant| {
+            MATMUL_VARIANTS
+                .iter()
+                .position(|c| c == v)
+                .ok_or_else(|| Error::InvalidArgument(format!("{v:?} is not a compiled matmul variant")))
+        };
+        let chosen = variants.iter().map(index).collect::<Result<Vec<usize>>>()?;
+        for (slot, nt) in self.matmul_variant.iter().zip(MATMUL_TILES) {
+            let i = chosen.iter().find(|&&i| MATMUL_VARIANTS[i].nt == nt);
+            slot.store(i.map_or(0, |i| i + 1), Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// The variants in use ([`CudaBackend::use_matmul_variants`]).
+    pub fn matmul_variants_in_use(&self) -> Vec<MatmulVariant> {
+        self.matmul_variant
+            .iter()
+            .filter_map(|slot| {
+                let i = slot.load(std::sync::atomic::Ordering::Relaxed);
+                i.checked_sub(1).map(|i| MATMUL_VARIANTS[i])
+            })
+            .collect()
     }
 
     pub fn arch(&self) -> &str {
@@ -566,7 +587,19 @@ impl CudaBackend {
         // weight bytes.
         let stages = kp.div_ceil(MATMUL_STAGE);
         let blocks = n.div_ceil(MATMUL_BLOCK_ROWS) * z;
-        let name = matmul_kernel(nt, group);
+        // The default entry point, or the pipeline variant in use for this width (INT4 g128).
+        let variant = match group {
+            Some(VARIANT_GROUP) => {
+                let slot = MATMUL_TILES.iter().position(|&t| t == nt).unwrap_or(0);
+                let i = self.matmul_variant[slot].load(std::sync::atomic::Ordering::Relaxed);
+                i.checked_sub(1).map(|i| MATMUL_VARIANTS[i])
+            }
+            _ => None,
+        };
+        let (name, pipeline) = match variant {
+            Some(v) => (v.kernel_name(), v.pipeline),
+            None => (matmul_kernel(nt, group), Pipeline::default_for(nt)),
+        };
         let f = self.kernels.get(&name)?;
         let slots = self.matmul_blocks_per_sm.get(&name).copied().unwrap_or(1) * self.n_sms;
         let by_traffic = (weight_bytes / (4 * m * n)).max(1);
@@ -583,7 +616,7 @@ impl CudaBackend {
         let cfg = LaunchConfig {
             grid_dim: (n.div_ceil(MATMUL_BLOCK_ROWS) as u32, splits as u32, z as u32),
             block_dim: (128, 1, 1),
-            shared_mem_bytes: matmul_smem_bytes(nt, group) as u32,
+            shared_mem_bytes: pipeline.smem_bytes(nt, group) as u32,
         };
         let (m_i, n_i, k_i, kp_i, slice_i) = (m as i32, n as i32, k as i32, kp as i32, slice as i32);
         let ldo_i = out.cols as i32;
@@ -703,7 +736,13 @@ impl Backend for CudaBackend {
     type Graph = cudarc::driver::CudaGraph;
 
     fn name(&self) -> String {
-        format!("cuda ({}, {})", self.device_name, self.arch)
+        let variants: Vec<String> = self.matmul_variants_in_use().iter().map(|v| v.label()).collect();
+        let variants = if variants.is_empty() {
+            String::new()
+        } else {
+            format!(", matmul variants {}", variants.join(","))
+        };
+        format!("cuda ({}, {}{variants})", self.device_name, self.arch)
     }
 
     fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
@@ -1403,27 +1442,6 @@ mod tests {
         let rows: Vec<usize> = parts.iter().map(|p| p.rows()).collect();
         assert_eq!(rows, [5, 32, 16, 16]);
         assert!(parts.iter().all(|p| matches!(p, std::borrow::Cow::Borrowed(_))));
-    }
-
-    /// The launcher's shared-memory size is the kernel's `mma_smem_bytes` (worked out by hand
-    /// here from the layout in kernels/int4_matmul.cu; the kernel also traps on less).
-    #[test]
-    fn matmul_shared_memory_matches_the_kernel_layout() {
-        // INT4 g128, NT = 1: ring 4·3·(4 + 1)·32·16 = 30720, x 8·1032·2 = 16512, Σx 8·32·4 = 1024.
-        assert_eq!(matmul_smem_bytes(1, Some(128)), 48256);
-        // INT4 g32 (two quad slots), NT = 1: ring 4·3·6·32·16 = 36864.
-        assert_eq!(matmul_smem_bytes(1, Some(32)), 36864 + 16512 + 1024);
-        // f16, NT = 8: ring 4·3·4·32·16 = 24576, x 64·264·2 = 33792.
-        assert_eq!(matmul_smem_bytes(8, None), 58368);
-        for nt in MATMUL_TILES {
-            for group in [None, Some(32), Some(64), Some(128)] {
-                // Under the 227 KB a block may opt into on sm_80 and sm_90.
-                assert!(matmul_smem_bytes(nt, group) <= 227 * 1024);
-            }
-        }
-        // Four decode blocks (16 warps) fit in an H100/H200 multiprocessor's 228 KB, with the
-        // 1 KB the driver keeps per block.
-        assert!(4 * (matmul_smem_bytes(1, Some(32)) + 1024) <= 228 * 1024);
     }
 
     /// Split-K fills one wave for a small matrix and avoids a nearly empty second wave.
