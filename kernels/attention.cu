@@ -325,6 +325,202 @@ __device__ __forceinline__ void attention_tile_body(
     }
 }
 
+// ---- attention_tile_mma ------------------------------------------------------------------
+//
+// attention_tile on tensor cores (mma.sync m16n8k16: f16 inputs, f32 accumulation), chosen by
+// the launcher instead of it when asked (QMTOT_ATTENTION_TILE=mma): the same tasks, masking and
+// partials, 4 warps instead of 8. Warp w owns queries 16w .. 16w+15 (query i·G + g as above);
+// its Q rows stay in registers as A fragments for the whole task. Keys pass through shared
+// memory MMA_TILE_KEYS at a time (cp.async, zero-filled past the range). Per tile a warp
+//   1. scores its 16 queries against the 64 keys: S = Q·Kᵀ, K rows as B fragments;
+//   2. updates each query's online softmax: a query row lives in the 4 lanes of a quad (t), so
+//      its max takes two shuffles; the weights P = e^{S·scale − m} are rounded to f16;
+//   3. adds P·V: S's accumulator layout is the A layout of the next product (two 8-key n-tiles
+//      make one 16-key k-step), and V comes in as B fragments through ldmatrix.trans.
+// Each row's l sums the f16-rounded weights P·V used, so o / l is an exact weighted mean of V.
+// Fragment layouts (g = lane / 4, t = lane % 4): A[16 × 16] a0 (g, 2t..2t+1), a1 (g+8, 2t..),
+// a2 (g, 2t+8..), a3 (g+8, 2t+8..); B[16 × 8] b0 (k 2t..2t+1, n g), b1 (k 2t+8.., n g);
+// C[16 × 8] c0 c1 (g, 2t..2t+1), c2 c3 (g+8, 2t..2t+1).
+#define MMA_TILE_KEYS 64
+#define MMA_TILE_THREADS 128
+
+// Four 8 × 8 f16 matrices from shared memory, transposed: lanes 8i .. 8i+7 give the addresses
+// of matrix i's 8 rows (16 bytes each, 16-byte aligned); lane (g, t) receives in b[i] matrix i's
+// elements (row 2t, col g) and (row 2t + 1, col g), the first low: for a row-major [k][n] tile,
+// the B fragment half of an mma (sm_80 and later).
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned b[4], const __half* row) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+                 : "r"(s));
+}
+template <int HD, int G, int BS>
+__device__ __forceinline__ void attention_tile_mma_body(
+    const __half* __restrict__ qkv, const __half* __restrict__ k_cache, const __half* __restrict__ v_cache,
+    const int* __restrict__ block_tables, const int* __restrict__ positions, const int* __restrict__ tasks,
+    const int* __restrict__ task_rows, float* __restrict__ part_ml, float* __restrict__ part_o, int n_kv_heads,
+    int max_blocks, int n_parts) {
+    constexpr int KT = MMA_TILE_KEYS;
+    constexpr int KS = HD + 8;     // row stride of sm_k / sm_v in halves: 8 rows' 16-byte pieces in 32 banks
+    constexpr int KSTEPS = HD / 16;  // k-steps of Q·Kᵀ
+    constexpr int NS = KT / 8;       // 8-key n-tiles of S
+    constexpr int NO = HD / 8;       // 8-dimension n-tiles of the output
+    static_assert(MMA_TILE_THREADS / QMTOT_WARP * 16 == ATT_QUERIES, "a task's queries, 16 per warp");
+    __shared__ __align__(16) __half sm_k[KT][KS];
+    __shared__ __align__(16) __half sm_v[KT][KS];
+    const int tid = threadIdx.x, lane = tid % QMTOT_WARP, warp = tid / QMTOT_WARP;
+    const int g = lane / 4, t = lane % 4;
+    const int* task = tasks + blockIdx.x * 6;
+    const int rows_offset = task[0], n_rows = task[1], key_start = task[3], key_end = task[4], part = task[5];
+    const int kvh = blockIdx.y;
+    const int n_heads = n_kv_heads * G;
+    const int width = (n_heads + 2 * n_kv_heads) * HD;
+    const int nq = n_rows * G;
+    const int* table = block_tables + (size_t)task[2] * max_blocks;
+    const float scale = rsqrtf((float)HD);
+
+    // Issues the copies of keys k0 .. k0 + KT into sm_k / sm_v (the previous tile is consumed).
+    auto issue_tile = [&](int k0) {
+        for (int e = tid; e < KT * (HD / 8); e += MMA_TILE_THREADS) {
+            const int j = e / (HD / 8), c8 = e % (HD / 8);
+            const bool valid = k0 + j < key_end;
+            const size_t at = valid ? (slot_of<BS>(table, k0 + j) * n_kv_heads + kvh) * HD + c8 * 8 : 0;
+            cp_async16_or_zero(&sm_k[j][c8 * 8], k_cache + at, valid);
+            cp_async16_or_zero(&sm_v[j][c8 * 8], v_cache + at, valid);
+        }
+        cp_async_commit();
+    };
+    if (key_start < key_end) issue_tile(key_start);  // its round trip overlaps the Q loads
+
+    // This lane's query rows h = 0, 1: query q0 + g + 8h (none past nq: zero Q, every key
+    // masked, nothing written).
+    const int q0 = warp * 16;
+    const __half* qrow[2];
+    int qpos[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int qi = q0 + g + 8 * h;
+        const bool real = qi < nq;
+        const int row = real ? task_rows[rows_offset + qi / G] : 0;
+        qrow[h] = real ? qkv + (size_t)row * width + (kvh * G + qi % G) * HD : nullptr;
+        qpos[h] = real ? positions[row] : -1;
+    }
+    unsigned qa[KSTEPS][4];
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int kk = 0; kk < KSTEPS; ++kk) {
+            // a0 / a1: rows g / g + 8, dimensions 16kk + 2t, +1; a2 / a3: the same + 8.
+            qa[kk][h] = qrow[h] ? *reinterpret_cast<const unsigned*>(qrow[h] + 16 * kk + 2 * t) : 0u;
+            qa[kk][h + 2] = qrow[h] ? *reinterpret_cast<const unsigned*>(qrow[h] + 16 * kk + 2 * t + 8) : 0u;
+        }
+
+    float o[NO][4];
+#pragma unroll
+    for (int n = 0; n < NO; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[n][e] = 0.f;
+    float m[2] = {QMTOT_NEG_INF, QMTOT_NEG_INF}, l[2] = {0.f, 0.f};  // l: this lane's share
+
+    for (int k0 = key_start; k0 < key_end; k0 += KT) {
+        cp_async_wait<0>();
+        __syncthreads();  // the tile has landed for every thread
+        if (q0 < nq) {    // warp-uniform; an idle warp still takes part in the barriers
+            // 1. S = Q·Kᵀ for keys k0 + 8j + 2t (+1), rows g, g + 8.
+            float s[NS][4];
+#pragma unroll
+            for (int j = 0; j < NS; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < KSTEPS; ++kk)
+#pragma unroll
+                for (int j = 0; j < NS; ++j) {
+                    const unsigned b[2] = {*reinterpret_cast<const unsigned*>(&sm_k[8 * j + g][16 * kk + 2 * t]),
+                                           *reinterpret_cast<const unsigned*>(&sm_k[8 * j + g][16 * kk + 2 * t + 8])};
+                    mma_16816(s[j], qa[kk], b);
+                }
+            // 2. Online softmax per row h (elements e with e / 2 == h).
+            float mx[2] = {QMTOT_NEG_INF, QMTOT_NEG_INF};
+#pragma unroll
+            for (int j = 0; j < NS; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int key = k0 + 8 * j + 2 * t + e % 2;
+                    const bool visible = key < key_end && key <= qpos[e / 2];
+                    s[j][e] = visible ? s[j][e] * scale : QMTOT_NEG_INF;
+                    mx[e / 2] = fmaxf(mx[e / 2], s[j][e]);
+                }
+            float corr[2];
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+                mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+                const float m_new = fmaxf(m[h], mx[h]);
+                // All keys so far masked for this row: nothing to add (and no −∞ − −∞).
+                corr[h] = m_new == QMTOT_NEG_INF ? 1.f : expf(m[h] - m_new);
+                m[h] = m_new;
+                l[h] *= corr[h];
+            }
+            unsigned pa[NS][2];  // f16 weights: [j][h] = (row g + 8h, keys 8j + 2t, +1)
+#pragma unroll
+            for (int j = 0; j < NS; ++j)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const float s0 = s[j][2 * h], s1 = s[j][2 * h + 1];
+                    const __half2 p = __floats2half2_rn(s0 == QMTOT_NEG_INF ? 0.f : expf(s0 - m[h]),
+                                                        s1 == QMTOT_NEG_INF ? 0.f : expf(s1 - m[h]));
+                    const float2 pf = __half22float2(p);
+                    l[h] += pf.x + pf.y;
+                    pa[j][h] = *reinterpret_cast<const unsigned*>(&p);
+                }
+#pragma unroll
+            for (int n = 0; n < NO; ++n) {
+                o[n][0] *= corr[0];
+                o[n][1] *= corr[0];
+                o[n][2] *= corr[1];
+                o[n][3] *= corr[1];
+            }
+            // 3. O += P·V, 16 keys per k-step; ldmatrix.x4.trans brings two 8-dimension n-tiles:
+            // lane L addresses row (key) 16kk + L % 8 + 8·((L / 8) % 2), dimensions 16n + 8·(L / 16).
+#pragma unroll
+            for (int kk = 0; kk < KT / 16; ++kk) {
+                const unsigned a[4] = {pa[2 * kk][0], pa[2 * kk][1], pa[2 * kk + 1][0], pa[2 * kk + 1][1]};
+                const int vrow = 16 * kk + lane % 8 + 8 * ((lane / 8) % 2);
+#pragma unroll
+                for (int n = 0; n < NO / 2; ++n) {
+                    unsigned b[4];
+                    ldmatrix_x4_trans(b, &sm_v[vrow][16 * n + 8 * (lane / 16)]);
+                    const unsigned b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+                    mma_16816(o[2 * n], a, b0);
+                    mma_16816(o[2 * n + 1], a, b1);
+                }
+            }
+        }
+        __syncthreads();  // every warp is done with the tile
+        if (k0 + KT < key_end) issue_tile(k0 + KT);
+    }
+    cp_async_wait<0>();  // no copy outlives the block (an empty range issued none)
+
+    // Write each real row's partial: o columns 8n + 2t, +1; m and the quad's l from lane t = 0.
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        float lt = l[h] + __shfl_xor_sync(0xffffffffu, l[h], 1);
+        lt += __shfl_xor_sync(0xffffffffu, lt, 2);
+        const int qi = q0 + g + 8 * h;
+        if (qi >= nq) continue;
+        const int row = task_rows[rows_offset + qi / G];
+        const size_t at = ((size_t)row * n_heads + kvh * G + qi % G) * n_parts + part;
+#pragma unroll
+        for (int n = 0; n < NO; ++n)
+            *reinterpret_cast<float2*>(&part_o[at * HD + 8 * n + 2 * t]) = make_float2(o[n][2 * h], o[n][2 * h + 1]);
+        if (t == 0) {
+            part_ml[at * 2] = m[h];
+            part_ml[at * 2 + 1] = lt;
+        }
+    }
+}
+
 // ---- attention_merge ---------------------------------------------------------------------
 //
 // CTA (row, head), HD threads (one output dimension each): out = Σ_p e^{m_p − M} o_p /
@@ -388,6 +584,18 @@ __device__ __forceinline__ void attention_merge_body(const float* __restrict__ p
         attention_tile_body<HD, G, 16>(qkv, k_cache, v_cache, block_tables, positions, tasks, task_rows,        \
                                        part_ml, part_o, n_kv_heads, max_blocks, n_parts);                       \
     }
+// attention_tile_mma: the same arguments as attention_tile. Grid: (n_tasks, n_kv_heads), block
+// (MMA_TILE_THREADS = 128). Two blocks per multiprocessor in the register budget: with one,
+// ptxas (13.0, sm_80) capped the head_dim 64 instances at 128 registers and spilled.
+#define ATTENTION_TILE_MMA_ENTRY(HD, G)                                                                         \
+    extern "C" __global__ void __launch_bounds__(MMA_TILE_THREADS, 2) attention_tile_mma_hd##HD##_g##G##_f16(     \
+        const __half* __restrict__ qkv, const __half* __restrict__ k_cache, const __half* __restrict__ v_cache, \
+        const int* __restrict__ block_tables, const int* __restrict__ positions, const int* __restrict__ tasks, \
+        const int* __restrict__ task_rows, float* __restrict__ part_ml, float* __restrict__ part_o,            \
+        int n_kv_heads, int max_blocks, int n_parts) {                                                          \
+        attention_tile_mma_body<HD, G, 16>(qkv, k_cache, v_cache, block_tables, positions, tasks, task_rows,    \
+                                           part_ml, part_o, n_kv_heads, max_blocks, n_parts);                   \
+    }
 // attention_merge: row_parts [rows] int32, out [rows, n_heads·HD] f16.
 // Grid: (rows, n_heads), block (HD).
 #define ATTENTION_MERGE_ENTRY(HD)                                                                         \
@@ -406,5 +614,10 @@ ATTENTION_TILE_ENTRY(64, 3)
 ATTENTION_TILE_ENTRY(128, 1)
 ATTENTION_TILE_ENTRY(128, 4)
 ATTENTION_TILE_ENTRY(128, 8)
+ATTENTION_TILE_MMA_ENTRY(64, 1)
+ATTENTION_TILE_MMA_ENTRY(64, 3)
+ATTENTION_TILE_MMA_ENTRY(128, 1)
+ATTENTION_TILE_MMA_ENTRY(128, 4)
+ATTENTION_TILE_MMA_ENTRY(128, 8)
 ATTENTION_MERGE_ENTRY(64)
 ATTENTION_MERGE_ENTRY(128)

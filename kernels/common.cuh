@@ -33,6 +33,18 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     return v;
 }
 
+// D[16×8] += A[16×16] · B[16×8] on tensor cores, f16 × f16 → f32 (sm_80 and later). Fragment
+// layouts with g = lane / 4, t = lane % 4: A a0 (row g, cols 2t, 2t+1), a1 (g+8, 2t..), a2 (g,
+// 2t+8..), a3 (g+8, 2t+8..); B b0 (rows 2t, 2t+1, col g), b1 (rows 2t+8.., col g); D d0 d1 (g,
+// 2t..), d2 d3 (g+8, 2t..). Each register holds two f16, the lower column (or row) low.
+__device__ __forceinline__ void mma_16816(float d[4], const unsigned a[4], const unsigned b[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
 // 16 bytes global → shared, asynchronously, bypassing L1 (what is staged is read once).
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
     const unsigned s = (unsigned)__cvta_generic_to_shared(smem);

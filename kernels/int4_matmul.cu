@@ -57,15 +57,6 @@ constexpr int DEFAULT_RING = 3;
 // Inputs per K-slice granule: slices are multiples of this (and so of every stage and group).
 #define SLICE_K 256
 
-// D[16×8] += A[16×16] · B[16×8], f16 × f16 → f32.
-__device__ __forceinline__ void mma_16816(float d[4], const unsigned a[4], const unsigned b[2]) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
 // (v & mask) | magic in one instruction (LOP3 with truth table 0xea = (a & b) | c).
 __device__ __forceinline__ unsigned and_or(unsigned v, unsigned mask, unsigned magic) {
     unsigned r;

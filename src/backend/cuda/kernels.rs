@@ -86,7 +86,7 @@ fn entry_points(source: &str) -> Vec<String> {
             }
         } else if let Some(args) = line.strip_prefix("DENSE_MATMUL_ENTRY(") {
             names.push(format!("dense_matmul_n{}_f16", first_arg(args)));
-        } else if let Some((op, args)) = ["SPLIT", "TILE"]
+        } else if let Some((op, args)) = ["SPLIT", "TILE", "TILE_MMA"]
             .iter()
             .find_map(|op| Some((op, line.strip_prefix(&format!("ATTENTION_{op}_ENTRY("))?)))
         {
@@ -134,6 +134,8 @@ mod tests {
             "attention_split_hd128_g8_f16",
             "attention_tile_hd64_g1_f16",
             "attention_tile_hd128_g4_f16",
+            "attention_tile_mma_hd64_g3_f16",
+            "attention_tile_mma_hd128_g8_f16",
             "attention_merge_hd64_f16",
             "attention_merge_hd128_f16",
             "sample_f32",

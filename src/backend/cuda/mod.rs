@@ -196,6 +196,9 @@ pub struct CudaBackend {
     /// The INT4 g128 pipeline variant in use for each batch width of `MATMUL_TILES`: 0 for the
     /// default entry point, else 1 + its index in `MATMUL_VARIANTS`.
     matmul_variant: [std::sync::atomic::AtomicUsize; 4],
+    /// Attention tiles (prefill, cascade prefixes) on tensor cores (`attention_tile_mma`)
+    /// instead of `attention_tile` (a measuring knob until a GPU run has checked it).
+    mma_attention_tiles: std::sync::atomic::AtomicBool,
     /// `[MATMUL_COUNTERS]` u32 split-K arrival counters, zero between launches: every launch
     /// on the one stream uses them from index 0, and each tile's last block resets its own.
     matmul_counters: CudaSlice<u32>,
@@ -383,8 +386,19 @@ impl CudaBackend {
             n_sms,
             matmul_blocks_per_sm,
             matmul_variant: Default::default(),
+            mma_attention_tiles: Default::default(),
             matmul_counters,
         };
+        // A measuring knob: the tensor-core attention tile kernel.
+        match std::env::var("QMTOT_ATTENTION_TILE").as_deref() {
+            Err(_) | Ok("") | Ok("simt") => {}
+            Ok("mma") => backend.use_mma_attention_tiles(true),
+            Ok(other) => {
+                return Err(Error::InvalidArgument(format!(
+                    "QMTOT_ATTENTION_TILE={other}: simt (the default) or mma"
+                )))
+            }
+        }
         // A measuring knob: pipeline variants of the INT4 g128 matmul (see `matmul_variant`).
         if let Ok(spec) = std::env::var("QMTOT_MATMUL_VARIANTS") {
             backend.use_matmul_variants(&MatmulVariant::parse_list(&spec)?)?;
@@ -410,6 +424,18 @@ impl CudaBackend {
             slot.store(i.map_or(0, |i| i + 1), Ordering::Relaxed);
         }
         Ok(())
+    }
+
+    /// Runs attention tiles (prefill and cascade prefixes) through the tensor-core kernel
+    /// `attention_tile_mma` (`on`) or `attention_tile` (the default): the same tasks and
+    /// partials, so the same results up to f32 summation order and the f16 rounding of the
+    /// softmax weights. `QMTOT_ATTENTION_TILE=mma` does this when the backend starts.
+    pub fn use_mma_attention_tiles(&self, on: bool) {
+        self.mma_attention_tiles.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn mma_attention_tiles(&self) -> bool {
+        self.mma_attention_tiles.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The variants in use ([`CudaBackend::use_matmul_variants`]).
@@ -742,7 +768,12 @@ impl Backend for CudaBackend {
         } else {
             format!(", matmul variants {}", variants.join(","))
         };
-        format!("cuda ({}, {}{variants})", self.device_name, self.arch)
+        let tiles = if self.mma_attention_tiles() {
+            ", mma attention tiles"
+        } else {
+            ""
+        };
+        format!("cuda ({}, {}{variants}{tiles})", self.device_name, self.arch)
     }
 
     fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
@@ -1107,9 +1138,11 @@ impl Backend for CudaBackend {
         }
         let (n_heads, n_kv, hd) = (layout.n_heads, layout.n_kv_heads, layout.head_dim);
         let group = n_heads / n_kv.max(1);
+        let mma_tiles = self.mma_attention_tiles();
         let kernel = |op: &str| {
             let name = match op {
                 "merge" => format!("attention_merge_hd{hd}_f16"),
+                "tile" if mma_tiles => format!("attention_tile_mma_hd{hd}_g{group}_f16"),
                 _ => format!("attention_{op}_hd{hd}_g{group}_f16"),
             };
             self.kernels.get(&name).map_err(|_| {
@@ -1183,7 +1216,7 @@ impl Backend for CudaBackend {
                     .arg(&n_kv_i)
                     .arg(&mb)
                     .arg(&np_i)
-                    .launch(grid(plan.tasks.len(), n_kv, 256))
+                    .launch(grid(plan.tasks.len(), n_kv, if mma_tiles { 128 } else { 256 }))
             }
             .map_err(|e| cuda_err("attention_tile", e))?;
         }
