@@ -203,6 +203,19 @@ __device__ __forceinline__ void attention_split_body(
 // against the warp's 8 queries (the query words are shared-memory broadcasts), the warp
 // updates each query's online softmax (max and sum by shuffles), and then every lane, owning
 // HD/32 output dimensions, accumulates Σ_j p_j · v_j with p_j broadcast from lane j.
+// The fields of task blockIdx.x for KV head blockIdx.y, as locals of an attention_tile kernel
+// (both forms): its rows, keys and part, the query count, the sequence's block table, the
+// qkv row width and the score scale.
+#define TILE_TASK_FIELDS(HD, G)                                                                                  \
+    const int* task = tasks + blockIdx.x * 6;                                                                    \
+    const int rows_offset = task[0], n_rows = task[1], key_start = task[3], key_end = task[4], part = task[5];  \
+    const int kvh = blockIdx.y;                                                                                  \
+    const int n_heads = n_kv_heads * G;                                                                          \
+    const int width = (n_heads + 2 * n_kv_heads) * HD;                                                           \
+    const int nq = n_rows * G;                                                                                   \
+    const int* table = block_tables + (size_t)task[2] * max_blocks;                                              \
+    const float scale = rsqrtf((float)HD)
+
 template <int HD, int G, int BS>
 __device__ __forceinline__ void attention_tile_body(
     const __half* __restrict__ qkv, const __half* __restrict__ k_cache, const __half* __restrict__ v_cache,
@@ -217,14 +230,7 @@ __device__ __forceinline__ void attention_tile_body(
     __shared__ __align__(16) __half sm_v[ATT_KEYS][HD];
     __shared__ int sm_qpos[ATT_QUERIES];
     const int lane = threadIdx.x % QMTOT_WARP, warp = threadIdx.x / QMTOT_WARP;
-    const int* task = tasks + blockIdx.x * 6;
-    const int rows_offset = task[0], n_rows = task[1], key_start = task[3], key_end = task[4], part = task[5];
-    const int kvh = blockIdx.y;
-    const int n_heads = n_kv_heads * G;
-    const int width = (n_heads + 2 * n_kv_heads) * HD;
-    const int nq = n_rows * G;
-    const int* table = block_tables + (size_t)task[2] * max_blocks;
-    const float scale = rsqrtf((float)HD);
+    TILE_TASK_FIELDS(HD, G);
 
     // Stage the queries (rows beyond the task's are zero and never written back).
     for (int e = threadIdx.x; e < ATT_QUERIES * (HD / 2); e += blockDim.x) {
@@ -370,14 +376,7 @@ __device__ __forceinline__ void attention_tile_mma_body(
     __shared__ __align__(16) __half sm_v[KT][KS];
     const int tid = threadIdx.x, lane = tid % QMTOT_WARP, warp = tid / QMTOT_WARP;
     const int g = lane / 4, t = lane % 4;
-    const int* task = tasks + blockIdx.x * 6;
-    const int rows_offset = task[0], n_rows = task[1], key_start = task[3], key_end = task[4], part = task[5];
-    const int kvh = blockIdx.y;
-    const int n_heads = n_kv_heads * G;
-    const int width = (n_heads + 2 * n_kv_heads) * HD;
-    const int nq = n_rows * G;
-    const int* table = block_tables + (size_t)task[2] * max_blocks;
-    const float scale = rsqrtf((float)HD);
+    TILE_TASK_FIELDS(HD, G);
 
     // Issues the copies of keys k0 .. k0 + KT into sm_k / sm_v (the previous tile is consumed).
     auto issue_tile = [&](int k0) {
