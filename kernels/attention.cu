@@ -337,7 +337,8 @@ __device__ __forceinline__ void attention_tile_body(
 // the launcher instead of it when asked (QMTOT_ATTENTION_TILE=mma): the same tasks, masking and
 // partials, 4 warps instead of 8. Warp w owns queries 16w .. 16w+15 (query i·G + g as above);
 // its Q rows stay in registers as A fragments for the whole task. Keys pass through shared
-// memory MMA_TILE_KEYS at a time (cp.async, zero-filled past the range). Per tile a warp
+// memory MMA_TILE_KEYS at a time (cp.async, zero-filled past the range; the next tile's K loads
+// during this tile's softmax and P·V, its V during the next scores). Per tile a warp
 //   1. scores its 16 queries against the 64 keys: S = Q·Kᵀ, K rows as B fragments;
 //   2. updates each query's online softmax: a query row lives in the 4 lanes of a quad (t), so
 //      its max takes two shuffles; the weights P = e^{S·scale − m} are rounded to f16;
@@ -378,18 +379,24 @@ __device__ __forceinline__ void attention_tile_mma_body(
     const int g = lane / 4, t = lane % 4;
     TILE_TASK_FIELDS(HD, G);
 
-    // Issues the copies of keys k0 .. k0 + KT into sm_k / sm_v (the previous tile is consumed).
-    auto issue_tile = [&](int k0) {
-        for (int e = tid; e < KT * (HD / 8); e += MMA_TILE_THREADS) {
-            const int j = e / (HD / 8), c8 = e % (HD / 8);
-            const bool valid = k0 + j < key_end;
-            const size_t at = valid ? (slot_of<BS>(table, k0 + j) * n_kv_heads + kvh) * HD + c8 * 8 : 0;
-            cp_async16_or_zero(&sm_k[j][c8 * 8], k_cache + at, valid);
-            cp_async16_or_zero(&sm_v[j][c8 * 8], v_cache + at, valid);
-        }
+    // Issues the copies of keys k0 .. k0 + KT of `cache` into `tile` (whose previous keys are
+    // consumed) as one commit group — an empty one when k0 is past the range, so every thread
+    // commits the same groups.
+    auto issue = [&](__half(*tile)[KS], const __half* __restrict__ cache, int k0) {
+        if (k0 < key_end)
+            for (int e = tid; e < KT * (HD / 8); e += MMA_TILE_THREADS) {
+                const int j = e / (HD / 8), c8 = e % (HD / 8);
+                const bool valid = k0 + j < key_end;
+                const size_t at = valid ? (slot_of<BS>(table, k0 + j) * n_kv_heads + kvh) * HD + c8 * 8 : 0;
+                cp_async16_or_zero(&tile[j][c8 * 8], cache + at, valid);
+            }
         cp_async_commit();
     };
-    if (key_start < key_end) issue_tile(key_start);  // its round trip overlaps the Q loads
+    // K and V of the first tile, two groups; their round trip overlaps the Q loads. In the loop
+    // the next tile's K is issued once the scores have read sm_k and its V once P·V has read
+    // sm_v, so each load overlaps the other half of the tile's work (two groups in flight).
+    issue(sm_k, k_cache, key_start);
+    issue(sm_v, v_cache, key_start);
 
     // This lane's query rows h = 0, 1: query q0 + g + 8h (none past nq: zero Q, every key
     // masked, nothing written).
@@ -421,12 +428,13 @@ __device__ __forceinline__ void attention_tile_mma_body(
         for (int e = 0; e < 4; ++e) o[n][e] = 0.f;
     float m[2] = {QMTOT_NEG_INF, QMTOT_NEG_INF}, l[2] = {0.f, 0.f};  // l: this lane's share
 
+    const bool active = q0 < nq;  // warp-uniform; an idle warp still takes part in the barriers
     for (int k0 = key_start; k0 < key_end; k0 += KT) {
-        cp_async_wait<0>();
-        __syncthreads();  // the tile has landed for every thread
-        if (q0 < nq) {    // warp-uniform; an idle warp still takes part in the barriers
+        cp_async_wait<1>();  // this tile's K (its V, the newer group, may be in flight)
+        __syncthreads();     // ... for every thread
+        float s[NS][4];
+        if (active) {
             // 1. S = Q·Kᵀ for keys k0 + 8j + 2t (+1), rows g, g + 8.
-            float s[NS][4];
 #pragma unroll
             for (int j = 0; j < NS; ++j)
 #pragma unroll
@@ -439,6 +447,11 @@ __device__ __forceinline__ void attention_tile_mma_body(
                                            *reinterpret_cast<const unsigned*>(&sm_k[8 * j + g][16 * kk + 2 * t + 8])};
                     mma_16816(s[j], qa[kk], b);
                 }
+        }
+        __syncthreads();  // every warp is done with sm_k
+        issue(sm_k, k_cache, k0 + KT);
+        unsigned pa[NS][2];  // f16 weights: [j][h] = (row g + 8h, keys 8j + 2t, +1)
+        if (active) {
             // 2. Online softmax per row h (elements e with e / 2 == h).
             float mx[2] = {QMTOT_NEG_INF, QMTOT_NEG_INF};
 #pragma unroll
@@ -461,7 +474,6 @@ __device__ __forceinline__ void attention_tile_mma_body(
                 m[h] = m_new;
                 l[h] *= corr[h];
             }
-            unsigned pa[NS][2];  // f16 weights: [j][h] = (row g + 8h, keys 8j + 2t, +1)
 #pragma unroll
             for (int j = 0; j < NS; ++j)
 #pragma unroll
@@ -480,6 +492,10 @@ __device__ __forceinline__ void attention_tile_mma_body(
                 o[n][2] *= corr[1];
                 o[n][3] *= corr[1];
             }
+        }
+        cp_async_wait<1>();  // this tile's V (the next K, the newer group, may be in flight)
+        __syncthreads();     // ... for every thread
+        if (active) {
             // 3. O += P·V, 16 keys per k-step; ldmatrix.x4.trans brings two 8-dimension n-tiles:
             // lane L addresses row (key) 16kk + L % 8 + 8·((L / 8) % 2), dimensions 16n + 8·(L / 16).
 #pragma unroll
@@ -496,10 +512,10 @@ __device__ __forceinline__ void attention_tile_mma_body(
                 }
             }
         }
-        __syncthreads();  // every warp is done with the tile
-        if (k0 + KT < key_end) issue_tile(k0 + KT);
+        __syncthreads();  // every warp is done with sm_v
+        issue(sm_v, v_cache, k0 + KT);
     }
-    cp_async_wait<0>();  // no copy outlives the block (an empty range issued none)
+    cp_async_wait<0>();  // no copy outlives the block
 
     // Write each real row's partial: o columns 8n + 2t, +1; m and the quad's l from lane t = 0.
 #pragma unroll
