@@ -212,6 +212,10 @@ pub fn run<B: KernelBenchDevice>(
     mut progress: impl FnMut(&Row),
 ) -> Result<Report> {
     let copy_gbps = b.copy_bandwidth()?;
+    if variants {
+        // The default rows are the default kernels, whatever variants the device started with.
+        b.use_matmul_variant(None)?;
+    }
     let mut rows = Vec::new();
     for (si, shape) in shapes.iter().enumerate() {
         let (n, k) = (shape.n, shape.k);
