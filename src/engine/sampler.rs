@@ -305,7 +305,8 @@ fn weigh_kept(logits: &[f32], max: f32, p: &SamplingParams, row: &mut TemperedRo
     let inv_t = 1.0 / p.temperature;
     let has_nan = tempered_weights(logits, max, inv_t, &mut row.weights, &mut row.chunk_mass);
     let lse = (inv_t == 1.0 && !has_nan && max.is_finite()).then(|| max as f64 + row.mass().ln());
-    if p.top_k > 0 && p.top_k < logits.len() {
+    let top_k = p.top_k > 0 && p.top_k < logits.len();
+    if top_k {
         keep_only(
             most_likely(logits, p.top_k).into_iter().map(|(_, i)| i),
             &mut row.weights,
@@ -314,7 +315,7 @@ fn weigh_kept(logits: &[f32], max: f32, p: &SamplingParams, row: &mut TemperedRo
     if p.min_p > 0.0 {
         drop_below(p.min_p, &mut row.weights);
     }
-    if p.top_k > 0 || p.min_p > 0.0 {
+    if top_k || p.min_p > 0.0 {
         chunk_sums(&row.weights, &mut row.chunk_mass);
     }
     if p.top_p < 1.0 {

@@ -6,7 +6,7 @@ use cudarc::driver::sys::CUevent_flags;
 use half::f16;
 
 use super::kernels::cuda_err;
-use super::matmul_variant::{MatmulVariant, MATMUL_TILES, MATMUL_VARIANTS};
+use super::matmul_variant::{batch_tiles, MatmulVariant, MATMUL_VARIANTS};
 use super::{CudaBackend, CudaTensor};
 use crate::bench::kernels::{random_values, KernelBenchDevice};
 use crate::error::Result;
@@ -82,8 +82,7 @@ impl KernelBenchDevice for CudaBackend {
     }
 
     fn matmul_variants(&self, m: usize) -> Vec<String> {
-        // The batch width the launcher picks for m rows (as `matmul_part` does).
-        let nt = MATMUL_TILES.into_iter().find(|&t| 8 * t >= m).unwrap_or(8);
+        let nt = batch_tiles(m);
         MATMUL_VARIANTS
             .iter()
             .filter(|v| v.nt == nt)

@@ -10,6 +10,12 @@ use crate::error::{Error, Result};
 /// The batch widths of the matmul entry points: `NT` tiles of 8 rows.
 pub const MATMUL_TILES: [usize; 4] = [1, 2, 4, 8];
 
+/// The batch width (tiles of 8 rows) of the entry point that serves `m` rows: the narrowest
+/// that holds them, at most 8 tiles (larger `m` takes more blocks along z).
+pub fn batch_tiles(m: usize) -> usize {
+    MATMUL_TILES.into_iter().find(|&t| 8 * t >= m).unwrap_or(8)
+}
+
 /// Threads per matmul block (4 warps).
 pub const MATMUL_WARPS: usize = 4;
 

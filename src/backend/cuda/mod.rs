@@ -41,7 +41,9 @@ use crate::engine::sampler::Sampled;
 use crate::error::{Error, Result};
 use crate::quant::{Int4Matrix, WeightMatrix};
 use kernel_cache::KernelCache;
-use matmul_variant::{matmul_kernel, MatmulVariant, Pipeline, MATMUL_TILES, MATMUL_VARIANTS, VARIANT_GROUP};
+use matmul_variant::{
+    batch_tiles, matmul_kernel, MatmulVariant, Pipeline, MATMUL_TILES, MATMUL_VARIANTS, VARIANT_GROUP,
+};
 
 /// Whether the CUDA driver library can be loaded at all.
 pub fn driver_present() -> bool {
@@ -440,13 +442,17 @@ impl CudaBackend {
 
     /// The variants in use ([`CudaBackend::use_matmul_variants`]).
     pub fn matmul_variants_in_use(&self) -> Vec<MatmulVariant> {
-        self.matmul_variant
-            .iter()
-            .filter_map(|slot| {
-                let i = slot.load(std::sync::atomic::Ordering::Relaxed);
-                i.checked_sub(1).map(|i| MATMUL_VARIANTS[i])
-            })
+        MATMUL_TILES
+            .into_iter()
+            .filter_map(|nt| self.variant_in_use(nt))
             .collect()
+    }
+
+    /// The variant in use for batch width `nt` (`None`: the default entry point).
+    fn variant_in_use(&self, nt: usize) -> Option<MatmulVariant> {
+        let slot = MATMUL_TILES.iter().position(|&t| t == nt)?;
+        let i = self.matmul_variant[slot].load(std::sync::atomic::Ordering::Relaxed);
+        i.checked_sub(1).map(|i| MATMUL_VARIANTS[i])
     }
 
     pub fn arch(&self) -> &str {
@@ -605,8 +611,7 @@ impl CudaBackend {
             CudaWeight::Int4 { kp, group, .. } => (*kp, n * kp / 2, Some(*group)),
             CudaWeight::F16 { kp, .. } => (*kp, n * kp * 2, None),
         };
-        // Batch tiles of 8 rows per block: the narrowest width that holds m, at most 8 tiles.
-        let nt = MATMUL_TILES.into_iter().find(|&t| 8 * t >= m).unwrap_or(8);
+        let nt = batch_tiles(m);
         let z = m.div_ceil(8 * nt);
         // Split-K: the wave model of `matmul_splits` over the entry point's resident blocks,
         // with partials ([S, m, n] f32, written and read once, mostly in L2) kept under the
@@ -615,11 +620,7 @@ impl CudaBackend {
         let blocks = n.div_ceil(MATMUL_BLOCK_ROWS) * z;
         // The default entry point, or the pipeline variant in use for this width (INT4 g128).
         let variant = match group {
-            Some(VARIANT_GROUP) => {
-                let slot = MATMUL_TILES.iter().position(|&t| t == nt).unwrap_or(0);
-                let i = self.matmul_variant[slot].load(std::sync::atomic::Ordering::Relaxed);
-                i.checked_sub(1).map(|i| MATMUL_VARIANTS[i])
-            }
+            Some(VARIANT_GROUP) => self.variant_in_use(nt),
             _ => None,
         };
         let (name, pipeline) = match variant {
