@@ -275,10 +275,10 @@ pub(crate) struct EngineArgs {
     /// Run decode steps uncaptured (no CUDA graphs).
     #[arg(long)]
     no_graphs: bool,
-    /// Draw tokens on the device (CUDA) when a step's rows are all generating, instead of
-    /// copying their logits to the host (not yet checked on a GPU: off by default).
+    /// Copy every step's logits to the host and draw there, instead of drawing on the device
+    /// (CUDA) when a step's rows are all generating.
     #[arg(long)]
-    device_sampling: bool,
+    host_sampling: bool,
 }
 
 impl EngineArgs {
@@ -293,7 +293,7 @@ impl EngineArgs {
             prefix_cache: !self.no_prefix_cache,
             cascade_min_blocks: (!self.no_cascade).then_some(1),
             graphs: !self.no_graphs,
-            device_sampling: self.device_sampling,
+            device_sampling: !self.host_sampling,
         }
     }
 }
@@ -432,10 +432,14 @@ struct BenchTreeArgs {
     /// noisy machine affects every setup alike).
     #[arg(long, default_value_t = 3)]
     reps: usize,
-    /// Draw the siblings' tokens on the device (CUDA) instead of copying their logits to the
-    /// host and drawing there.
+    /// Copy the siblings' logits to the host and draw there, instead of drawing on the device
+    /// (CUDA; the engine's default).
     #[arg(long)]
-    device_sampling: bool,
+    host_sampling: bool,
+    /// Replay captured graphs for the decode steps that can be captured (CUDA; every setup's
+    /// but cascade's, whose steps have a sharing group).
+    #[arg(long)]
+    graphs: bool,
     #[command(flatten)]
     shape: ShapeArgs,
     #[command(flatten)]
@@ -1045,21 +1049,45 @@ fn cmd_bench_tree(a: BenchTreeArgs) -> Result<()> {
 fn bench_tree_on<B: Backend>(a: &BenchTreeArgs, model: Llama<B>) -> Result<()> {
     println!("backend:  {}", model.backend_name());
     println!("cpu:      {}", cpu_model());
-    let on_device = a.device_sampling && model.backend().draws_on_device();
+    let on_device = !a.host_sampling && model.backend().draws_on_device();
     println!("draws:    {}", if on_device { "on the device" } else { "on the host" });
+    println!(
+        "graphs:   {}",
+        if a.graphs {
+            "decode steps without a cascaded group"
+        } else {
+            "none"
+        }
+    );
     println!(
         "K = {} siblings, prefix P = {} tokens, suffix S = {} tokens, block = {} tokens",
         a.siblings, a.prefix, a.suffix, DEFAULT_BLOCK_SIZE
     );
     println!(
-        "{:<12} {:>5} {:>14} {:>12} {:>14} {:>12} {:>12} {:>11} {:>9}",
-        "setup", "seqs", "median ms/step", "mean ms/step", "vs single", "KV blocks", "shared", "forward ms", "draw ms"
+        "{:<12} {:>5} {:>14} {:>12} {:>14} {:>12} {:>12} {:>11} {:>9} {:>11}",
+        "setup",
+        "seqs",
+        "median ms/step",
+        "mean ms/step",
+        "vs single",
+        "KV blocks",
+        "shared",
+        "forward ms",
+        "draw ms",
+        "prefill ms"
     );
+    let options = qmtot::bench::tree::TreeBenchOptions {
+        siblings: a.siblings,
+        prefix: a.prefix,
+        suffix: a.suffix,
+        device_sampling: !a.host_sampling,
+        graphs: a.graphs,
+    };
     let mut rounds: Vec<Vec<qmtot::bench::tree::TreeBenchResult>> = Vec::new();
     for _ in 0..a.reps.max(1) {
         let round = TreeMode::ALL
             .iter()
-            .map(|&mode| qmtot::bench::tree::run(&model, mode, a.siblings, a.prefix, a.suffix, a.device_sampling))
+            .map(|&mode| qmtot::bench::tree::run(&model, mode, options))
             .collect::<Result<Vec<_>>>()?;
         rounds.push(round);
     }
@@ -1073,10 +1101,11 @@ fn bench_tree_on<B: Backend>(a: &BenchTreeArgs, model: Llama<B>) -> Result<()> {
         let mean = median(rounds.iter().map(|r| r[i].mean_step_ms).collect());
         let forward = median(rounds.iter().map(|r| r[i].forward_ms).collect());
         let draw = median(rounds.iter().map(|r| r[i].draw_ms).collect());
+        let prefill = median(rounds.iter().map(|r| r[i].prefill_ms).collect());
         let r = &rounds[0][i];
         let base = *single_ms.get_or_insert(step);
         println!(
-            "{:<12} {:>5} {:>14.2} {:>12.2} {:>13.2}x {:>12} {:>12} {:>11.2} {:>9.2}",
+            "{:<12} {:>5} {:>14.2} {:>12.2} {:>13.2}x {:>12} {:>12} {:>11.2} {:>9.2} {:>11.1}",
             mode.name(),
             r.sequences,
             step,
@@ -1085,12 +1114,14 @@ fn bench_tree_on<B: Backend>(a: &BenchTreeArgs, model: Llama<B>) -> Result<()> {
             r.blocks_used,
             r.blocks_shared,
             forward,
-            draw
+            draw,
+            prefill
         );
     }
     println!(
         "(step times: median over {} interleaved rounds of each round's median step; forward (with the \
-         logits' copy to the host) and host draws: mean per step, median over rounds)",
+         logits' copy to the host) and host draws: mean per step, median over rounds; prefill: wall \
+         time of the setup's prompt prefill (K prompts for independent), not in the steps, median over rounds)",
         rounds.len()
     );
     let bound = a.prefix.div_ceil(DEFAULT_BLOCK_SIZE)

@@ -369,7 +369,7 @@ fn attention_matches_the_cpu_backend_for_decode_prefill_and_cascade() {
     let Some(g) = gpu() else { return };
     let c = cpu();
     // Both attention tile kernels: `attention_tile` (f32 softmax weights) and the tensor-core
-    // `attention_tile_mma` (QMTOT_ATTENTION_TILE=mma), whose weights P are rounded to f16 for
+    // `attention_tile_mma` (the default), whose weights P are rounded to f16 for
     // P·V. That moves an output by at most 2⁻¹¹·max|v − o| ≤ 1e-3 here (|v| ≤ 1), so against
     // plain attention its cascade is held to 2e-3 + 2e-3·|ref| rather than an f16 ulp or two;
     // against the CPU the same 2e-3 + 4e-3·|ref| as the rest.
@@ -377,7 +377,7 @@ fn attention_matches_the_cpu_backend_for_decode_prefill_and_cascade() {
         g.use_mma_attention_tiles(mma);
         attention_scenarios(&g, &c, mma);
     }
-    g.use_mma_attention_tiles(false);
+    g.use_mma_attention_tiles(true); // the default
 }
 
 fn attention_scenarios(g: &CudaBackend, c: &CpuBackend, mma: bool) {
@@ -506,8 +506,8 @@ fn the_forward_on_cuda_tracks_the_cpu_logits_and_greedy_text() {
         );
         assert!(mean_kl <= 1e-3, "mean KL {mean_kl} ({tiles} tiles)");
     }
-    gm.backend().use_mma_attention_tiles(false);
-    // Greedy continuation identical for 8 tokens.
+    gm.backend().use_mma_attention_tiles(true); // the default
+                                                // Greedy continuation identical for 8 tokens.
     let (mut a, mut b) = (prompt.clone(), prompt.clone());
     for _ in 0..8 {
         let ng = argmax(&prefill_logits(&gm, &a)[(a.len() - 1) * vocab..]);

@@ -7,8 +7,9 @@
 //! * `forked`: one prefix, forked `K` times (shared blocks, plain paged attention);
 //! * `cascade`: forked, with the shared prefix's attention computed once per group.
 //!
-//! Prefill is not timed; each setup reports the median and mean time of its `S` decode steps
-//! and the KV blocks in use at the end.
+//! Each setup reports the median and mean time of its `S` decode steps, the KV blocks in use
+//! at the end, and the wall time of its prefill (one `P`-token prompt, or `K` of them for
+//! `independent`), which the steps do not include.
 
 use std::time::Instant;
 
@@ -43,6 +44,21 @@ impl TreeMode {
     }
 }
 
+/// The tree and how it runs.
+#[derive(Clone, Copy, Debug)]
+pub struct TreeBenchOptions {
+    /// Sibling sequences (K).
+    pub siblings: usize,
+    /// Shared prefix length (P) and tokens generated per sibling (S).
+    pub prefix: usize,
+    pub suffix: usize,
+    /// Draw tokens on the device where the backend can ([`EngineConfig::device_sampling`]).
+    pub device_sampling: bool,
+    /// Replay captured graphs for decode steps that can be captured ([`EngineConfig::graphs`];
+    /// steps with a cascaded sharing group are not).
+    pub graphs: bool,
+}
+
 #[derive(Clone, Debug)]
 pub struct TreeBenchResult {
     pub mode: TreeMode,
@@ -53,6 +69,8 @@ pub struct TreeBenchResult {
     /// the host) and drawing tokens on the host; the rest of a step is the engine's own work.
     pub forward_ms: f64,
     pub draw_ms: f64,
+    /// Wall time of the prefill, untimed in the steps.
+    pub prefill_ms: f64,
     /// Blocks in use after the last step.
     pub blocks_used: usize,
     pub blocks_shared: usize,
@@ -60,14 +78,14 @@ pub struct TreeBenchResult {
 
 /// Runs one setup. Token ids are deterministic and valid for any vocabulary; sampling is at
 /// temperature 1 with a different seed per sibling, so the siblings diverge as thoughts do.
-pub fn run<B: Backend>(
-    model: &Llama<B>,
-    mode: TreeMode,
-    siblings: usize,
-    prefix: usize,
-    suffix: usize,
-    device_sampling: bool,
-) -> Result<TreeBenchResult> {
+pub fn run<B: Backend>(model: &Llama<B>, mode: TreeMode, options: TreeBenchOptions) -> Result<TreeBenchResult> {
+    let TreeBenchOptions {
+        siblings,
+        prefix,
+        suffix,
+        device_sampling,
+        graphs,
+    } = options;
     let k = if mode == TreeMode::Single { 1 } else { siblings.max(1) };
     crate::engine::check_prompt(prefix, suffix, model.config.context_length)?;
     let bs = crate::kv::DEFAULT_BLOCK_SIZE;
@@ -81,9 +99,9 @@ pub fn run<B: Backend>(
         },
         prefix_cache: false,
         cascade_min_blocks: (mode == TreeMode::Cascade).then_some(1),
-        // Graphs capture only steps without sharing groups, so they would speed up every setup
-        // but cascade: off, to compare the attention setups alone.
-        graphs: false,
+        // Graphs capture only steps without sharing groups, so they speed up every setup but
+        // cascade: off by default, to compare the attention setups alone.
+        graphs,
         device_sampling,
     };
     let mut engine = Engine::new(model, None, config)?;
@@ -92,7 +110,8 @@ pub fn run<B: Backend>(
         .map(|i| ((i * 2_654_435_761 + 1000) % vocab) as u32)
         .collect();
 
-    // Prefill (untimed): one prompt forked, or K prompts computed separately.
+    // Prefill (not in the steps): one prompt forked, or K prompts computed separately.
+    let prefill_start = Instant::now();
     let seqs = match mode {
         TreeMode::Independent => {
             let ids = (0..k).map(|_| engine.add(prompt.clone())).collect::<Result<Vec<_>>>()?;
@@ -111,6 +130,7 @@ pub fn run<B: Backend>(
             ids
         }
     };
+    let prefill_ms = prefill_start.elapsed().as_secs_f64() * 1e3;
     for (i, &id) in seqs.iter().enumerate() {
         let sampling = SamplingParams {
             temperature: 1.0,
@@ -143,6 +163,7 @@ pub fn run<B: Backend>(
         mean_step_ms,
         forward_ms: per_step(after.forward_time - before.forward_time),
         draw_ms: per_step(after.draw_time - before.draw_time),
+        prefill_ms,
         blocks_used: pool.used,
         blocks_shared: pool.shared,
     })

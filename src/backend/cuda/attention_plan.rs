@@ -4,14 +4,12 @@
 //! Row `r` (sequence `s`, position `p`) attends keys `0..=p`. The plan cuts them so that every
 //! key of every row is covered by exactly one part, and `row_parts[r]` counts the row's parts:
 //!
-//! * **shared prefix** (cascade): for a sharing group ([`crate::backend::SharedPrefix`]) whose
-//!   prefix has at least [`CASCADE_MIN_PREFIX`] tokens, whose rows fill a tile and which saves
-//!   at least [`CASCADE_MIN_SAVED_KEYS`] key reads over its members' rows, keys `0..P` of all the
+//! * **shared prefix** (cascade): for a sharing group ([`crate::backend::SharedPrefix`]) that
+//!   the tile kernel's measured crossover ([`CascadeRule`]) admits, keys `0..P` of all the
 //!   members' rows are `attention_tile` tasks — tiles of at most 64 (row, query head)
 //!   queries × chunks of the prefix — so each prefix key is read once per tile instead of
-//!   once per row. These are parts `0..` of every member row. Below the
-//!   threshold the group is read as plain attention: the saving does not pay for a tile's
-//!   unused queries, the extra partials and the launch.
+//!   once per row. These are parts `0..` of every member row. Other groups are read as plain
+//!   attention.
 //! * **own keys** `from..=p` (`from` = the cascaded prefix length, else 0):
 //!   * a sequence with one row in the step (a decode row) is an `attention_split` row, its keys
 //!     cut into chunks of `split_chunk` (flash-decoding);
@@ -28,24 +26,76 @@ use crate::backend::StepInput;
 
 /// Queries ((row, query head) pairs) per `attention_tile` task (`ATT_QUERIES`).
 pub const TILE_QUERIES: usize = 64;
-/// Cascade crossover, measured (`qmtot bench kernels --parts cascade`, H200, 2026-11-26, run
-/// 8c, after `attention_split` began staging its keys in shared memory; one layer at
-/// LLaMA-3.1-8B heads): a group is read by cascade when its prefix has at least
-/// [`CASCADE_MIN_PREFIX`] tokens, its rows fill at least one tile of queries
-/// ([`TILE_QUERIES`] / GQA group), and cascade saves at least [`CASCADE_MIN_SAVED_KEYS`] key
-/// reads (prefix × (rows − 1)); otherwise the whole group is plain attention. The measured
-/// points (cascade time / plain time as a speed-up): 4 siblings (a quarter tile) lose at every
-/// prefix (0.69× over 2048 tokens, 0.63× over 32k); 16 siblings over 512 tokens 0.70× (7680
-/// keys saved), over 2048 1.41× (30720); 64 over 128 1.00×, over 512 1.16× (32256), over 2048
-/// 1.44×.
-pub const CASCADE_MIN_PREFIX: usize = 512;
-/// See [`CASCADE_MIN_PREFIX`].
-pub const CASCADE_MIN_SAVED_KEYS: usize = 30720;
+/// When a sharing group is read by cascade rather than as plain attention: its prefix has at
+/// least `min_prefix` tokens, its rows hold at least `min_queries` (row, query head) queries
+/// (or fill a tile's rows, when the GQA group does not divide [`TILE_QUERIES`]), and cascade saves at least `min_saved_keys` key reads (prefix × (rows − 1)). Below that
+/// the saving does not pay for a tile's unused queries, the extra partials and the launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CascadeRule {
+    pub min_prefix: usize,
+    pub min_queries: usize,
+    pub min_saved_keys: usize,
+}
+
+impl CascadeRule {
+    /// Crossover of the SIMT tile kernel `attention_tile`, measured (`qmtot bench kernels
+    /// --parts cascade`, H200, 2026-11-26, run 8c; one layer at LLaMA-3.1-8B heads), as
+    /// cascade time / plain time speed-ups: 4 siblings (a quarter tile) lose at every prefix
+    /// (0.69× over 2048 tokens, 0.63× over 32k); 16 siblings over 512 tokens 0.70× (7680 keys
+    /// saved), over 2048 1.41× (30720); 64 over 128 1.00×, over 512 1.16× (32256), over 2048
+    /// 1.44×.
+    pub const SIMT_TILES: Self = Self {
+        min_prefix: 512,
+        min_queries: TILE_QUERIES,
+        min_saved_keys: 30720,
+    };
+    /// Crossover of the tensor-core tile kernel `attention_tile_mma` (the default), measured
+    /// the same way with every group cascaded (`QMTOT_CASCADE=always`; H100, 2026-11-26, run
+    /// 10, two runs): 4 siblings over 128 tokens 0.59–0.71× (384 keys saved), over 512 0.70×
+    /// (1536), over 2048 1.10× (6144), over 8192 1.98×; 16 siblings over 128 0.74–0.76×
+    /// (1920), over 512 1.22× (7680), over 2048 2.54×; 64 over 128 1.16× (8064), over 512
+    /// 2.04×. So a quarter tile of queries pays once enough keys are saved.
+    pub const MMA_TILES: Self = Self {
+        min_prefix: 128,
+        min_queries: 1,
+        min_saved_keys: 6144,
+    };
+    /// Every group of two or more rows (measuring: `QMTOT_CASCADE=always`).
+    pub const ALWAYS: Self = Self {
+        min_prefix: 1,
+        min_queries: 1,
+        min_saved_keys: 1,
+    };
+
+    fn admits(&self, prefix: usize, rows: usize, gqa: usize) -> bool {
+        rows >= 2
+            && prefix >= self.min_prefix
+            && rows * gqa >= self.min_queries.min(TILE_QUERIES / gqa.max(1) * gqa)
+            && prefix * (rows - 1) >= self.min_saved_keys
+    }
+}
+
 /// CTAs per multiprocessor the chunking aims at.
 pub const CTAS_PER_SM: usize = 2;
 /// Bounds of a key chunk (multiples of the 32 keys a tile step stages).
 const MIN_CHUNK: usize = 64;
 const MAX_CHUNK: usize = 1024;
+/// The shortest key chunk of a tile task by default (`QMTOT_TILE_CHUNK` overrides it, for
+/// measuring). Measured with every group cascaded (`qmtot bench kernels --parts cascade`,
+/// H100, 2026-11-26, run 10, `attention_tile_mma`): longer chunks mean fewer partials for the
+/// merge but fewer CTAs, and the tile kernel is latency-bound, so fewer CTAs lose. 16 siblings
+/// over 2048 tokens took 27.8 µs at 64, 26.4 at 128, 32.6 at 256 and 49.2 at 512; over 512
+/// tokens 20.4, 23.8, 31.9 and 48.2; 4 siblings over 2048 tokens 23.1, 24.5, 31.2 and 47.4.
+pub const MIN_TILE_CHUNK: usize = MIN_CHUNK;
+
+/// What [`plan`] is tuned by, besides the step's shapes and the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlanOptions {
+    /// Which sharing groups are read by cascade.
+    pub cascade: CascadeRule,
+    /// The shortest key chunk of a tile task (prefill tiles, cascade prefixes).
+    pub min_tile_chunk: usize,
+}
 
 /// One `attention_tile` task: rows `task_rows[rows.0 .. rows.0 + rows.1]`, keys
 /// `keys.0 .. keys.1` through block table `seq`, written to part `part` of every row.
@@ -75,17 +125,25 @@ pub struct AttentionPlan {
     pub n_parts: usize,
 }
 
-/// Chunk length that spreads `keys` keys (per KV head) over about `target` CTAs.
-fn chunk_for(keys: usize, n_kv_heads: usize, target: usize) -> usize {
+/// Chunk length that spreads `keys` keys (per KV head) over about `target` CTAs, at least
+/// `min` (clamped to the chunk bounds).
+fn chunk_for(keys: usize, n_kv_heads: usize, target: usize, min: usize) -> usize {
     (keys * n_kv_heads)
         .div_ceil(target.max(1))
         .next_multiple_of(32)
-        .clamp(MIN_CHUNK, MAX_CHUNK)
+        .clamp(min.clamp(MIN_CHUNK, MAX_CHUNK), MAX_CHUNK)
 }
 
 /// Plans `step` (validated: rows' positions inside their tables, groups per
 /// [`StepInput::validate_groups`]) for GQA group `gqa` (= n_heads / n_kv_heads).
-pub fn plan(step: &StepInput, gqa: usize, n_kv_heads: usize, block_size: usize, n_sms: usize) -> AttentionPlan {
+pub fn plan(
+    step: &StepInput,
+    gqa: usize,
+    n_kv_heads: usize,
+    block_size: usize,
+    n_sms: usize,
+    options: &PlanOptions,
+) -> AttentionPlan {
     let rows = step.rows();
     let n_seqs = step.block_tables.len();
     let target = CTAS_PER_SM * n_sms.max(1);
@@ -115,17 +173,14 @@ pub fn plan(step: &StepInput, gqa: usize, n_kv_heads: usize, block_size: usize, 
             .iter()
             .flat_map(|&s| seq_rows[s as usize].iter().copied())
             .collect();
-        if prefix < CASCADE_MIN_PREFIX
-            || members.len() < rows_per_tile
-            || prefix * members.len().saturating_sub(1) < CASCADE_MIN_SAVED_KEYS
-        {
+        if !options.cascade.admits(prefix, members.len(), gqa) {
             continue;
         }
         for &s in &g.seqs {
             from[s as usize] = prefix;
         }
         let tiles: Vec<&[u32]> = members.chunks(rows_per_tile).collect();
-        let chunk = chunk_for(prefix * tiles.len(), n_kv_heads, target);
+        let chunk = chunk_for(prefix * tiles.len(), n_kv_heads, target, options.min_tile_chunk);
         // Any member's table reads the prefix (the group invariant).
         p.add_tasks(&tiles, g.seqs[0], 0, prefix, chunk);
     }
@@ -137,7 +192,7 @@ pub fn plan(step: &StepInput, gqa: usize, n_kv_heads: usize, block_size: usize, 
         .filter(|(_, rs)| rs.len() == 1)
         .map(|(s, rs)| step.positions[rs[0] as usize] as usize + 1 - from[s])
         .sum();
-    p.split_chunk = chunk_for(split_keys, n_kv_heads, target);
+    p.split_chunk = chunk_for(split_keys, n_kv_heads, target, MIN_CHUNK);
     for (s, rs) in seq_rows.iter().enumerate() {
         match rs.as_slice() {
             [] => {}
@@ -151,10 +206,12 @@ pub fn plan(step: &StepInput, gqa: usize, n_kv_heads: usize, block_size: usize, 
                 p.split_max_chunks = p.split_max_chunks.max(chunks);
             }
             rs => {
+                // One chunk length for the sequence's tiles, from the keys they read in all.
+                let last = |tile: &[u32]| step.positions[*tile.last().expect("tiles are non-empty") as usize] as usize;
+                let keys: usize = rs.chunks(rows_per_tile).map(|t| last(t) + 1 - from[s]).sum();
+                let chunk = chunk_for(keys, n_kv_heads, target, options.min_tile_chunk);
                 for tile in rs.chunks(rows_per_tile) {
-                    let last = step.positions[*tile.last().expect("tiles are non-empty") as usize] as usize;
-                    let chunk = chunk_for(last + 1 - from[s], n_kv_heads, target);
-                    p.add_tasks(&[tile], s as u32, from[s], last + 1, chunk);
+                    p.add_tasks(&[tile], s as u32, from[s], last(tile) + 1, chunk);
                 }
             }
         }
@@ -426,10 +483,24 @@ mod tests {
     }
 
     fn check(seqs: &[Vec<u32>], groups: &[(Vec<u32>, u32)], gqa: usize, n_sms: usize) -> AttentionPlan {
+        check_with(&CascadeRule::SIMT_TILES, seqs, groups, gqa, n_sms)
+    }
+
+    fn check_with(
+        rule: &CascadeRule,
+        seqs: &[Vec<u32>],
+        groups: &[(Vec<u32>, u32)],
+        gqa: usize,
+        n_sms: usize,
+    ) -> AttentionPlan {
         let bs = 16;
         let step = step_for(seqs, groups, bs);
         step.validate_groups(bs).unwrap();
-        let plan = plan(&step, gqa, 2, bs, n_sms);
+        let options = PlanOptions {
+            cascade: *rule,
+            min_tile_chunk: MIN_TILE_CHUNK,
+        };
+        let plan = plan(&step, gqa, 2, bs, n_sms, &options);
         let (q, kv, hd) = plan_inputs(&step, gqa, 8);
         let got = run_plan(&plan, &step, &q, &kv, gqa, hd);
         assert_matches_direct(&step, &q, &kv, &got, gqa, hd);
@@ -505,6 +576,28 @@ mod tests {
                 "{n} siblings over {p}"
             );
             assert_eq!(plan.tasks.is_empty(), !cascade, "{n} siblings over {p}");
+        }
+        // The tensor-core kernel's crossover (measured: 4 over 2048 1.10×, 16 over 128 0.75×,
+        // 16 over 512 1.22×, 64 over 128 1.16×).
+        for (n, p, cascade) in [
+            (4, 512, false),
+            (4, 2048, true),
+            (16, 128, false),
+            (16, 512, true),
+            (64, 128, true),
+        ] {
+            let plan = check_with(&CascadeRule::MMA_TILES, &siblings(n, p), &group(n, p), 4, 8);
+            assert_eq!(plan.tasks.is_empty(), !cascade, "mma: {n} siblings over {p}");
+        }
+        // Without a crossover every group of two or more rows is cascaded, however short.
+        let plan = check_with(&CascadeRule::ALWAYS, &siblings(2, 20), &group(2, 16), 4, 8);
+        assert!(plan.split_from == [16, 16] && !plan.tasks.is_empty());
+        let plan = check_with(&CascadeRule::ALWAYS, &[vec![600]], &[(vec![0], 32)], 4, 8);
+        assert!(plan.tasks.is_empty());
+        // A GQA group that does not divide a tile: 21 rows of GQA 3 fill one (63 queries).
+        for (rows, cascade) in [(21, true), (20, false)] {
+            let plan = check(&siblings(rows, 2048), &group(rows, 2048), 3, 8);
+            assert_eq!(plan.tasks.is_empty(), !cascade, "{rows} rows of GQA 3");
         }
     }
 

@@ -40,6 +40,7 @@ use super::{Backend, KvShape, QkvLayout, RowDraw, StepInput};
 use crate::engine::sampler::Sampled;
 use crate::error::{Error, Result};
 use crate::quant::{Int4Matrix, WeightMatrix};
+use attention_plan::{CascadeRule, PlanOptions};
 use kernel_cache::KernelCache;
 use matmul_variant::{
     batch_tiles, matmul_kernel, MatmulVariant, Pipeline, MATMUL_TILES, MATMUL_VARIANTS, VARIANT_GROUP,
@@ -198,9 +199,15 @@ pub struct CudaBackend {
     /// The INT4 g128 pipeline variant in use for each batch width of `MATMUL_TILES`: 0 for the
     /// default entry point, else 1 + its index in `MATMUL_VARIANTS`.
     matmul_variant: [std::sync::atomic::AtomicUsize; 4],
-    /// Attention tiles (prefill, cascade prefixes) on tensor cores (`attention_tile_mma`)
-    /// instead of `attention_tile` (a measuring knob until a GPU run has checked it).
+    /// Attention tiles (prefill, cascade prefixes) on tensor cores (`attention_tile_mma`, the
+    /// default) or on the SIMT kernel `attention_tile` (`QMTOT_ATTENTION_TILE=simt`).
     mma_attention_tiles: std::sync::atomic::AtomicBool,
+    /// Cascade every sharing group of two or more rows, whatever the tile kernel's measured
+    /// crossover says (`QMTOT_CASCADE=always`; for measuring the crossover).
+    cascade_always: std::sync::atomic::AtomicBool,
+    /// The shortest key chunk of an attention tile task (`QMTOT_TILE_CHUNK`, a measuring knob;
+    /// `attention_plan::MIN_TILE_CHUNK` by default).
+    min_tile_chunk: std::sync::atomic::AtomicUsize,
     /// `[MATMUL_COUNTERS]` u32 split-K arrival counters, zero between launches: every launch
     /// on the one stream uses them from index 0, and each tile's last block resets its own.
     matmul_counters: CudaSlice<u32>,
@@ -388,18 +395,39 @@ impl CudaBackend {
             n_sms,
             matmul_blocks_per_sm,
             matmul_variant: Default::default(),
-            mma_attention_tiles: Default::default(),
+            mma_attention_tiles: std::sync::atomic::AtomicBool::new(true),
+            cascade_always: Default::default(),
+            min_tile_chunk: std::sync::atomic::AtomicUsize::new(attention_plan::MIN_TILE_CHUNK),
             matmul_counters,
         };
-        // A measuring knob: the tensor-core attention tile kernel.
+        // Measuring knobs: the SIMT attention tile kernel, and cascade without a crossover.
         match std::env::var("QMTOT_ATTENTION_TILE").as_deref() {
-            Err(_) | Ok("") | Ok("simt") => {}
-            Ok("mma") => backend.use_mma_attention_tiles(true),
+            Err(_) | Ok("") | Ok("mma") => {}
+            Ok("simt") => backend.use_mma_attention_tiles(false),
             Ok(other) => {
                 return Err(Error::InvalidArgument(format!(
-                    "QMTOT_ATTENTION_TILE={other}: simt (the default) or mma"
+                    "QMTOT_ATTENTION_TILE={other}: mma (the default) or simt"
                 )))
             }
+        }
+        match std::env::var("QMTOT_CASCADE").as_deref() {
+            Err(_) | Ok("") | Ok("crossover") => {}
+            Ok("always") => backend.use_cascade_always(true),
+            Ok(other) => {
+                return Err(Error::InvalidArgument(format!(
+                    "QMTOT_CASCADE={other}: crossover (the default) or always"
+                )))
+            }
+        }
+        if let Ok(chunk) = std::env::var("QMTOT_TILE_CHUNK") {
+            let chunk = chunk
+                .parse::<usize>()
+                .ok()
+                .filter(|&c| c > 0)
+                .ok_or_else(|| Error::InvalidArgument(format!("QMTOT_TILE_CHUNK={chunk}: a key count")))?;
+            backend
+                .min_tile_chunk
+                .store(chunk, std::sync::atomic::Ordering::Relaxed);
         }
         // A measuring knob: pipeline variants of the INT4 g128 matmul (see `matmul_variant`).
         if let Ok(spec) = std::env::var("QMTOT_MATMUL_VARIANTS") {
@@ -429,15 +457,40 @@ impl CudaBackend {
     }
 
     /// Runs attention tiles (prefill and cascade prefixes) through the tensor-core kernel
-    /// `attention_tile_mma` (`on`) or `attention_tile` (the default): the same tasks and
-    /// partials, so the same results up to f32 summation order and the f16 rounding of the
-    /// softmax weights. `QMTOT_ATTENTION_TILE=mma` does this when the backend starts.
+    /// `attention_tile_mma` (`on`, the default) or the SIMT kernel `attention_tile`: the same
+    /// tasks and partials, so the same results up to f32 summation order and the f16 rounding
+    /// of the softmax weights. `QMTOT_ATTENTION_TILE=simt` turns it off when the backend starts.
     pub fn use_mma_attention_tiles(&self, on: bool) {
         self.mma_attention_tiles.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn mma_attention_tiles(&self) -> bool {
         self.mma_attention_tiles.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Cascades every sharing group of two or more rows (`on`) instead of those that the tile
+    /// kernel's measured crossover admits (the default). For measuring that crossover; the
+    /// results are the same either way. `QMTOT_CASCADE=always` turns it on when the backend
+    /// starts.
+    pub fn use_cascade_always(&self, on: bool) {
+        self.cascade_always.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How steps' attention is planned: which sharing groups are read by cascade, and the
+    /// tile tasks' shortest key chunk.
+    fn plan_options(&self) -> PlanOptions {
+        use std::sync::atomic::Ordering;
+        let cascade = if self.cascade_always.load(Ordering::Relaxed) {
+            CascadeRule::ALWAYS
+        } else if self.mma_attention_tiles() {
+            CascadeRule::MMA_TILES
+        } else {
+            CascadeRule::SIMT_TILES
+        };
+        PlanOptions {
+            cascade,
+            min_tile_chunk: self.min_tile_chunk.load(Ordering::Relaxed),
+        }
     }
 
     /// The variants in use ([`CudaBackend::use_matmul_variants`]).
@@ -583,7 +636,14 @@ impl CudaBackend {
     /// The step's attention plan on the device, made once per step (by its first layer).
     fn attention_plan<'s>(&self, step: &'s CudaStep, gqa: usize, n_kv: usize) -> Result<&'s DevicePlan> {
         if step.attention.get().is_none() {
-            let dp = self.upload_plan(attention_plan::plan(&step.host, gqa, n_kv, 16, self.n_sms))?;
+            let dp = self.upload_plan(attention_plan::plan(
+                &step.host,
+                gqa,
+                n_kv,
+                16,
+                self.n_sms,
+                &self.plan_options(),
+            ))?;
             let _ = step.attention.set((Some((gqa, n_kv)), dp));
         }
         match step.attention.get() {
@@ -770,11 +830,25 @@ impl Backend for CudaBackend {
             format!(", matmul variants {}", variants.join(","))
         };
         let tiles = if self.mma_attention_tiles() {
-            ", mma attention tiles"
-        } else {
             ""
+        } else {
+            ", simt attention tiles"
         };
-        format!("cuda ({}, {}{variants}{tiles})", self.device_name, self.arch)
+        let options = self.plan_options();
+        let cascade = if options.cascade == CascadeRule::ALWAYS {
+            ", cascade always".to_string()
+        } else {
+            String::new()
+        };
+        let chunk = if options.min_tile_chunk == attention_plan::MIN_TILE_CHUNK {
+            String::new()
+        } else {
+            format!(", tile chunks ≥ {}", options.min_tile_chunk)
+        };
+        format!(
+            "cuda ({}, {}{variants}{tiles}{cascade}{chunk})",
+            self.device_name, self.arch
+        )
     }
 
     fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
