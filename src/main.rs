@@ -275,6 +275,10 @@ pub(crate) struct EngineArgs {
     /// Run decode steps uncaptured (no CUDA graphs).
     #[arg(long)]
     no_graphs: bool,
+    /// Capture decode steps with cascaded sharing groups too (sibling thoughts; not yet
+    /// checked on a GPU: off by default).
+    #[arg(long)]
+    cascade_graphs: bool,
     /// Copy every step's logits to the host and draw there, instead of drawing on the device
     /// (CUDA) when a step's rows are all generating.
     #[arg(long)]
@@ -293,6 +297,7 @@ impl EngineArgs {
             prefix_cache: !self.no_prefix_cache,
             cascade_min_blocks: (!self.no_cascade).then_some(1),
             graphs: !self.no_graphs,
+            cascade_graphs: self.cascade_graphs,
             device_sampling: !self.host_sampling,
         }
     }
@@ -436,10 +441,13 @@ struct BenchTreeArgs {
     /// (CUDA; the engine's default).
     #[arg(long)]
     host_sampling: bool,
-    /// Replay captured graphs for the decode steps that can be captured (CUDA; every setup's
-    /// but cascade's, whose steps have a sharing group).
+    /// Replay captured graphs for decode steps without sharing groups (CUDA; every setup's
+    /// but cascade's).
     #[arg(long)]
     graphs: bool,
+    /// With --graphs, capture the cascade setup's steps too (their sharing group in the graph).
+    #[arg(long)]
+    cascade_graphs: bool,
     #[command(flatten)]
     shape: ShapeArgs,
     #[command(flatten)]
@@ -1082,6 +1090,7 @@ fn bench_tree_on<B: Backend>(a: &BenchTreeArgs, model: Llama<B>) -> Result<()> {
         suffix: a.suffix,
         device_sampling: !a.host_sampling,
         graphs: a.graphs,
+        cascade_graphs: a.cascade_graphs,
     };
     let mut rounds: Vec<Vec<qmtot::bench::tree::TreeBenchResult>> = Vec::new();
     for _ in 0..a.reps.max(1) {

@@ -612,11 +612,94 @@ fn a_captured_decode_graph_replays_the_uncaptured_decode() {
     assert!(model.replay_decode(&mut graph, graph_kv, &fewer).unwrap().is_none());
 }
 
+/// A decode step of forked siblings with a cascaded shared prefix, captured with its sharing
+/// group (`attention_plan::graph_plan`: the prefix's tile tasks in the graph), replays the
+/// uncaptured step; another group layout does not fit the graph.
+#[test]
+fn a_captured_cascade_decode_graph_replays_the_uncaptured_decode() {
+    use qmtot::backend::SharedPrefix;
+    let Some(g) = gpu() else { return };
+    let (model, _) = load_smollm2(g);
+    // 8 siblings after a 1024-token prefix (64 shared blocks, 7168 key reads saved: cascade
+    // under either tile kernel's crossover), 4 blocks of their own each.
+    let (bs, siblings, prefix, own, steps, max_context) = (16usize, 8usize, 1024usize, 4usize, 6usize, 2048usize);
+    let shared = prefix / bs;
+    let tables: Vec<Vec<u32>> = (0..siblings)
+        .map(|s| {
+            let mut t: Vec<u32> = (0..shared as u32).collect();
+            t.extend((0..own).map(|i| (shared + s * own + i) as u32));
+            t
+        })
+        .collect();
+    let slot = |s: usize, p: usize| tables[s][p / bs] * bs as u32 + (p % bs) as u32;
+    let n_blocks = shared + siblings * own;
+    let mut caches = [
+        model.new_kv_cache(n_blocks, bs).unwrap(),
+        model.new_kv_cache(n_blocks, bs).unwrap(),
+    ];
+    let prompt: Vec<u32> = (0..prefix as u32).map(|i| 1 + (i * 37) % 4000).collect();
+    let mut first = 0;
+    for cache in caches.iter_mut() {
+        let slots = (0..prefix).map(|p| slot(0, p)).collect();
+        let step = StepInput::one_sequence(
+            prompt.clone(),
+            0,
+            slots,
+            tables[0][..shared].to_vec(),
+            vec![prefix as u32 - 1],
+        );
+        first = argmax(&model.forward(cache, &step).unwrap());
+    }
+    // Each sibling starts from another token, so their rows differ.
+    let mut next: Vec<u32> = (0..siblings as u32).map(|s| (first + 13 * s) % 4000 + 1).collect();
+    let group = |blocks: usize| SharedPrefix {
+        seqs: (0..siblings as u32).collect(),
+        blocks: blocks as u32,
+    };
+    let decode = |tokens: &[u32], p: usize, blocks: Option<usize>| {
+        let slots = (0..tokens.len()).map(|s| slot(s, p)).collect();
+        let mut step = StepInput::decode(tokens.to_vec(), p as u32, slots, tables.clone());
+        step.groups = blocks.map(group).into_iter().collect();
+        step
+    };
+    let [plain_kv, graph_kv] = &mut caches;
+    let mut graph = model
+        .capture_decode(graph_kv, &decode(&next, prefix, Some(shared)), max_context)
+        .unwrap()
+        .expect("the CUDA backend captures graphs");
+    let vocab = model.config.vocab_size;
+    for i in 0..steps {
+        let step = decode(&next, prefix + i, Some(shared));
+        let want = model.forward(plain_kv, &step).unwrap();
+        let got = model
+            .replay_decode(&mut graph, graph_kv, &step)
+            .unwrap()
+            .expect("the step fits the graph");
+        // The same prefix tasks, and the own keys (at most 6) one split chunk either way: the
+        // same kernels on the same data in the same order, identical up to nothing.
+        assert_close(&format!("cascade graph step {i}"), &got, &want, 1e-6, 0.0);
+        for (s, row) in want.chunks_exact(vocab).enumerate() {
+            next[s] = argmax(row);
+        }
+    }
+    // Another group layout launches attention differently: no group, a shorter prefix.
+    let p = prefix + steps;
+    for blocks in [None, Some(shared / 2)] {
+        assert!(
+            model
+                .replay_decode(&mut graph, graph_kv, &decode(&next, p, blocks))
+                .unwrap()
+                .is_none(),
+            "{blocks:?}"
+        );
+    }
+}
+
 /// Greedy generations of the engine on `model`: three independent prompts (decode steps of
 /// three rows, which graphs capture when `graphs` is on) and three forked siblings of one
-/// prompt (sharing groups: cascade, uncaptured), tokens drawn on the device when
-/// `device_sampling` is on and the backend can. Returns the generated ids in request order,
-/// the steps that replayed a graph and the steps drawn on the device.
+/// prompt (their prompt is shorter than a block: no sharing group), tokens drawn on the
+/// device when `device_sampling` is on and the backend can. Returns the generated ids in
+/// request order, the steps that replayed a graph and the steps drawn on the device.
 fn engine_greedy<B: Backend>(
     model: &Llama<B>,
     tok: &qmtot::tokenizer::Tokenizer,
@@ -697,6 +780,62 @@ fn the_engine_on_cuda_generates_the_cpu_greedy_text_with_and_without_graphs() {
         assert!(device_steps > 0, "graphs={graphs}: no step drew on the device");
         assert_eq!(drawn, on_cpu, "graphs={graphs}: device draws vs CPU greedy text");
     }
+}
+
+/// Forked siblings of a prompt longer than two blocks decode with a sharing group. With
+/// `cascade_graphs` the engine captures those steps once their layout repeats and replays
+/// them, and the greedy text is the uncaptured text (the group is below the cascade crossover,
+/// so attention is plain either way, in one 64-key chunk per row either way).
+#[test]
+fn the_engine_captures_sibling_steps_with_their_sharing_group() {
+    use qmtot::engine::{Engine, EngineConfig, Event, SamplingParams, StopConditions};
+    let Some(g) = gpu() else { return };
+    let (gm, tok) = load_smollm2(g);
+    let prompt = tok
+        .encode(
+            "Question: a patient presents with fever, cough and shortness of breath for three \
+             days. Which investigation should come first? Let us think step by step.",
+            true,
+        )
+        .unwrap();
+    assert!(prompt.len() > 32, "{} tokens", prompt.len());
+    let run = |cascade_graphs: bool| {
+        let config = EngineConfig {
+            graphs: true,
+            cascade_graphs,
+            ..EngineConfig::default()
+        };
+        let mut engine = Engine::new(&gm, None, config).unwrap();
+        let root = engine.add(prompt.clone()).unwrap();
+        engine.prefill(root).unwrap();
+        engine.run_until_idle().unwrap();
+        let kids = engine.fork(root, 4).unwrap();
+        for (&k, word) in kids.iter().zip([" First", " The", " A", " We"]) {
+            engine.append(k, &tok.encode(word, false).unwrap()).unwrap();
+            let stop = StopConditions {
+                max_new_tokens: 12,
+                ..Default::default()
+            };
+            engine.generate(k, SamplingParams::default(), stop).unwrap();
+        }
+        let mut out = vec![Vec::new(); kids.len()];
+        for e in engine.run_until_idle().unwrap() {
+            match e {
+                Event::Finished { seq, generation } => {
+                    out[kids.iter().position(|&s| s == seq).unwrap()] = generation.tokens;
+                }
+                Event::Failed { seq, error } => panic!("{seq} failed: {error}"),
+                _ => {}
+            }
+        }
+        (out, engine.stats().graph_steps)
+    };
+    let (plain, plain_replays) = run(false);
+    let (grouped, grouped_replays) = run(true);
+    assert_eq!(plain_replays, 0, "sibling steps with a sharing group replayed a graph");
+    assert!(grouped_replays > 0, "no sibling step replayed a graph with its group");
+    assert!(plain.iter().all(|t| t.len() == 12), "{plain:?}");
+    assert_eq!(grouped, plain, "graphs with a sharing group change the greedy text");
 }
 
 /// Seeded sampling with top-k / top-p drawn on the device repeats itself, token for token.

@@ -79,6 +79,7 @@ fn run(seed: u64, ops: usize) {
         prefix_cache: seed % 2 == 0,
         cascade_min_blocks: Some(1),
         graphs: true,
+        cascade_graphs: true,
         device_sampling: false,
     };
     let mut engine = Engine::new(&model, None, config).unwrap();

@@ -432,13 +432,15 @@ pub trait Backend: Send + Sync {
 
     /// A step for capture: device data that later decode steps of the same shape overwrite
     /// in place ([`Backend::refill_step`]), with block tables long enough for `max_context`
-    /// positions. `Ok(None)` on a backend without graphs.
-    fn graph_step(&self, _input: &StepInput, _max_context: usize) -> Result<Option<Self::Step>> {
+    /// positions, planned for attention of `layout` (the model's). `Ok(None)` on a backend
+    /// without graphs.
+    fn graph_step(&self, _input: &StepInput, _max_context: usize, _layout: QkvLayout) -> Result<Option<Self::Step>> {
         Ok(None)
     }
     /// Overwrites a [`Backend::graph_step`] with `input`; `Ok(false)` when `input` does not fit
     /// it (another row or sequence count, another number of logit rows, a position past its
-    /// `max_context`), and the caller runs the step without the graph.
+    /// `max_context`, sharing groups that attention would launch differently for), and the
+    /// caller runs the step without the graph.
     fn refill_step(&self, _step: &mut Self::Step, _input: &StepInput) -> Result<bool> {
         Ok(false)
     }

@@ -54,9 +54,10 @@ pub struct TreeBenchOptions {
     pub suffix: usize,
     /// Draw tokens on the device where the backend can ([`EngineConfig::device_sampling`]).
     pub device_sampling: bool,
-    /// Replay captured graphs for decode steps that can be captured ([`EngineConfig::graphs`];
-    /// steps with a cascaded sharing group are not).
+    /// Replay captured graphs for decode steps ([`EngineConfig::graphs`]), and with
+    /// `cascade_graphs` for those with a sharing group too ([`EngineConfig::cascade_graphs`]).
     pub graphs: bool,
+    pub cascade_graphs: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -85,6 +86,7 @@ pub fn run<B: Backend>(model: &Llama<B>, mode: TreeMode, options: TreeBenchOptio
         suffix,
         device_sampling,
         graphs,
+        cascade_graphs,
     } = options;
     let k = if mode == TreeMode::Single { 1 } else { siblings.max(1) };
     crate::engine::check_prompt(prefix, suffix, model.config.context_length)?;
@@ -99,9 +101,9 @@ pub fn run<B: Backend>(model: &Llama<B>, mode: TreeMode, options: TreeBenchOptio
         },
         prefix_cache: false,
         cascade_min_blocks: (mode == TreeMode::Cascade).then_some(1),
-        // Graphs capture only steps without sharing groups, so they speed up every setup but
-        // cascade: off by default, to compare the attention setups alone.
+        // Off by default, to compare the attention setups alone.
         graphs,
+        cascade_graphs,
         device_sampling,
     };
     let mut engine = Engine::new(model, None, config)?;

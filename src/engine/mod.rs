@@ -17,6 +17,7 @@
 //!
 //! [`generate`] is the one-prompt, one-answer convenience on top, with streamed text.
 
+mod graph_policy;
 pub mod sampler;
 pub mod scheduler;
 mod sequence;
@@ -63,6 +64,11 @@ pub struct EngineConfig {
     pub cascade_min_blocks: Option<usize>,
     /// Replay captured graphs for decode steps (CUDA graphs; no effect on a backend without).
     pub graphs: bool,
+    /// With `graphs`, capture decode steps with sharing groups too (cascade in the graph, one
+    /// graph per group layout, captured once a layout has repeated for
+    /// [`graph_policy::GROUP_GRAPH_MIN_STEPS`] steps). Off by default until a GPU run has checked it; off,
+    /// such steps run uncaptured.
+    pub cascade_graphs: bool,
     /// Draw tokens on the device when every logit row of a step is a generating sequence's
     /// next token, so only the tokens come back ([`crate::backend::Backend::draw_rows`]; no
     /// effect on a backend without). On by default (checked against host draws on an H100,
@@ -91,6 +97,7 @@ impl Default for EngineConfig {
             prefix_cache: true,
             cascade_min_blocks: Some(1),
             graphs: true,
+            cascade_graphs: false,
             device_sampling: true,
         }
     }
@@ -251,11 +258,21 @@ pub struct Engine<'m, B: Backend> {
     /// Task start counter (scheduling priority).
     next_order: u64,
     stats: EngineStats,
-    /// Captured decode steps by (rows, context bucket); `graphs_unavailable` once the backend
-    /// has said it captures none.
-    graphs: HashMap<(usize, usize), DecodeGraph<B>>,
+    /// Captured decode steps by [`GraphKey`]; `graphs_unavailable` once the backend has said
+    /// it captures none.
+    graphs: HashMap<GraphKey, DecodeGraph<B>>,
     graphs_unavailable: bool,
+    /// Which graphs with sharing groups to capture and keep; steps run, as their clock;
+    /// `group_graphs_failed` once such a capture failed (those steps then run uncaptured,
+    /// the others keep their graphs).
+    group_graphs: graph_policy::GroupGraphPolicy<GraphKey>,
+    group_graphs_failed: bool,
+    steps_run: u64,
 }
+
+/// What a captured decode step is reused for: the row count, the context bucket, and the
+/// sharing groups as (member rows, shared blocks), sorted (empty without groups).
+type GraphKey = (usize, usize, Vec<(usize, u32)>);
 
 /// Most rows of a decode step that gets a graph (a graph per row count and context bucket).
 pub const MAX_GRAPH_ROWS: usize = 64;
@@ -284,6 +301,9 @@ impl<'m, B: Backend> Engine<'m, B> {
             stats: EngineStats::default(),
             graphs: HashMap::new(),
             graphs_unavailable: false,
+            group_graphs: Default::default(),
+            group_graphs_failed: false,
+            steps_run: 0,
         })
     }
 
@@ -521,10 +541,10 @@ impl<'m, B: Backend> Engine<'m, B> {
     // ---- running -------------------------------------------------------------------------------
 
     /// The step's forward: a captured graph for a decode step (one row per sequence, every
-    /// row returning logits, at most [`MAX_GRAPH_ROWS`], no sharing groups — a graph reads
-    /// shared prefixes as plain attention, so steps that could cascade run uncaptured) when
-    /// the config allows and the backend has graphs; else, or when the step does not fit its
-    /// graph, the plain forward.
+    /// row returning logits, at most [`MAX_GRAPH_ROWS`]; with sharing groups only under
+    /// [`EngineConfig::cascade_graphs`], once their layout has repeated) when the config allows
+    /// and the backend has graphs; else, or when the step does not fit its graph, the plain
+    /// forward.
     /// With `draws` (one per logit row), the tokens are drawn on the device where the backend
     /// can ([`Llama::forward_drawing`]).
     fn run_forward(&mut self, input: &crate::backend::StepInput, draws: Option<&[RowDraw]>) -> Result<StepOutput> {
@@ -532,11 +552,12 @@ impl<'m, B: Backend> Engine<'m, B> {
             Some(d) => engine.model.forward_drawing(&mut engine.kv, input, d),
             None => engine.model.forward(&mut engine.kv, input).map(StepOutput::Logits),
         };
+        self.steps_run += 1;
         let rows = input.rows();
         let decode = rows <= MAX_GRAPH_ROWS
             && rows == input.block_tables.len()
             && input.logit_rows.len() == rows
-            && input.groups.is_empty();
+            && (input.groups.is_empty() || (self.config.cascade_graphs && !self.group_graphs_failed));
         if !self.config.graphs || self.graphs_unavailable || !decode {
             return plain(self);
         }
@@ -545,20 +566,40 @@ impl<'m, B: Backend> Engine<'m, B> {
             .next_power_of_two()
             .max(MIN_GRAPH_CONTEXT)
             .min(self.model.config.context_length);
-        let key = (rows, bucket);
+        let mut layout: Vec<(usize, u32)> = input.groups.iter().map(|g| (g.seqs.len(), g.blocks)).collect();
+        layout.sort_unstable();
+        let grouped = !layout.is_empty();
+        let key: GraphKey = (rows, bucket, layout);
         if !self.graphs.contains_key(&key) {
+            if grouped {
+                if !self.group_graphs.ready(&key) {
+                    return plain(self);
+                }
+                for old in self.group_graphs.make_room() {
+                    self.graphs.remove(&old);
+                }
+            }
             match self.model.capture_decode(&mut self.kv, input, bucket) {
                 Ok(Some(g)) => {
-                    self.graphs.insert(key, g);
+                    self.graphs.insert(key.clone(), g);
                 }
                 Ok(None) => self.graphs_unavailable = true,
                 // A capture that fails leaves nothing recorded and nothing run: the engine goes
                 // on uncaptured rather than fail the step.
+                Err(e) if grouped => {
+                    eprintln!(
+                        "qmtot: decode graph capture with sharing groups failed, running those steps uncaptured from now on: {e}"
+                    );
+                    self.group_graphs_failed = true;
+                }
                 Err(e) => {
                     eprintln!("qmtot: decode graph capture failed, running uncaptured from now on: {e}");
                     self.graphs_unavailable = true;
                 }
             }
+        }
+        if grouped && self.graphs.contains_key(&key) {
+            self.group_graphs.used(&key, self.steps_run);
         }
         if let Some(g) = self.graphs.get_mut(&key) {
             let replayed = match draws {

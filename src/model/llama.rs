@@ -375,7 +375,7 @@ impl<B: Backend> Llama<B> {
         let c = &self.config;
         input.validate(c.vocab_size, c.context_length, &kv.shape)?;
         let b = &self.backend;
-        let Some(step) = b.graph_step(input, max_context.min(c.context_length))? else {
+        let Some(step) = b.graph_step(input, max_context.min(c.context_length), self.qkv_layout())? else {
             return Ok(None);
         };
         let mut bufs = self.alloc_buffers(input.rows(), input.logit_rows.len())?;

@@ -134,56 +134,82 @@ fn chunk_for(keys: usize, n_kv_heads: usize, target: usize, min: usize) -> usize
         .clamp(min.clamp(MIN_CHUNK, MAX_CHUNK), MAX_CHUNK)
 }
 
-/// Plans `step` (validated: rows' positions inside their tables, groups per
-/// [`StepInput::validate_groups`]) for GQA group `gqa` (= n_heads / n_kv_heads).
-pub fn plan(
-    step: &StepInput,
-    gqa: usize,
-    n_kv_heads: usize,
-    block_size: usize,
-    n_sms: usize,
-    options: &PlanOptions,
-) -> AttentionPlan {
-    let rows = step.rows();
-    let n_seqs = step.block_tables.len();
-    let target = CTAS_PER_SM * n_sms.max(1);
-    let rows_per_tile = (TILE_QUERIES / gqa.max(1)).max(1);
+/// What a plan is made for besides the step: the attention shape (GQA group `gqa` = n_heads /
+/// n_kv_heads), the KV block size, the device's multiprocessors and the tuning.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlanContext {
+    pub gqa: usize,
+    pub n_kv_heads: usize,
+    pub block_size: usize,
+    pub n_sms: usize,
+    pub options: PlanOptions,
+}
 
-    // Each sequence's rows, in position order.
-    let mut seq_rows: Vec<Vec<u32>> = vec![Vec::new(); n_seqs];
-    for r in 0..rows {
+impl PlanContext {
+    /// CTAs a launch aims at.
+    fn target(&self) -> usize {
+        CTAS_PER_SM * self.n_sms.max(1)
+    }
+
+    /// Rows per attention tile: [`TILE_QUERIES`] (row, query head) queries.
+    fn rows_per_tile(&self) -> usize {
+        (TILE_QUERIES / self.gqa.max(1)).max(1)
+    }
+}
+
+/// Each sequence's rows of `step`, in position order.
+fn rows_by_sequence(step: &StepInput) -> Vec<Vec<u32>> {
+    let mut seq_rows: Vec<Vec<u32>> = vec![Vec::new(); step.block_tables.len()];
+    for r in 0..step.rows() {
         seq_rows[step.row_seq[r] as usize].push(r as u32);
     }
     for rs in &mut seq_rows {
         rs.sort_by_key(|&r| step.positions[r as usize]);
     }
+    seq_rows
+}
 
-    let mut p = AttentionPlan {
-        row_parts: vec![0; rows],
-        ..Default::default()
-    };
-    // from[s]: the first key sequence s reads itself (its cascaded prefix length).
-    let mut from = vec![0usize; n_seqs];
-
-    // Shared prefixes worth cascading.
+/// The cascaded shared prefixes of `step` into `p`: for each sharing group the rule admits,
+/// tile tasks over its prefix for all its members' rows (parts `0..` of every member row).
+/// Returns each sequence's first own key (its cascaded prefix length, else 0).
+fn plan_prefixes(p: &mut AttentionPlan, step: &StepInput, seq_rows: &[Vec<u32>], ctx: &PlanContext) -> Vec<usize> {
+    let mut from = vec![0usize; seq_rows.len()];
     for g in &step.groups {
-        let prefix = g.blocks as usize * block_size;
+        let prefix = g.blocks as usize * ctx.block_size;
         let members: Vec<u32> = g
             .seqs
             .iter()
             .flat_map(|&s| seq_rows[s as usize].iter().copied())
             .collect();
-        if !options.cascade.admits(prefix, members.len(), gqa) {
+        if !ctx.options.cascade.admits(prefix, members.len(), ctx.gqa) {
             continue;
         }
         for &s in &g.seqs {
             from[s as usize] = prefix;
         }
-        let tiles: Vec<&[u32]> = members.chunks(rows_per_tile).collect();
-        let chunk = chunk_for(prefix * tiles.len(), n_kv_heads, target, options.min_tile_chunk);
+        let tiles: Vec<&[u32]> = members.chunks(ctx.rows_per_tile()).collect();
+        let chunk = chunk_for(
+            prefix * tiles.len(),
+            ctx.n_kv_heads,
+            ctx.target(),
+            ctx.options.min_tile_chunk,
+        );
         // Any member's table reads the prefix (the group invariant).
         p.add_tasks(&tiles, g.seqs[0], 0, prefix, chunk);
     }
+    from
+}
+
+/// Plans `step` (validated: rows' positions inside their tables, groups per
+/// [`StepInput::validate_groups`]).
+pub fn plan(step: &StepInput, ctx: &PlanContext) -> AttentionPlan {
+    let (n_kv_heads, target, rows_per_tile) = (ctx.n_kv_heads, ctx.target(), ctx.rows_per_tile());
+    let seq_rows = rows_by_sequence(step);
+    let mut p = AttentionPlan {
+        row_parts: vec![0; step.rows()],
+        ..Default::default()
+    };
+    let from = plan_prefixes(&mut p, step, &seq_rows, ctx);
 
     // Own keys: split rows and prefill tiles. The split chunk is one length for the launch.
     let split_keys: usize = seq_rows
@@ -209,7 +235,7 @@ pub fn plan(
                 // One chunk length for the sequence's tiles, from the keys they read in all.
                 let last = |tile: &[u32]| step.positions[*tile.last().expect("tiles are non-empty") as usize] as usize;
                 let keys: usize = rs.chunks(rows_per_tile).map(|t| last(t) + 1 - from[s]).sum();
-                let chunk = chunk_for(keys, n_kv_heads, target, options.min_tile_chunk);
+                let chunk = chunk_for(keys, n_kv_heads, target, ctx.options.min_tile_chunk);
                 for tile in rs.chunks(rows_per_tile) {
                     p.add_tasks(&[tile], s as u32, from[s], last(tile) + 1, chunk);
                 }
@@ -220,32 +246,61 @@ pub fn plan(
     p
 }
 
-/// The plan of a captured decode step (CUDA graphs): every row an `attention_split` row over
-/// all its keys `0..=p` in chunks of `chunk`, the grid sized for `max_chunks`, sharing groups
-/// ignored (plain attention), so that from step to step only `row_parts` changes — the graph
-/// keeps its launch shapes and kernel arguments. Positions must be below `chunk·max_chunks`.
-pub fn graph_plan(step: &StepInput, chunk: usize, max_chunks: usize) -> AttentionPlan {
+/// The plan of a captured decode step (CUDA graphs; one row per sequence): the cascaded
+/// prefixes as [`plan`] makes them, then every row an `attention_split` row over its own keys
+/// in chunks of `chunk`, the grid sized for `max_chunks` and the partials for as many parts
+/// after the longest cascaded prefix's. For the same rows and the same sharing groups (member
+/// counts and prefix lengths) the [`LaunchShape`] is the same from step to step, so a graph
+/// keeps its launch shapes and kernel arguments and only the plan's arrays are refilled.
+/// Own keys must number at most `chunk·max_chunks`.
+pub fn graph_plan(step: &StepInput, ctx: &PlanContext, chunk: usize, max_chunks: usize) -> AttentionPlan {
     let rows = step.rows();
-    let row_parts: Vec<u32> = step
-        .positions
-        .iter()
-        .map(|&p| (p as usize + 1).div_ceil(chunk) as u32)
-        .collect();
-    debug_assert!(row_parts.iter().all(|&n| n as usize <= max_chunks));
-    AttentionPlan {
-        split_rows: (0..rows as u32).collect(),
-        split_from: vec![0; rows],
-        split_part0: vec![0; rows],
-        split_chunk: chunk,
-        split_max_chunks: max_chunks,
-        tasks: Vec::new(),
-        task_rows: Vec::new(),
-        row_parts,
-        n_parts: max_chunks,
+    let seq_rows = rows_by_sequence(step);
+    let mut p = AttentionPlan {
+        row_parts: vec![0; rows],
+        ..Default::default()
+    };
+    let from = plan_prefixes(&mut p, step, &seq_rows, ctx);
+    let prefix_parts = p.row_parts.iter().copied().max().unwrap_or(0) as usize;
+    p.split_chunk = chunk;
+    p.split_max_chunks = max_chunks;
+    for r in 0..rows {
+        let s = step.row_seq[r] as usize;
+        let own = step.positions[r] as usize + 1 - from[s];
+        debug_assert!(own.div_ceil(chunk) <= max_chunks);
+        p.split_rows.push(r as u32);
+        p.split_from.push(from[s] as u32);
+        p.split_part0.push(p.row_parts[r]);
+        p.row_parts[r] += own.div_ceil(chunk) as u32;
     }
+    p.n_parts = prefix_parts + max_chunks;
+    p
+}
+
+/// What a launch of a plan's kernels fixes: grids, scalar arguments and the sizes of the
+/// plan's device arrays. Plans with the same shape can replay one captured graph.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaunchShape {
+    pub split_rows: usize,
+    pub split_chunk: usize,
+    pub split_max_chunks: usize,
+    pub tasks: usize,
+    pub task_rows: usize,
+    pub n_parts: usize,
 }
 
 impl AttentionPlan {
+    pub fn launch_shape(&self) -> LaunchShape {
+        LaunchShape {
+            split_rows: self.split_rows.len(),
+            split_chunk: self.split_chunk,
+            split_max_chunks: self.split_max_chunks,
+            tasks: self.tasks.len(),
+            task_rows: self.task_rows.len(),
+            n_parts: self.n_parts,
+        }
+    }
+
     /// Tasks for each tile of `tiles` × each `chunk` of keys `start..end` of table `seq`. Every
     /// row of a tile has the same part count so far (they share a sequence, or a group whose
     /// prefix parts come first), so chunk `c` is part `count + c` for all of them.
@@ -482,6 +537,20 @@ mod tests {
         }
     }
 
+    /// KV heads 2, 16-token blocks, the default tile chunks.
+    fn context(rule: &CascadeRule, gqa: usize, n_sms: usize) -> PlanContext {
+        PlanContext {
+            gqa,
+            n_kv_heads: 2,
+            block_size: 16,
+            n_sms,
+            options: PlanOptions {
+                cascade: *rule,
+                min_tile_chunk: MIN_TILE_CHUNK,
+            },
+        }
+    }
+
     fn check(seqs: &[Vec<u32>], groups: &[(Vec<u32>, u32)], gqa: usize, n_sms: usize) -> AttentionPlan {
         check_with(&CascadeRule::SIMT_TILES, seqs, groups, gqa, n_sms)
     }
@@ -496,11 +565,7 @@ mod tests {
         let bs = 16;
         let step = step_for(seqs, groups, bs);
         step.validate_groups(bs).unwrap();
-        let options = PlanOptions {
-            cascade: *rule,
-            min_tile_chunk: MIN_TILE_CHUNK,
-        };
-        let plan = plan(&step, gqa, 2, bs, n_sms, &options);
+        let plan = plan(&step, &context(rule, gqa, n_sms));
         let (q, kv, hd) = plan_inputs(&step, gqa, 8);
         let got = run_plan(&plan, &step, &q, &kv, gqa, hd);
         assert_matches_direct(&step, &q, &kv, &got, gqa, hd);
@@ -514,12 +579,45 @@ mod tests {
             &[(vec![1, 2], 8)],
             16,
         );
-        let plan = graph_plan(&step, 256, 4);
+        let plan = graph_plan(&step, &context(&CascadeRule::SIMT_TILES, 1, 8), 256, 4);
         assert_eq!(plan.row_parts, [1, 1, 2, 4, 1, 1, 1]);
         assert_eq!((plan.split_max_chunks, plan.n_parts, plan.tasks.len()), (4, 4, 0));
         let (q, kv, hd) = plan_inputs(&step, 1, 8);
         let got = run_plan(&plan, &step, &q, &kv, 1, hd);
         assert_matches_direct(&step, &q, &kv, &got, 1, hd);
+    }
+
+    #[test]
+    fn a_graph_plan_cascades_groups_in_a_shape_that_holds_from_step_to_step() {
+        let ctx = context(&CascadeRule::MMA_TILES, 4, 8);
+        // 16 siblings past a 1024-token prefix (64 blocks) and a sequence of its own, `t`
+        // steps on.
+        let step = |t: u32, prefix_blocks: u32| {
+            let mut seqs: Vec<Vec<u32>> = (0..16).map(|i| vec![prefix_blocks * 16 + i % 3 + t]).collect();
+            seqs.push(vec![700 + t]);
+            step_for(&seqs, &[((0..16).collect(), prefix_blocks)], 16)
+        };
+        let (a, b) = (step(0, 64), step(5, 64));
+        let (pa, pb) = (graph_plan(&a, &ctx, 64, 32), graph_plan(&b, &ctx, 64, 32));
+        assert!(!pa.tasks.is_empty() && pa.split_from[..16].iter().all(|&f| f == 1024));
+        assert_eq!(pa.launch_shape(), pb.launch_shape());
+        assert_eq!(pa.n_parts, pa.split_part0[0] as usize + 32);
+        for (s, p) in [(&a, &pa), (&b, &pb)] {
+            let (q, kv, hd) = plan_inputs(s, 4, 8);
+            let got = run_plan(p, s, &q, &kv, 4, hd);
+            assert_matches_direct(s, &q, &kv, &got, 4, hd);
+        }
+        // The prefix chunks aim at a number of CTAs, so another prefix length often launches
+        // the same way (its tasks are data); a group below the crossover is read as plain
+        // attention, as in `plan`, and launches otherwise.
+        let half = step(0, 32);
+        let ph = graph_plan(&half, &ctx, 64, 32);
+        assert_eq!(ph.launch_shape(), pa.launch_shape());
+        let (q, kv, hd) = plan_inputs(&half, 4, 8);
+        assert_matches_direct(&half, &q, &kv, &run_plan(&ph, &half, &q, &kv, 4, hd), 4, hd);
+        let short = graph_plan(&step(0, 4), &ctx, 64, 32);
+        assert!(short.tasks.is_empty() && short.split_from.iter().all(|&f| f == 0));
+        assert_ne!(short.launch_shape(), pa.launch_shape());
     }
 
     #[test]

@@ -40,7 +40,7 @@ use super::{Backend, KvShape, QkvLayout, RowDraw, StepInput};
 use crate::engine::sampler::Sampled;
 use crate::error::{Error, Result};
 use crate::quant::{Int4Matrix, WeightMatrix};
-use attention_plan::{CascadeRule, PlanOptions};
+use attention_plan::{CascadeRule, PlanContext, PlanOptions};
 use kernel_cache::KernelCache;
 use matmul_variant::{
     batch_tiles, matmul_kernel, MatmulVariant, Pipeline, MATMUL_TILES, MATMUL_VARIANTS, VARIANT_GROUP,
@@ -161,10 +161,10 @@ pub struct CudaStep {
     block_tables: CudaSlice<i32>,
     max_blocks: usize,
     logit_rows: Option<CudaSlice<i32>>,
-    /// The attention plan for this step, made by the first layer's `attention` and reused by
-    /// the others (keyed by the GQA group and KV heads it was made for; `None`: a graph step's
-    /// plan, which fits any).
-    attention: std::sync::OnceLock<(Option<(usize, usize)>, DevicePlan)>,
+    /// The attention plan for this step, made by the first layer's `attention` (a graph
+    /// step's before the capture) and reused by the others, keyed by the GQA group and KV
+    /// heads it was made for.
+    attention: std::sync::OnceLock<((usize, usize), DevicePlan)>,
     /// The K/V store shape the host data was checked against for attention (block tables
     /// cover every row and stay in the pool, sharing groups valid): checked by the first
     /// layer, not again by the others.
@@ -476,9 +476,9 @@ impl CudaBackend {
         self.cascade_always.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// How steps' attention is planned: which sharing groups are read by cascade, and the
-    /// tile tasks' shortest key chunk.
-    fn plan_options(&self) -> PlanOptions {
+    /// How steps' attention is planned for GQA group `gqa` over `n_kv` KV heads: which sharing
+    /// groups are read by cascade, and the tile tasks' shortest key chunk.
+    fn plan_context(&self, gqa: usize, n_kv: usize) -> PlanContext {
         use std::sync::atomic::Ordering;
         let cascade = if self.cascade_always.load(Ordering::Relaxed) {
             CascadeRule::ALWAYS
@@ -487,9 +487,15 @@ impl CudaBackend {
         } else {
             CascadeRule::SIMT_TILES
         };
-        PlanOptions {
-            cascade,
-            min_tile_chunk: self.min_tile_chunk.load(Ordering::Relaxed),
+        PlanContext {
+            gqa,
+            n_kv_heads: n_kv,
+            block_size: 16,
+            n_sms: self.n_sms,
+            options: PlanOptions {
+                cascade,
+                min_tile_chunk: self.min_tile_chunk.load(Ordering::Relaxed),
+            },
         }
     }
 
@@ -636,18 +642,11 @@ impl CudaBackend {
     /// The step's attention plan on the device, made once per step (by its first layer).
     fn attention_plan<'s>(&self, step: &'s CudaStep, gqa: usize, n_kv: usize) -> Result<&'s DevicePlan> {
         if step.attention.get().is_none() {
-            let dp = self.upload_plan(attention_plan::plan(
-                &step.host,
-                gqa,
-                n_kv,
-                16,
-                self.n_sms,
-                &self.plan_options(),
-            ))?;
-            let _ = step.attention.set((Some((gqa, n_kv)), dp));
+            let dp = self.upload_plan(attention_plan::plan(&step.host, &self.plan_context(gqa, n_kv)))?;
+            let _ = step.attention.set(((gqa, n_kv), dp));
         }
         match step.attention.get() {
-            Some((key, dp)) if key.is_none_or(|k| k == (gqa, n_kv)) => Ok(dp),
+            Some((key, dp)) if *key == (gqa, n_kv) => Ok(dp),
             _ => Err(shape_err(
                 "attention",
                 format!("one step serves one attention shape; this one was planned for another than GQA {gqa} × {n_kv} KV heads"),
@@ -834,7 +833,7 @@ impl Backend for CudaBackend {
         } else {
             ", simt attention tiles"
         };
-        let options = self.plan_options();
+        let options = self.plan_context(1, 1).options;
         let cascade = if options.cascade == CascadeRule::ALWAYS {
             ", cascade always".to_string()
         } else {
@@ -1434,8 +1433,8 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
-    fn graph_step(&self, input: &StepInput, max_context: usize) -> Result<Option<CudaStep>> {
-        self.new_graph_step(input, max_context).map(Some)
+    fn graph_step(&self, input: &StepInput, max_context: usize, layout: QkvLayout) -> Result<Option<CudaStep>> {
+        self.new_graph_step(input, max_context, layout).map(Some)
     }
 
     fn refill_step(&self, step: &mut CudaStep, input: &StepInput) -> Result<bool> {
