@@ -549,6 +549,34 @@ fn forked_siblings_on_cuda_equal_unshared_runs() {
     }
 }
 
+/// `steps` decode steps, `step(tokens, i)`, run uncaptured on `plain_kv` and replayed through
+/// `graph` on `graph_kv`: the logits must be identical (the callers make both run the same
+/// kernels on the same data in the same order). Each step's greedy tokens feed the next, and
+/// are left in `next`.
+fn replay_equals_uncaptured(
+    model: &Llama<CudaBackend>,
+    plain_kv: &mut qmtot::model::llama::KvCache<CudaBackend>,
+    graph_kv: &mut qmtot::model::llama::KvCache<CudaBackend>,
+    graph: &mut qmtot::model::llama::DecodeGraph<CudaBackend>,
+    next: &mut [u32],
+    steps: usize,
+    step: &dyn Fn(&[u32], usize) -> StepInput,
+) {
+    let vocab = model.config.vocab_size;
+    for i in 0..steps {
+        let input = step(next, i);
+        let want = model.forward(plain_kv, &input).unwrap();
+        let got = model
+            .replay_decode(graph, graph_kv, &input)
+            .unwrap()
+            .expect("the step fits the graph");
+        assert_close(&format!("graph step {i}"), &got, &want, 1e-6, 0.0);
+        for (s, row) in want.chunks_exact(vocab).enumerate() {
+            next[s] = argmax(row);
+        }
+    }
+}
+
 #[test]
 fn a_captured_decode_graph_replays_the_uncaptured_decode() {
     use qmtot::backend::StepInput;
@@ -585,21 +613,11 @@ fn a_captured_decode_graph_replays_the_uncaptured_decode() {
         .capture_decode(graph_kv, &decode(&next, context), max_context)
         .unwrap()
         .expect("the CUDA backend captures graphs");
-    let vocab = model.config.vocab_size;
-    for i in 0..steps {
-        let step = decode(&next, context + i);
-        let want = model.forward(plain_kv, &step).unwrap();
-        let got = model
-            .replay_decode(&mut graph, graph_kv, &step)
-            .unwrap()
-            .expect("the step fits the graph");
-        // The same kernels on the same data with the same attention chunking (one chunk below
-        // 64 keys either way) and deterministic reductions: identical up to nothing.
-        assert_close(&format!("graph step {i}"), &got, &want, 1e-6, 0.0);
-        for (s, row) in want.chunks_exact(vocab).enumerate() {
-            next[s] = argmax(row);
-        }
-    }
+    // The same kernels on the same data with the same attention chunking (one chunk below 64
+    // keys either way) and deterministic reductions: identical up to nothing.
+    replay_equals_uncaptured(&model, plain_kv, graph_kv, &mut graph, &mut next, steps, &|t, i| {
+        decode(t, context + i)
+    });
     // Steps that do not fit fall back to the uncaptured forward: another batch size, another
     // number of logit rows.
     let p = context + steps;
@@ -667,21 +685,11 @@ fn a_captured_cascade_decode_graph_replays_the_uncaptured_decode() {
         .capture_decode(graph_kv, &decode(&next, prefix, Some(shared)), max_context)
         .unwrap()
         .expect("the CUDA backend captures graphs");
-    let vocab = model.config.vocab_size;
-    for i in 0..steps {
-        let step = decode(&next, prefix + i, Some(shared));
-        let want = model.forward(plain_kv, &step).unwrap();
-        let got = model
-            .replay_decode(&mut graph, graph_kv, &step)
-            .unwrap()
-            .expect("the step fits the graph");
-        // The same prefix tasks, and the own keys (at most 6) one split chunk either way: the
-        // same kernels on the same data in the same order, identical up to nothing.
-        assert_close(&format!("cascade graph step {i}"), &got, &want, 1e-6, 0.0);
-        for (s, row) in want.chunks_exact(vocab).enumerate() {
-            next[s] = argmax(row);
-        }
-    }
+    // The same prefix tasks, and the own keys (at most 6) one split chunk either way: the same
+    // kernels on the same data in the same order, identical up to nothing.
+    replay_equals_uncaptured(&model, plain_kv, graph_kv, &mut graph, &mut next, steps, &|t, i| {
+        decode(t, prefix + i, Some(shared))
+    });
     // Another group layout launches attention differently: no group, a shorter prefix.
     let p = prefix + steps;
     for blocks in [None, Some(shared / 2)] {

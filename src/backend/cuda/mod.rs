@@ -231,6 +231,19 @@ fn padded_tables(step: &StepInput, max_blocks: usize) -> Vec<i32> {
     tables
 }
 
+/// A two-way switch in the environment variable `name`: true when it says `other`, false when
+/// it is unset, empty or says `default`; anything else is an error.
+fn env_switch(name: &str, default: &str, other: &str) -> Result<bool> {
+    match std::env::var(name) {
+        Err(_) => Ok(false),
+        Ok(v) if v.is_empty() || v == default => Ok(false),
+        Ok(v) if v == other => Ok(true),
+        Ok(v) => Err(Error::InvalidArgument(format!(
+            "{name}={v}: {default} (the default) or {other}"
+        ))),
+    }
+}
+
 fn i32s(v: &[u32]) -> Vec<i32> {
     v.iter().map(|&x| x as i32).collect()
 }
@@ -401,23 +414,11 @@ impl CudaBackend {
             matmul_counters,
         };
         // Measuring knobs: the SIMT attention tile kernel, and cascade without a crossover.
-        match std::env::var("QMTOT_ATTENTION_TILE").as_deref() {
-            Err(_) | Ok("") | Ok("mma") => {}
-            Ok("simt") => backend.use_mma_attention_tiles(false),
-            Ok(other) => {
-                return Err(Error::InvalidArgument(format!(
-                    "QMTOT_ATTENTION_TILE={other}: mma (the default) or simt"
-                )))
-            }
+        if env_switch("QMTOT_ATTENTION_TILE", "mma", "simt")? {
+            backend.use_mma_attention_tiles(false);
         }
-        match std::env::var("QMTOT_CASCADE").as_deref() {
-            Err(_) | Ok("") | Ok("crossover") => {}
-            Ok("always") => backend.use_cascade_always(true),
-            Ok(other) => {
-                return Err(Error::InvalidArgument(format!(
-                    "QMTOT_CASCADE={other}: crossover (the default) or always"
-                )))
-            }
+        if env_switch("QMTOT_CASCADE", "crossover", "always")? {
+            backend.use_cascade_always(true);
         }
         if let Ok(chunk) = std::env::var("QMTOT_TILE_CHUNK") {
             let chunk = chunk
