@@ -505,6 +505,9 @@ INT4_MATMUL_VARIANT(1, 3, 256, 6)
 INT4_MATMUL_VARIANT(1, 5, 256, 4)
 INT4_MATMUL_VARIANT(2, 3, 256, 4)
 INT4_MATMUL_VARIANT(2, 4, 256, 4)
+// The default NT = 2 pipeline under a 128-register cap (4 blocks per SM instead of 3): run 10
+// saw 8B gate_up at M = 16 take 2.26 waves at 145 registers; this tells the cap from the chunk.
+INT4_MATMUL_VARIANT(2, 3, 512, 4)
 
 // The same for f16 weights (the lm_head, INT8 and dense parts uploaded as f16).
 //   x        [m_rows, k] f16

@@ -85,7 +85,7 @@ const fn variant(nt: usize, ring: usize, xc: usize) -> MatmulVariant {
 
 /// The variants kernels/int4_matmul.cu compiles (its `INT4_MATMUL_VARIANT` lines; a test keeps
 /// the two lists equal).
-pub const MATMUL_VARIANTS: [MatmulVariant; 8] = [
+pub const MATMUL_VARIANTS: [MatmulVariant; 9] = [
     variant(1, 4, 1024),
     variant(1, 3, 512),
     variant(1, 4, 512),
@@ -94,6 +94,7 @@ pub const MATMUL_VARIANTS: [MatmulVariant; 8] = [
     variant(1, 5, 256),
     variant(2, 3, 256),
     variant(2, 4, 256),
+    variant(2, 3, 512),
 ];
 
 impl MatmulVariant {
