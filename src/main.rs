@@ -446,7 +446,7 @@ struct BenchTreeArgs {
     #[arg(long)]
     graphs: bool,
     /// With --graphs, capture the cascade setup's steps too (their sharing group in the graph).
-    #[arg(long)]
+    #[arg(long, requires = "graphs")]
     cascade_graphs: bool,
     #[command(flatten)]
     shape: ShapeArgs,
@@ -1059,14 +1059,12 @@ fn bench_tree_on<B: Backend>(a: &BenchTreeArgs, model: Llama<B>) -> Result<()> {
     println!("cpu:      {}", cpu_model());
     let on_device = !a.host_sampling && model.backend().draws_on_device();
     println!("draws:    {}", if on_device { "on the device" } else { "on the host" });
-    println!(
-        "graphs:   {}",
-        if a.graphs {
-            "decode steps without a cascaded group"
-        } else {
-            "none"
-        }
-    );
+    let graphs = match (a.graphs, a.cascade_graphs) {
+        (false, _) => "none",
+        (true, false) => "decode steps without a sharing group",
+        (true, true) => "decode steps, with sharing groups too",
+    };
+    println!("graphs:   {graphs}");
     println!(
         "K = {} siblings, prefix P = {} tokens, suffix S = {} tokens, block = {} tokens",
         a.siblings, a.prefix, a.suffix, DEFAULT_BLOCK_SIZE

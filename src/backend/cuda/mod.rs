@@ -477,9 +477,9 @@ impl CudaBackend {
         self.cascade_always.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// How steps' attention is planned for GQA group `gqa` over `n_kv` KV heads: which sharing
-    /// groups are read by cascade, and the tile tasks' shortest key chunk.
-    fn plan_context(&self, gqa: usize, n_kv: usize) -> PlanContext {
+    /// How steps' attention is tuned: which sharing groups are read by cascade (the tile
+    /// kernel's crossover, or every group), and the tile tasks' shortest key chunk.
+    fn plan_options(&self) -> PlanOptions {
         use std::sync::atomic::Ordering;
         let cascade = if self.cascade_always.load(Ordering::Relaxed) {
             CascadeRule::ALWAYS
@@ -488,15 +488,21 @@ impl CudaBackend {
         } else {
             CascadeRule::SIMT_TILES
         };
+        PlanOptions {
+            cascade,
+            min_tile_chunk: self.min_tile_chunk.load(Ordering::Relaxed),
+        }
+    }
+
+    /// What steps' attention is planned for: GQA group `gqa` over `n_kv` KV heads, 16-token
+    /// blocks, this device and [`CudaBackend::plan_options`].
+    fn plan_context(&self, gqa: usize, n_kv: usize) -> PlanContext {
         PlanContext {
             gqa,
             n_kv_heads: n_kv,
             block_size: 16,
             n_sms: self.n_sms,
-            options: PlanOptions {
-                cascade,
-                min_tile_chunk: self.min_tile_chunk.load(Ordering::Relaxed),
-            },
+            options: self.plan_options(),
         }
     }
 
@@ -834,7 +840,7 @@ impl Backend for CudaBackend {
         } else {
             ", simt attention tiles"
         };
-        let options = self.plan_context(1, 1).options;
+        let options = self.plan_options();
         let cascade = if options.cascade == CascadeRule::ALWAYS {
             ", cascade always".to_string()
         } else {
